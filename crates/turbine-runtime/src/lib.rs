@@ -1,0 +1,35 @@
+//! The distributed runtime: how Turbine processes find each other and talk.
+//!
+//! - [`EndpointId`] names a served endpoint (`namespace/component/endpoint`); each process
+//!   serving it is an [`Instance`] with a random [`InstanceId`].
+//! - [`Discovery`] is a key-value store with leases and watches (etcd-shaped) where
+//!   instances and model cards are registered; [`MemoryDiscovery`] serves one process.
+//! - [`EventPlane`] is publish/subscribe by subject (NATS-shaped); [`MemoryEventPlane`]
+//!   serves one process.
+//! - The request plane carries a request to an instance and streams responses back, either
+//!   in-process (no serialization) or over TCP (length-delimited frames, one multiplexed
+//!   connection per peer). Dropping a [`ResponseStream`] cancels the request where it runs.
+//! - [`EndpointServer`] ties these together: it registers an instance, serves it, and on
+//!   shutdown deregisters, stops accepting, drains within a grace period, then returns.
+//!
+//! Nothing here knows HTTP or LLMs.
+
+mod discovery;
+mod events;
+mod ids;
+mod runtime;
+mod server;
+mod transport;
+
+pub use discovery::{
+    instance_key, instance_prefix, Discovery, DiscoveryError, KeyValue, LeaseId, MemoryDiscovery,
+    Watch, WatchEvent,
+};
+pub use events::{Event, EventPlane, EventPlaneError, MemoryEventPlane, Subscription};
+pub use ids::{EndpointId, Instance, InstanceAddress, InstanceId, ParseEndpointError};
+pub use runtime::{Client, Runtime};
+pub use server::{EndpointServer, ServeError, ServeOptions, TransportOptions};
+pub use transport::{
+    ErrorKind, Handler, HandlerError, RequestContext, RequestError, ResponseStream,
+    DEFAULT_MAX_FRAME_LEN,
+};

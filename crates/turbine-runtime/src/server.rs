@@ -1,0 +1,303 @@
+//! [`EndpointServer`]: one registered, served instance of an endpoint, from registration
+//! through graceful shutdown.
+//!
+//! Shutdown runs in three phases: deregister (so that no caller picks this instance again),
+//! stop accepting (new requests on open connections are refused as `Unavailable`, which
+//! callers may retry elsewhere), then drain (in-flight requests run to their end within the
+//! grace period; whatever is left after it is cancelled).
+
+use std::future::Future;
+use std::marker::PhantomData;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use crate::discovery::{instance_key, DiscoveryError, LeaseId};
+use crate::ids::{EndpointId, Instance, InstanceAddress, InstanceId};
+use crate::runtime::Runtime;
+use crate::transport::local::LocalEndpoint;
+use crate::transport::tcp_server::TcpServer;
+use crate::transport::{Handler, ServerState};
+
+/// How an instance is reached.
+#[derive(Debug, Clone)]
+pub enum TransportOptions {
+    /// Only from this process, with no serialization.
+    Local,
+    /// Over TCP. `bind` may use port 0; `advertise` is the address others dial, when it
+    /// differs from the bound one (a wildcard bind, NAT).
+    Tcp {
+        bind: SocketAddr,
+        advertise: Option<SocketAddr>,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub transport: TransportOptions,
+    /// Registrations vanish this long after the process stops keeping them alive.
+    pub lease_ttl: Duration,
+    /// How long in-flight requests may run on after shutdown begins.
+    pub grace_period: Duration,
+    /// Stored with the instance for callers to read.
+    pub metadata: serde_json::Value,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            transport: TransportOptions::Local,
+            lease_ttl: Duration::from_secs(10),
+            grace_period: Duration::from_secs(30),
+            metadata: serde_json::Value::Null,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot register with discovery")]
+    Discovery(#[from] DiscoveryError),
+}
+
+/// A registered instance that serves requests until its shutdown future completes.
+pub struct EndpointServer<Req, Resp> {
+    runtime: Runtime,
+    instance: Instance,
+    state: Arc<ServerState>,
+    registrations: Arc<Registrations>,
+    grace_period: Duration,
+    stop_accepting: CancellationToken,
+    close: CancellationToken,
+    keep_alive: Option<DropGuard>,
+    _types: PhantomData<fn(Req) -> Resp>,
+}
+
+impl<Req, Resp> std::fmt::Debug for EndpointServer<Req, Resp> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EndpointServer")
+            .field("instance", &self.instance)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Keys bound to this instance's lease, kept so that they can be written again under a new
+/// lease if discovery ever forgets the old one.
+#[derive(Debug)]
+struct Registrations {
+    lease: Mutex<LeaseId>,
+    keys: Mutex<Vec<(String, Vec<u8>)>>,
+}
+
+impl Registrations {
+    fn lease(&self) -> LeaseId {
+        *self.lease.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl<Req, Resp> EndpointServer<Req, Resp>
+where
+    Req: Serialize + DeserializeOwned + Send + 'static,
+    Resp: Serialize + DeserializeOwned + Send + 'static,
+{
+    /// Starts serving `handler` and registers the instance; callers can reach it on return.
+    pub async fn start(
+        runtime: &Runtime,
+        endpoint: EndpointId,
+        handler: Arc<dyn Handler<Req, Resp>>,
+        options: ServeOptions,
+    ) -> Result<Self, ServeError> {
+        let id = InstanceId::random();
+        let state = Arc::new(ServerState::default());
+        let stop_accepting = CancellationToken::new();
+        let close = CancellationToken::new();
+
+        let address = match options.transport {
+            TransportOptions::Local => {
+                runtime.inner.local.insert(
+                    id,
+                    LocalEndpoint {
+                        handler,
+                        state: state.clone(),
+                    },
+                );
+                InstanceAddress::Local {
+                    runtime_id: runtime.inner.id,
+                }
+            }
+            TransportOptions::Tcp { bind, advertise } => {
+                let listener = TcpListener::bind(bind)
+                    .await
+                    .map_err(|source| ServeError::Bind { addr: bind, source })?;
+                let local = listener
+                    .local_addr()
+                    .map_err(|source| ServeError::Bind { addr: bind, source })?;
+                let server = TcpServer {
+                    instance: id.0,
+                    handler,
+                    state: state.clone(),
+                    max_frame_len: runtime.inner.max_frame_len,
+                    _types: PhantomData,
+                };
+                tokio::spawn(server.run(listener, stop_accepting.clone(), close.clone()));
+                InstanceAddress::Tcp {
+                    addr: advertise.unwrap_or(local),
+                }
+            }
+        };
+        let instance = Instance {
+            endpoint,
+            id,
+            address,
+            metadata: options.metadata,
+        };
+
+        let lease = runtime.discovery().grant_lease(options.lease_ttl).await?;
+        let registrations = Arc::new(Registrations {
+            lease: Mutex::new(lease),
+            keys: Mutex::default(),
+        });
+        let keep_alive = CancellationToken::new();
+        tokio::spawn(keep_alive_loop(
+            runtime.clone(),
+            registrations.clone(),
+            options.lease_ttl,
+            keep_alive.clone(),
+        ));
+
+        let server = Self {
+            runtime: runtime.clone(),
+            instance,
+            state,
+            registrations,
+            grace_period: options.grace_period,
+            stop_accepting,
+            close,
+            keep_alive: Some(keep_alive.drop_guard()),
+            _types: PhantomData,
+        };
+        let value = serde_json::to_vec(&server.instance).unwrap_or_default();
+        server
+            .register(instance_key(&server.instance.endpoint, id), value)
+            .await?;
+        tracing::info!(endpoint = %server.instance.endpoint, instance = %id, address = ?server.instance.address, "serving");
+        Ok(server)
+    }
+}
+
+impl<Req, Resp> EndpointServer<Req, Resp> {
+    pub fn instance(&self) -> &Instance {
+        &self.instance
+    }
+
+    /// Requests admitted and not yet finished.
+    pub fn in_flight(&self) -> usize {
+        self.state.in_flight()
+    }
+
+    /// Writes `key` bound to this instance's lease: it disappears when the instance does.
+    pub async fn register(&self, key: String, value: Vec<u8>) -> Result<(), ServeError> {
+        self.runtime
+            .discovery()
+            .put(&key, value.clone(), Some(self.registrations.lease()))
+            .await?;
+        self.registrations
+            .keys
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((key, value));
+        Ok(())
+    }
+
+    /// Serves until `shutdown` completes, then deregisters, drains and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        shutdown.await;
+        self.shutdown().await
+    }
+
+    async fn shutdown(mut self) {
+        let id = self.instance.id;
+        tracing::info!(instance = %id, in_flight = self.in_flight(), "shutting down: deregistering");
+        drop(self.keep_alive.take());
+        if let Err(e) = self
+            .runtime
+            .discovery()
+            .revoke_lease(self.registrations.lease())
+            .await
+        {
+            // The lease will expire on its own within its TTL.
+            tracing::warn!(instance = %id, error = %e, "revoking lease failed");
+        }
+        self.state.start_draining();
+        self.stop_accepting.cancel();
+        if tokio::time::timeout(self.grace_period, self.state.idle())
+            .await
+            .is_err()
+        {
+            tracing::warn!(instance = %id, in_flight = self.in_flight(), "grace period over: cancelling the rest");
+            self.state.cancel_all();
+            // Cancelled handlers end at their next await; give them a moment to say so.
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.state.idle()).await;
+        }
+        self.close.cancel();
+        self.runtime.inner.local.remove(id);
+        tracing::info!(instance = %id, "stopped");
+    }
+}
+
+async fn keep_alive_loop(
+    runtime: Runtime,
+    registrations: Arc<Registrations>,
+    ttl: Duration,
+    stop: CancellationToken,
+) {
+    let discovery = runtime.discovery();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(ttl / 3) => {}
+        }
+        match discovery.keep_alive(registrations.lease()).await {
+            Ok(()) => {}
+            Err(DiscoveryError::LeaseNotFound(old)) => {
+                tracing::warn!(lease = old.0, "lease lost: registering again");
+                if let Err(e) = reregister(&runtime, &registrations, ttl).await {
+                    tracing::warn!(error = %e, "registering again failed; will retry");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "lease keep-alive failed; will retry"),
+        }
+    }
+}
+
+async fn reregister(
+    runtime: &Runtime,
+    registrations: &Registrations,
+    ttl: Duration,
+) -> Result<(), DiscoveryError> {
+    let lease = runtime.discovery().grant_lease(ttl).await?;
+    *registrations
+        .lease
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = lease;
+    let keys = registrations
+        .keys
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    for (key, value) in keys {
+        runtime.discovery().put(&key, value, Some(lease)).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,135 @@
+//! Token blocks and block hashing shared by the router, the engines and the block manager.
+//!
+//! The hashes are compatible with Dynamo's so that traces and tools interoperate:
+//! a full block's *local hash* is `xxh3_64_with_seed` over the little-endian bytes of
+//! its `u32` token ids, and a block's *sequence hash* chains the previous block's
+//! sequence hash with its own local hash. A partial trailing block is never hashed,
+//! because its contents may still change as the sequence grows.
+
+use xxhash_rust::xxh3::xxh3_64_with_seed;
+
+/// Seed shared with Dynamo; changing it breaks compatibility with its KV events.
+pub const HASH_SEED: u64 = 1337;
+
+/// Hash of one full block's tokens, independent of what precedes it.
+pub type LocalHash = u64;
+/// Hash of a block together with every block before it: equal sequence hashes mean equal prefixes.
+pub type SequenceHash = u64;
+
+/// The local hash of one block of token ids.
+pub fn local_hash(tokens: &[u32]) -> LocalHash {
+    let mut bytes = Vec::with_capacity(tokens.len() * 4);
+    for t in tokens {
+        bytes.extend_from_slice(&t.to_le_bytes());
+    }
+    xxh3_64_with_seed(&bytes, HASH_SEED)
+}
+
+/// Chains a block's local hash onto its parent's sequence hash.
+pub fn chain_hash(parent: SequenceHash, local: LocalHash) -> SequenceHash {
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&parent.to_le_bytes());
+    bytes[8..].copy_from_slice(&local.to_le_bytes());
+    xxh3_64_with_seed(&bytes, HASH_SEED)
+}
+
+/// Local hashes of every full block of `tokens`; the trailing partial block is skipped.
+///
+/// # Panics
+/// If `block_size` is zero: a block size is validated once when config is parsed.
+pub fn local_hashes(tokens: &[u32], block_size: usize) -> Vec<LocalHash> {
+    assert!(block_size > 0, "block_size must be positive");
+    tokens.chunks_exact(block_size).map(local_hash).collect()
+}
+
+/// Sequence hashes for a list of local hashes: `seq[0] = local[0]`, then chained.
+pub fn sequence_hashes(locals: &[LocalHash]) -> Vec<SequenceHash> {
+    let mut out = Vec::with_capacity(locals.len());
+    for (i, &local) in locals.iter().enumerate() {
+        out.push(if i == 0 {
+            local
+        } else {
+            chain_hash(out[i - 1], local)
+        });
+    }
+    out
+}
+
+/// One full block of a sequence, with both of its hashes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BlockHash {
+    pub local: LocalHash,
+    pub sequence: SequenceHash,
+}
+
+/// Both hashes of every full block of `tokens`.
+///
+/// # Panics
+/// If `block_size` is zero.
+pub fn block_hashes(tokens: &[u32], block_size: usize) -> Vec<BlockHash> {
+    let locals = local_hashes(tokens, block_size);
+    let seqs = sequence_hashes(&locals);
+    locals
+        .into_iter()
+        .zip(seqs)
+        .map(|(local, sequence)| BlockHash { local, sequence })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use expect_test::expect;
+    use proptest::prelude::*;
+
+    #[test]
+    fn check_vectors_from_design() {
+        assert_eq!(local_hash(&[1, 2, 3, 4]), 14643705804678351452);
+        assert_eq!(local_hash(&[5, 6, 7, 8]), 16777012769546811212);
+    }
+
+    #[test]
+    fn sequence_hash_chains_locals() {
+        let tokens = [1, 2, 3, 4, 5, 6, 7, 8, 9];
+        let blocks = block_hashes(&tokens, 4);
+        expect![[r#"
+            [
+                BlockHash {
+                    local: 14643705804678351452,
+                    sequence: 14643705804678351452,
+                },
+                BlockHash {
+                    local: 16777012769546811212,
+                    sequence: 4945711292740353085,
+                },
+            ]
+        "#]]
+        .assert_debug_eq(&blocks);
+        assert_eq!(
+            blocks[1].sequence,
+            chain_hash(blocks[0].sequence, blocks[1].local)
+        );
+    }
+
+    #[test]
+    fn partial_blocks_are_not_hashed() {
+        assert!(block_hashes(&[1, 2, 3], 4).is_empty());
+        assert_eq!(block_hashes(&[1, 2, 3, 4, 5], 4).len(), 1);
+    }
+
+    proptest! {
+        /// Equal prefixes give equal sequence hashes, whatever follows them.
+        #[test]
+        fn shared_prefix_shares_hashes(
+            prefix in proptest::collection::vec(any::<u32>(), 0..64),
+            a in proptest::collection::vec(any::<u32>(), 0..64),
+            b in proptest::collection::vec(any::<u32>(), 0..64),
+        ) {
+            let bs = 4;
+            let full = prefix.len() / bs;
+            let ha = block_hashes(&[prefix.clone(), a].concat(), bs);
+            let hb = block_hashes(&[prefix, b].concat(), bs);
+            prop_assert_eq!(&ha[..full], &hb[..full]);
+        }
+    }
+}
