@@ -1,1 +1,76 @@
-//! placeholder
+//! The OpenAI-compatible HTTP frontend: the only crate that knows HTTP.
+//!
+//! A request is validated, preprocessed into token ids, routed to a worker that serves its
+//! model (as discovery reports them), and the worker's token stream is decoded back into
+//! text, sent whole or as server-sent events.
+
+mod error;
+mod http;
+mod models;
+mod preprocess;
+mod routing;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use turbine_router::RouterMode;
+use turbine_runtime::{DiscoveryError, Runtime};
+
+/// Everything the frontend needs to know, parsed once by the binary.
+#[derive(Debug, Clone)]
+pub struct FrontendConfig {
+    /// The discovery namespace whose models are served.
+    pub namespace: String,
+    pub router_mode: RouterMode,
+    /// Request bodies larger than this are refused with 413.
+    pub max_body_bytes: usize,
+}
+
+impl Default for FrontendConfig {
+    fn default() -> Self {
+        Self {
+            namespace: "turbine".into(),
+            router_mode: RouterMode::RoundRobin,
+            max_body_bytes: 32 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrontendError {
+    #[error("cannot follow models in discovery")]
+    Discovery(#[from] DiscoveryError),
+    #[error("HTTP server failed")]
+    Serve(#[source] std::io::Error),
+}
+
+/// A frontend ready to serve; [`Frontend::run`] serves it on a listener.
+#[derive(Debug)]
+pub struct Frontend {
+    app: axum::Router,
+}
+
+impl Frontend {
+    /// Starts following discovery; models already registered are routable on return.
+    pub async fn start(runtime: &Runtime, config: FrontendConfig) -> Result<Self, FrontendError> {
+        let models = models::ModelManager::start(runtime, &config.namespace).await?;
+        let router = routing::Dispatcher::new(runtime, models, config.router_mode);
+        Ok(Self {
+            app: http::app(Arc::new(router), &config),
+        })
+    }
+
+    /// Serves HTTP on `listener` until `shutdown` completes; then stops accepting and waits
+    /// for open requests to finish (the caller bounds how long).
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), FrontendError> {
+        axum::serve(listener, self.app)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(FrontendError::Serve)
+    }
+}

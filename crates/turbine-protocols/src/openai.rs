@@ -136,7 +136,8 @@ pub struct ChatCompletionChunk {
     pub model: String,
     pub choices: Vec<ChatChunkChoice>,
     /// Present only on the final usage chunk when `stream_options.include_usage` is set,
-    /// where `choices` is empty; `null` on the others, as OpenAI sends it.
+    /// where `choices` is empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
 }
 
@@ -163,6 +164,7 @@ pub struct CompletionResponse {
     pub created: u64,
     pub model: String,
     pub choices: Vec<CompletionChoice>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
 }
 

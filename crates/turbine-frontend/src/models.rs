@@ -1,0 +1,154 @@
+//! The model manager: follows discovery to know which models are served, and by which
+//! instances, as workers come and go.
+//!
+//! A task owns the raw state and applies watch events in order; request handlers read an
+//! immutable snapshot that the task replaces after every change.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use futures::StreamExt;
+use tokio::sync::watch;
+use turbine_protocols::discovery::{models_prefix, parse_model_key, ModelEntry};
+use turbine_protocols::ModelCard;
+use turbine_runtime::{DiscoveryError, Instance, Runtime, WatchEvent};
+
+/// The models served right now and the instances serving each.
+#[derive(Debug, Default)]
+pub(crate) struct Snapshot {
+    pub(crate) models: BTreeMap<String, ServedModel>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct ServedModel {
+    pub(crate) card: ModelCard,
+    /// Sorted by id, so that routers see a stable order.
+    pub(crate) instances: Vec<Instance>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct ModelManager {
+    rx: watch::Receiver<Arc<Snapshot>>,
+}
+
+impl ModelManager {
+    /// Loads what discovery holds now and follows it from there.
+    pub(crate) async fn start(runtime: &Runtime, namespace: &str) -> Result<Self, DiscoveryError> {
+        let models = runtime.discovery().watch(&models_prefix(namespace)).await?;
+        let instances = runtime
+            .discovery()
+            .watch(&format!("turbine/{namespace}/instances/"))
+            .await?;
+        let mut state = State {
+            namespace: namespace.to_owned(),
+            ..Default::default()
+        };
+        for kv in models.initial {
+            state.apply(Change::Model(WatchEvent::Put(kv)));
+        }
+        for kv in instances.initial {
+            state.apply(Change::Instance(WatchEvent::Put(kv)));
+        }
+        let (tx, rx) = watch::channel(Arc::new(state.snapshot()));
+        let mut changes = futures::stream::select(
+            models.events.map(Change::Model),
+            instances.events.map(Change::Instance),
+        );
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    change = changes.next() => match change {
+                        Some(change) => {
+                            state.apply(change);
+                            tx.send_replace(Arc::new(state.snapshot()));
+                        }
+                        None => {
+                            tracing::error!("discovery watch ended; model list is frozen");
+                            return;
+                        }
+                    },
+                }
+            }
+        });
+        Ok(Self { rx })
+    }
+
+    pub(crate) fn snapshot(&self) -> Arc<Snapshot> {
+        self.rx.borrow().clone()
+    }
+}
+
+enum Change {
+    Model(WatchEvent),
+    Instance(WatchEvent),
+}
+
+#[derive(Debug, Default)]
+struct State {
+    namespace: String,
+    /// Model key → (model name, instance id, entry).
+    entries: HashMap<String, (String, u64, ModelEntry)>,
+    /// Instance key → instance.
+    instances: HashMap<String, Instance>,
+}
+
+impl State {
+    fn apply(&mut self, change: Change) {
+        match change {
+            Change::Model(WatchEvent::Put(kv)) => {
+                let Some((model, id)) = parse_model_key(&self.namespace, &kv.key) else {
+                    tracing::warn!(key = %kv.key, "ignoring malformed model key");
+                    return;
+                };
+                match serde_json::from_slice::<ModelEntry>(&kv.value) {
+                    Ok(entry) => {
+                        self.entries.insert(kv.key, (model, id, entry));
+                    }
+                    Err(e) => {
+                        tracing::warn!(key = %kv.key, error = %e, "ignoring undecodable model entry")
+                    }
+                }
+            }
+            Change::Model(WatchEvent::Delete { key }) => {
+                self.entries.remove(&key);
+            }
+            Change::Instance(WatchEvent::Put(kv)) => {
+                match serde_json::from_slice::<Instance>(&kv.value) {
+                    Ok(instance) => {
+                        self.instances.insert(kv.key, instance);
+                    }
+                    Err(e) => {
+                        tracing::warn!(key = %kv.key, error = %e, "ignoring undecodable instance")
+                    }
+                }
+            }
+            Change::Instance(WatchEvent::Delete { key }) => {
+                self.instances.remove(&key);
+            }
+        }
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let by_id: HashMap<(String, u64), &Instance> = self
+            .instances
+            .values()
+            .map(|i| ((i.endpoint.to_string(), i.id.0), i))
+            .collect();
+        let mut models: BTreeMap<String, ServedModel> = BTreeMap::new();
+        for (model, id, entry) in self.entries.values() {
+            let served = models.entry(model.clone()).or_insert_with(|| ServedModel {
+                card: entry.card.clone(),
+                instances: Vec::new(),
+            });
+            // A model entry whose instance is not (yet) visible is listed but not routable.
+            if let Some(instance) = by_id.get(&(entry.endpoint.clone(), *id)) {
+                served.instances.push((*instance).clone());
+            }
+        }
+        for served in models.values_mut() {
+            served.instances.sort_by_key(|i| i.id);
+        }
+        Snapshot { models }
+    }
+}

@@ -1,0 +1,230 @@
+//! `turbine serve`: a frontend and N workers in one process, sharing in-memory discovery
+//! and events; workers are reached in-process or over loopback TCP.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use tokio_util::sync::CancellationToken;
+use turbine_engine::{EchoConfig, EchoEngine, Engine};
+use turbine_frontend::{Frontend, FrontendConfig};
+use turbine_protocols::{ModelCard, TokenizerKind};
+use turbine_runtime::{
+    EndpointId, MemoryDiscovery, MemoryEventPlane, Runtime, ServeOptions, TransportOptions,
+};
+use turbine_worker::{Worker, WorkerConfig};
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address the HTTP server listens on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: IpAddr,
+    /// HTTP port; 0 picks a free one (the chosen address is printed on stdout).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Number of workers.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Inference engine every worker runs.
+    #[arg(long, value_enum, default_value_t = EngineKind::Echo)]
+    engine: EngineKind,
+    /// Name clients put in the request's `model` field.
+    #[arg(long, default_value = "echo")]
+    model_name: String,
+    /// Longest prompt plus completion, in tokens.
+    #[arg(long, default_value_t = 8192)]
+    context_length: u32,
+    /// Echo engine: milliseconds before each token, standing in for decode time.
+    #[arg(long, default_value_t = 5)]
+    echo_delay_ms: u64,
+    /// How the frontend reaches the workers: in-process calls, or TCP on loopback as separate processes would.
+    #[arg(long, value_enum, default_value_t = RequestPlane::Local)]
+    request_plane: RequestPlane,
+    /// How the frontend picks a worker for each request.
+    #[arg(long, value_enum, default_value_t = RouterModeArg::RoundRobin)]
+    router_mode: RouterModeArg,
+    /// Seconds in-flight requests may run on after SIGINT or SIGTERM before they are cancelled.
+    #[arg(long, default_value_t = 30)]
+    grace_period_secs: u64,
+    /// Request bodies above this many bytes are refused with 413.
+    #[arg(long, default_value_t = 32 * 1024 * 1024)]
+    max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum EngineKind {
+    /// Streams the prompt back, token by token.
+    Echo,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum RequestPlane {
+    Local,
+    Tcp,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum RouterModeArg {
+    RoundRobin,
+    Random,
+}
+
+/// Validated configuration for `serve`.
+#[derive(Debug)]
+pub struct ServeConfig {
+    listen: SocketAddr,
+    workers: usize,
+    engine: EngineKind,
+    model: ModelCard,
+    echo: EchoConfig,
+    worker_transport: TransportOptions,
+    frontend: FrontendConfig,
+    grace_period: Duration,
+}
+
+impl TryFrom<ServeArgs> for ServeConfig {
+    type Error = anyhow::Error;
+
+    fn try_from(a: ServeArgs) -> anyhow::Result<Self> {
+        if a.workers == 0 {
+            bail!("--workers must be at least 1, got 0");
+        }
+        if a.model_name.trim().is_empty() || a.model_name.contains(char::is_whitespace) {
+            bail!(
+                "--model-name must be non-empty without whitespace, got {:?}",
+                a.model_name
+            );
+        }
+        if a.context_length < 2 {
+            bail!(
+                "--context-length must be at least 2, got {}",
+                a.context_length
+            );
+        }
+        let worker_transport = match a.request_plane {
+            RequestPlane::Local => TransportOptions::Local,
+            RequestPlane::Tcp => TransportOptions::Tcp {
+                bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+                advertise: None,
+            },
+        };
+        Ok(Self {
+            listen: SocketAddr::new(a.host, a.port),
+            workers: a.workers,
+            engine: a.engine,
+            model: ModelCard {
+                name: a.model_name,
+                context_length: a.context_length,
+                tokenizer: TokenizerKind::Bytes,
+            },
+            echo: EchoConfig {
+                delay_per_token: Duration::from_millis(a.echo_delay_ms),
+            },
+            worker_transport,
+            frontend: FrontendConfig {
+                router_mode: match a.router_mode {
+                    RouterModeArg::RoundRobin => turbine_router::RouterMode::RoundRobin,
+                    RouterModeArg::Random => turbine_router::RouterMode::Random,
+                },
+                max_body_bytes: a.max_body_bytes,
+                ..FrontendConfig::default()
+            },
+            grace_period: Duration::from_secs(a.grace_period_secs),
+        })
+    }
+}
+
+pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
+    let runtime = Runtime::new(
+        Arc::new(MemoryDiscovery::new()),
+        Arc::new(MemoryEventPlane::new()),
+    );
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signal_to(shutdown.clone()));
+
+    let engine: Arc<dyn Engine> = match config.engine {
+        EngineKind::Echo => Arc::new(EchoEngine::new(config.echo.clone())),
+    };
+    let endpoint = EndpointId::new(config.frontend.namespace.clone(), "worker", "generate");
+    let mut workers = Vec::new();
+    for _ in 0..config.workers {
+        let worker_config = WorkerConfig {
+            endpoint: endpoint.clone(),
+            model: config.model.clone(),
+            serve: ServeOptions {
+                transport: config.worker_transport.clone(),
+                grace_period: config.grace_period,
+                ..ServeOptions::default()
+            },
+        };
+        let worker = Worker::start(&runtime, engine.clone(), worker_config)
+            .await
+            .context("starting a worker")?;
+        let shutdown = shutdown.clone();
+        workers.push(tokio::spawn(
+            worker.run(async move { shutdown.cancelled().await }),
+        ));
+    }
+
+    let frontend = Frontend::start(&runtime, config.frontend.clone())
+        .await
+        .context("starting the frontend")?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = listener
+        .local_addr()
+        .context("reading the listening address")?;
+    tracing::info!(%addr, workers = config.workers, model = %config.model.name, "serving");
+    // A machine-readable line for scripts and tests that start us on port 0.
+    println!("turbine: listening on http://{addr}");
+
+    let stop = shutdown.clone();
+    let http = tokio::spawn(frontend.run(listener, async move { stop.cancelled().await }));
+    shutdown.cancelled().await;
+    tracing::info!(grace_period = ?config.grace_period, "shutting down: draining in-flight requests");
+
+    // Workers and the frontend drain together; the frontend waits for its open responses,
+    // which the workers finish within their own grace period.
+    let drained = tokio::time::timeout(config.grace_period + Duration::from_secs(2), async {
+        for w in workers {
+            w.await.context("a worker task failed")?;
+        }
+        http.await
+            .context("the HTTP task failed")?
+            .context("HTTP server")
+    })
+    .await;
+    match drained {
+        Ok(result) => result?,
+        Err(_) => tracing::warn!("grace period over with requests still open; exiting anyway"),
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Cancels `token` on the first SIGINT or SIGTERM.
+async fn signal_to(token: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT received"),
+        _ = term => tracing::info!("SIGTERM received"),
+    }
+    token.cancel();
+}
