@@ -1,0 +1,232 @@
+//! The `turbine` binary as a user runs it: real processes on OS-chosen ports.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_turbine");
+
+/// A `turbine serve` process, killed if the test ends early.
+struct Server {
+    child: Child,
+    url: String,
+    log: std::path::PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    fn start(args: &[&str]) -> Result<Self> {
+        let log = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("serve-{}.log", rand_suffix()));
+        let mut child = Command::new(BIN)
+            .args(["serve", "--port", "0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(url) = line.strip_prefix("turbine: listening on ") {
+                    let _ = tx.send(url.to_owned());
+                }
+            }
+        });
+        let url = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(url) => url,
+            Err(_) => bail!(
+                "server did not report its address; log:\n{}",
+                std::fs::read_to_string(&log)?
+            ),
+        };
+        Ok(Self { child, url, log })
+    }
+
+    fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    fn wait_exit(&mut self, deadline: Duration) -> Result<Option<i32>> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status.code());
+            }
+            if start.elapsed() > deadline {
+                bail!(
+                    "process still running after {deadline:?}; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+        ^ u64::from(std::process::id())
+}
+
+#[test]
+fn help_is_accurate() -> Result<()> {
+    let out = Command::new(BIN).arg("--help").output()?;
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout)?;
+    assert!(text.contains("serve"), "{text}");
+    let out = Command::new(BIN).args(["serve", "--help"]).output()?;
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout)?;
+    for flag in [
+        "--host",
+        "--port",
+        "--workers",
+        "--engine",
+        "--request-plane",
+        "--router-mode",
+        "--grace-period-secs",
+    ] {
+        assert!(text.contains(flag), "serve --help lacks {flag}:\n{text}");
+    }
+    Ok(())
+}
+
+#[test]
+fn bad_arguments_fail_with_one_line_naming_the_value() -> Result<()> {
+    for (args, needle) in [
+        (&["serve", "--workers", "0"][..], "0"),
+        (&["serve", "--port", "eighty"], "eighty"),
+        (&["serve", "--engine", "gpt"], "gpt"),
+        (&["serve", "--host", "not-an-ip"], "not-an-ip"),
+    ] {
+        let out = Command::new(BIN).args(args).output()?;
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8(out.stderr)?;
+        let first = err.lines().next().unwrap_or_default();
+        assert!(
+            first.contains(needle),
+            "{args:?}: first line {first:?} should name {needle:?}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_answers_models_and_chat_over_both_request_planes() -> Result<()> {
+    for plane in ["local", "tcp"] {
+        let server = Server::start(&["--request-plane", plane, "--echo-delay-ms", "0"])?;
+        let http = reqwest::Client::new();
+        let models: Value = http
+            .get(format!("{}/v1/models", server.url))
+            .send()
+            .await?
+            .json()
+            .await?;
+        assert_eq!(models["data"][0]["id"], "echo", "{plane}");
+        let r: Value = http
+            .post(format!("{}/v1/chat/completions", server.url))
+            .json(&json!({"model": "echo", "messages": [{"role": "user", "content": "ping"}]}))
+            .send()
+            .await?
+            .json()
+            .await?;
+        assert_eq!(
+            r["choices"][0]["message"]["content"], "user: ping\nassistant: ",
+            "{plane}: {r}"
+        );
+        let health = http.get(format!("{}/health", server.url)).send().await?;
+        assert_eq!(health.status(), 200);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() -> Result<()> {
+    for plane in ["local", "tcp"] {
+        let mut server = Server::start(&[
+            "--request-plane",
+            plane,
+            "--echo-delay-ms",
+            "20",
+            "--workers",
+            "2",
+        ])?;
+        let http = reqwest::Client::new();
+        let content = "q".repeat(30);
+        let expected = format!("user: {content}\nassistant: ");
+        // Each stream takes about 50 tokens × 20 ms = 1 s.
+        let mut streams = Vec::new();
+        for _ in 0..20 {
+            let r = http
+                .post(format!("{}/v1/chat/completions", server.url))
+                .json(&json!({"model": "echo", "stream": true, "messages": [{"role": "user", "content": content}]}))
+                .send()
+                .await?;
+            assert_eq!(r.status(), 200);
+            let mut body = r.bytes_stream();
+            // The request is running on a worker once its first chunk arrived.
+            let first = body.next().await.context("first chunk")??;
+            streams.push((first, body));
+        }
+        let status = Command::new("kill")
+            .args(["-TERM", &server.pid()])
+            .status()?;
+        assert!(status.success());
+        let sent_at = Instant::now();
+
+        let results =
+            futures::future::join_all(streams.into_iter().map(|(first, mut body)| async move {
+                let mut text = String::from_utf8_lossy(&first).into_owned();
+                while let Some(chunk) = body.next().await {
+                    text.push_str(&String::from_utf8_lossy(&chunk?));
+                }
+                Ok::<_, anyhow::Error>(text)
+            }))
+            .await;
+        for r in results {
+            let sse = r?;
+            let content: String = sse
+                .lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .filter(|d| *d != "[DONE]")
+                .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+                .filter_map(|c| {
+                    c["choices"][0]["delta"]["content"]
+                        .as_str()
+                        .map(str::to_owned)
+                })
+                .collect();
+            assert_eq!(content, expected, "{plane}: a stream was cut short");
+            assert!(
+                sse.trim_end().ends_with("data: [DONE]"),
+                "{plane}: stream did not finish"
+            );
+        }
+        let code = server.wait_exit(Duration::from_secs(20))?;
+        assert_eq!(code, Some(0), "{plane}: log:\n{}", server.log());
+        assert!(sent_at.elapsed() < Duration::from_secs(15));
+        let log = server.log();
+        assert!(log.contains("SIGTERM received"), "{log}");
+        assert!(log.contains("shutting down: deregistering"), "{log}");
+    }
+    Ok(())
+}
