@@ -38,8 +38,7 @@ impl Engine for EchoEngine {
         // Generation runs in its own task, as a real engine's step loop does, so that it
         // sees cancellation whether or not anyone is polling the stream.
         tokio::spawn(async move {
-            let mut outputs = echo_outputs(&request).into_iter();
-            while let Some(output) = outputs.next() {
+            for output in echo_outputs(&request) {
                 if !delay.is_zero() {
                     tokio::select! {
                         biased;

@@ -39,8 +39,11 @@ pub trait EventPlane: Send + Sync + std::fmt::Debug + 'static {
 /// buffers, because in one process the publisher and subscriber share fate anyway.
 #[derive(Debug, Clone, Default)]
 pub struct MemoryEventPlane {
-    subscribers: Arc<Mutex<Vec<(String, mpsc::UnboundedSender<Event>)>>>,
+    subscribers: Arc<Mutex<Vec<Subscriber>>>,
 }
+
+/// A subscription's pattern and where its events go.
+type Subscriber = (String, mpsc::UnboundedSender<Event>);
 
 impl MemoryEventPlane {
     pub fn new() -> Self {

@@ -95,7 +95,7 @@ impl Handler<Count, String> for Counter {
                     biased;
                     _ = ctx.cancelled() => {
                         cancelled.fetch_add(1, Ordering::SeqCst);
-                        seen.lock().unwrap().push(Instant::now());
+                        seen.lock().expect("lock").push(Instant::now());
                         return;
                     }
                     _ = delay => {}
@@ -124,7 +124,7 @@ fn endpoint() -> EndpointId {
 fn tcp() -> ServeOptions {
     ServeOptions {
         transport: TransportOptions::Tcp {
-            bind: "127.0.0.1:0".parse().unwrap(),
+            bind: "127.0.0.1:0".parse().expect("loopback address"),
             advertise: None,
         },
         ..Default::default()

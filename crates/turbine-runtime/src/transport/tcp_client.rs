@@ -155,7 +155,22 @@ async fn read_frames(
             }
         };
         let (stream, incoming) = match frame {
-            Frame::Data { stream, payload } => (stream, Incoming::Data(payload)),
+            Frame::Data {
+                stream,
+                payload,
+                last: true,
+            } => {
+                if let Some(tx) = lock(&conn.streams).remove(&stream) {
+                    let _ = tx.send(Incoming::Data(payload));
+                    let _ = tx.send(Incoming::End);
+                }
+                continue;
+            }
+            Frame::Data {
+                stream,
+                payload,
+                last: false,
+            } => (stream, Incoming::Data(payload)),
             Frame::End { stream } => (stream, Incoming::End),
             Frame::Error { stream, payload } => {
                 let e = serde_json::from_slice(&payload).unwrap_or_else(|e| {

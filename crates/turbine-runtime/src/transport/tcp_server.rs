@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt, StreamExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
@@ -188,41 +188,68 @@ where
                 Err(e) => return error_frame(stream, &e),
             },
         };
+        let mut item = tokio::select! {
+            biased;
+            _ = token.cancelled() => return error_frame(stream, &cancelled()),
+            item = responses.next() => item,
+        };
         loop {
-            let item = tokio::select! {
-                biased;
-                _ = token.cancelled() => return error_frame(stream, &cancelled()),
-                item = responses.next() => item,
-            };
-            let frame = match item {
+            let resp = match item {
                 None => return Frame::End { stream }.encode(),
                 Some(Err(e)) => return error_frame(stream, &e),
-                Some(Ok(resp)) => match serde_json::to_vec(&resp) {
-                    Ok(body) if body.len() + 9 <= self.max_frame_len => Frame::Data {
+                Some(Ok(resp)) => resp,
+            };
+            let payload: Bytes = match serde_json::to_vec(&resp) {
+                Ok(body) if body.len() + 9 <= self.max_frame_len => body.into(),
+                Ok(body) => {
+                    let e = HandlerError::new(
+                        ErrorKind::Internal,
+                        format!("response of {} bytes exceeds the frame limit", body.len()),
+                    );
+                    return error_frame(stream, &e);
+                }
+                Err(e) => {
+                    return error_frame(
                         stream,
-                        payload: body.into(),
+                        &HandlerError::new(ErrorKind::Internal, e.to_string()),
+                    )
+                }
+            };
+            // If the stream has already ended, say so on this frame instead of in an End
+            // frame of its own.
+            let next = responses.next().now_or_never();
+            if let Some(None) = next {
+                return Frame::Data {
+                    stream,
+                    payload,
+                    last: true,
+                }
+                .encode();
+            }
+            if tx
+                .send(
+                    Frame::Data {
+                        stream,
+                        payload,
+                        last: false,
                     }
                     .encode(),
-                    Ok(body) => {
-                        let e = HandlerError::new(
-                            ErrorKind::Internal,
-                            format!("response of {} bytes exceeds the frame limit", body.len()),
-                        );
-                        return error_frame(stream, &e);
-                    }
-                    Err(e) => {
-                        return error_frame(
-                            stream,
-                            &HandlerError::new(ErrorKind::Internal, e.to_string()),
-                        )
-                    }
-                },
-            };
-            if tx.send(frame).await.is_err() {
+                )
+                .await
+                .is_err()
+            {
                 // The connection's writer is gone, so the client is too.
                 token.cancel();
                 return Frame::End { stream }.encode();
             }
+            item = match next {
+                Some(ready) => ready,
+                None => tokio::select! {
+                    biased;
+                    _ = token.cancelled() => return error_frame(stream, &cancelled()),
+                    item = responses.next() => item,
+                },
+            };
         }
     }
 }

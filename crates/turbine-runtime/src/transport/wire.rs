@@ -7,6 +7,7 @@
 //! | 0x01 | Request | to server | instance id (u64 LE), JSON body  |
 //! | 0x02 | Cancel  | to server | nothing                          |
 //! | 0x81 | Data    | to client | JSON body of one response        |
+//! | 0x84 | Data    | to client | the same, and the stream ends    |
 //! | 0x82 | End     | to client | nothing                          |
 //! | 0x83 | Error   | to client | JSON `HandlerError`              |
 
@@ -22,9 +23,12 @@ pub(crate) enum Frame {
     Cancel {
         stream: u64,
     },
+    /// `last` ends the stream with this response, saving an `End` frame: most streams
+    /// (one-response calls, the final token) end this way.
     Data {
         stream: u64,
         payload: Bytes,
+        last: bool,
     },
     End {
         stream: u64,
@@ -48,6 +52,7 @@ const CANCEL: u8 = 0x02;
 const DATA: u8 = 0x81;
 const END: u8 = 0x82;
 const ERROR: u8 = 0x83;
+const DATA_LAST: u8 = 0x84;
 
 impl Frame {
     pub(crate) fn encode(&self) -> Bytes {
@@ -58,7 +63,16 @@ impl Frame {
                 payload,
             } => (REQUEST, *stream, Some(*instance), Some(payload)),
             Frame::Cancel { stream } => (CANCEL, *stream, None, None),
-            Frame::Data { stream, payload } => (DATA, *stream, None, Some(payload)),
+            Frame::Data {
+                stream,
+                payload,
+                last,
+            } => (
+                if *last { DATA_LAST } else { DATA },
+                *stream,
+                None,
+                Some(payload),
+            ),
             Frame::End { stream } => (END, *stream, None, None),
             Frame::Error { stream, payload } => (ERROR, *stream, None, Some(payload)),
         };
@@ -94,9 +108,10 @@ impl Frame {
                 }
             }
             CANCEL => Frame::Cancel { stream },
-            DATA => Frame::Data {
+            DATA | DATA_LAST => Frame::Data {
                 stream,
                 payload: body,
+                last: tag == DATA_LAST,
             },
             END => Frame::End { stream },
             ERROR => Frame::Error {
@@ -124,10 +139,12 @@ mod tests {
             Frame::Data {
                 stream: 3,
                 payload: Bytes::from_static(b"[1]"),
+                last: false,
             },
             Frame::Data {
                 stream: 3,
                 payload: Bytes::new(),
+                last: true,
             },
             Frame::End { stream: 4 },
             Frame::Error {
