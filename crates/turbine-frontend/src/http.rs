@@ -11,13 +11,14 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
-use axum::response::sse::{Event, Sse};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Json;
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 use serde::de::DeserializeOwned;
+use tracing::Instrument;
 use turbine_protocols::openai::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
     ChatCompletionResponse, ChatDelta, CompletionChoice, CompletionRequest, CompletionResponse,
@@ -299,7 +300,9 @@ async fn generate(
             stop_token_ids: vec![],
         },
     };
-    let mut outputs = d.dispatch(served, request).await?;
+    let span =
+        tracing::info_span!("request", request_id = %request.request_id, model = %served.card.name);
+    let mut outputs = d.dispatch(served, request).instrument(span.clone()).await?;
     let mut decoder = IncrementalDecoder::new(served.card.tokenizer.clone());
     let stream = async_stream::stream! {
         let mut completion_tokens = 0u32;
@@ -309,6 +312,7 @@ async fn generate(
             let output = match output {
                 Ok(o) => o,
                 Err(e) => {
+                    tracing::warn!(parent: &span, error = %e, "generation failed");
                     yield Err(ApiError::from(e));
                     return;
                 }
@@ -338,6 +342,7 @@ async fn generate(
             total_tokens: prompt_len + completion_tokens,
             prompt_tokens_details: cached.map(|cached_tokens| PromptTokensDetails { cached_tokens }),
         };
+        tracing::debug!(parent: &span, completion_tokens, ?finish, "finished");
         let finish = if finish == FinishReason::Cancelled { "stop" } else { finish.as_openai() };
         yield Ok(Piece::Done { finish, usage });
     };
@@ -365,7 +370,10 @@ fn sse_json<T: serde::Serialize>(value: &T) -> Event {
 
 fn sse(events: impl Stream<Item = Event> + Send + 'static) -> Response {
     let done = futures::stream::once(async { Event::default().data("[DONE]") });
-    Sse::new(events.chain(done).map(Ok::<_, Infallible>)).into_response()
+    // Keep-alive comments also reveal a client that went away while nothing else is sent.
+    Sse::new(events.chain(done).map(Ok::<_, Infallible>))
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }
 
 async fn list_models(State(d): State<AppState>) -> Json<ModelList> {

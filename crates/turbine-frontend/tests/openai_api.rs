@@ -135,6 +135,25 @@ impl Cluster {
         Ok((status, r.json().await?))
     }
 
+    /// Waits until `/health` reports `want` instances of the echo model (`None`: no such model).
+    async fn wait_for_instances(&self, want: Option<usize>) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            let (_, health) = self.get("/health").await?;
+            let got = health["models"]["echo"]["instances"]
+                .as_array()
+                .map(Vec::len);
+            if got == want {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                start.elapsed() < Duration::from_secs(5),
+                "health still reports {got:?} instances: {health}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// The `data:` payloads of an SSE response, in order.
     async fn sse(&self, path: &str, body: Value) -> Result<Vec<String>> {
         let r = self
@@ -463,17 +482,13 @@ async fn round_robin_spreads_requests_and_follows_workers_leaving() -> Result<()
         before,
         "a stopped worker gets no requests"
     );
-    let (_, health) = c.get("/health").await?;
-    assert_eq!(
-        health["models"]["echo"]["instances"]
-            .as_array()
-            .map(Vec::len),
-        Some(2)
-    );
+    c.wait_for_instances(Some(2)).await?;
 
     for (w, _) in c.workers.drain(..) {
         w.run(async {}).await;
     }
+    // Discovery changes reach the frontend asynchronously.
+    c.wait_for_instances(None).await?;
     let (status, health) = c.get("/health").await?;
     assert_eq!(status, 503, "{health}");
     let (status, r) = c

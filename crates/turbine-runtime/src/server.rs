@@ -256,6 +256,17 @@ impl<Req, Resp> EndpointServer<Req, Resp> {
     }
 }
 
+impl<Req, Resp> Drop for EndpointServer<Req, Resp> {
+    /// A server dropped without [`EndpointServer::run`] stops serving at once; its
+    /// registrations expire with the lease, which is no longer kept alive.
+    fn drop(&mut self) {
+        self.stop_accepting.cancel();
+        self.close.cancel();
+        self.state.cancel_all();
+        self.runtime.inner.local.remove(self.instance.id);
+    }
+}
+
 async fn keep_alive_loop(
     runtime: Runtime,
     registrations: Arc<Registrations>,

@@ -284,21 +284,31 @@ async fn shutdown_drains_in_flight_and_deregisters() -> Result<()> {
         }));
         stop.send(()).ok();
 
-        wait_until("deregistration", Duration::from_secs(1), || {
-            futures::executor::block_on(d.list(&instance_prefix(&endpoint())))
-                .map(|v| v.is_empty())
-                .unwrap_or(false)
-        })
-        .await;
+        let start = Instant::now();
+        while !d.list(&instance_prefix(&endpoint())).await?.is_empty() {
+            assert!(
+                start.elapsed() < Duration::from_secs(1),
+                "{options:?}: still registered"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
         // Once draining, new requests are refused with a retryable error.
-        wait_until("draining", Duration::from_secs(1), || {
-            let r = futures::executor::block_on(tokio::time::timeout(
+        let start = Instant::now();
+        loop {
+            let r = tokio::time::timeout(
                 Duration::from_millis(200),
                 client.call(&instance, Count::new("late", 1, 0)),
-            ));
-            matches!(r, Ok(Err(ref e)) if e.is_retryable_elsewhere())
-        })
-        .await;
+            )
+            .await;
+            if matches!(r, Ok(Err(ref e)) if e.is_retryable_elsewhere()) {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(1),
+                "{options:?}: late request not refused"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
         for (i, r) in futures::future::join_all(running)
             .await
             .into_iter()
@@ -366,6 +376,18 @@ async fn garbage_and_oversized_frames_do_not_disturb_other_connections() -> Resu
         [&5u32.to_be_bytes()[..], b"\x7f1234"].concat(),
         [&9u32.to_be_bytes()[..], b"\x81\0\0\0\0\0\0\0\0"].concat(),
         (0..4096u32).map(|i| (i * 7919 % 251) as u8).collect(),
+        // A well-formed request, then another on the same stream id while it runs.
+        {
+            let request = |stream: u64| {
+                let body = serde_json::to_vec(&Count::new("dup", 1000, 10)).expect("json");
+                let mut frame = vec![0x01];
+                frame.extend(stream.to_le_bytes());
+                frame.extend(server.instance().id.0.to_le_bytes());
+                frame.extend(body);
+                [&(frame.len() as u32).to_be_bytes()[..], &frame].concat()
+            };
+            [request(7), request(7)].concat()
+        },
     ];
     for bytes in bad_inputs {
         let mut sock = tokio::net::TcpStream::connect(addr).await?;
@@ -396,7 +418,11 @@ async fn garbage_and_oversized_frames_do_not_disturb_other_connections() -> Resu
         .await?;
     assert_eq!(got, expected("after", 3));
     assert_eq!(long.await??, expected("ok", 50));
-    assert_eq!(counter.cancelled.load(Ordering::SeqCst), 0);
+    // The duplicate's first request ended with its connection; nothing is left running.
+    wait_until("in-flight to reach zero", Duration::from_secs(2), || {
+        server.in_flight() == 0 && counter.in_flight.load(Ordering::SeqCst) == 0
+    })
+    .await;
     Ok(())
 }
 

@@ -23,9 +23,14 @@ use super::{HandlerError, RequestError, ResponseStream};
 /// Connections to every peer this process calls.
 #[derive(Debug)]
 pub(crate) struct TcpPool {
-    conns: tokio::sync::Mutex<HashMap<SocketAddr, Arc<Connection>>>,
+    /// One slot per peer. The map's lock is held only to find a slot; a slot's own lock is
+    /// held while connecting, so a slow peer delays only the callers of that peer.
+    conns: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Option<Arc<Connection>>>>>>,
     max_frame_len: usize,
 }
+
+/// A peer that accepts no connection within this time is reported unreachable.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Debug)]
 enum Incoming {
@@ -52,18 +57,19 @@ impl TcpPool {
     }
 
     async fn connection(&self, addr: SocketAddr) -> Result<Arc<Connection>, RequestError> {
-        let mut conns = self.conns.lock().await;
-        if let Some(c) = conns.get(&addr) {
+        let slot = lock(&self.conns).entry(addr).or_default().clone();
+        let mut slot = slot.lock().await;
+        if let Some(c) = slot.as_ref() {
             if !c.closed.load(Ordering::Acquire) {
                 return Ok(c.clone());
             }
         }
-        let socket = TcpStream::connect(addr)
+        let connect = |source| RequestError::Connect { addr, source };
+        let socket = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
             .await
-            .map_err(|source| RequestError::Connect { addr, source })?;
-        socket
-            .set_nodelay(true)
-            .map_err(|source| RequestError::Connect { addr, source })?;
+            .map_err(|_| connect(std::io::ErrorKind::TimedOut.into()))?
+            .map_err(connect)?;
+        socket.set_nodelay(true).map_err(connect)?;
         let (read, write) = socket.into_split();
         let codec = || {
             LengthDelimitedCodec::builder()
@@ -84,7 +90,7 @@ impl TcpPool {
             conn.clone(),
             FramedRead::with_capacity(read, codec(), 64 * 1024),
         ));
-        conns.insert(addr, conn.clone());
+        *slot = Some(conn.clone());
         Ok(conn)
     }
 

@@ -99,6 +99,10 @@ where
                 }
             };
             match Frame::decode(body.freeze()) {
+                Ok(Frame::Request { stream, .. }) if lock(&streams).contains_key(&stream) => {
+                    tracing::error!(%peer, stream, "stream id reused while in flight, closing connection");
+                    break;
+                }
                 Ok(Frame::Request {
                     stream,
                     instance,
