@@ -25,9 +25,12 @@ use super::{HandlerError, RequestError, ResponseStream};
 pub(crate) struct TcpPool {
     /// One slot per peer. The map's lock is held only to find a slot; a slot's own lock is
     /// held while connecting, so a slow peer delays only the callers of that peer.
-    conns: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Option<Arc<Connection>>>>>>,
+    conns: Mutex<HashMap<SocketAddr, Arc<Slot>>>,
     max_frame_len: usize,
 }
+
+/// The connection to one peer, if one is open; locked while (re)connecting.
+type Slot = tokio::sync::Mutex<Option<Arc<Connection>>>;
 
 /// A peer that accepts no connection within this time is reported unreachable.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
