@@ -5,6 +5,7 @@
 //! tokens back until it finishes or its cancellation token fires.
 
 mod echo;
+pub mod pool;
 
 use futures::stream::BoxStream;
 use tokio_util::sync::CancellationToken;

@@ -34,8 +34,48 @@ pub fn parse_model_key(namespace: &str, key: &str) -> Option<(String, u64)> {
     Some((model.to_owned(), u64::from_str_radix(id, 16).ok()?))
 }
 
+/// Event-plane subject of a model's KV events: `turbine.{namespace}.kv_events.{model}`.
+pub fn kv_events_subject(namespace: &str, model: &str) -> String {
+    format!(
+        "turbine.{}.kv_events.{}",
+        subject_token(namespace),
+        subject_token(model)
+    )
+}
+
+/// Event-plane subject of a model's load reports: `turbine.{namespace}.load.{model}`.
+pub fn load_subject(namespace: &str, model: &str) -> String {
+    format!(
+        "turbine.{}.load.{}",
+        subject_token(namespace),
+        subject_token(model)
+    )
+}
+
+/// A name made safe as one subject token: dots, wildcards and whitespace become `_`.
+fn subject_token(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c == '.' || c == '*' || c == '>' || c.is_whitespace() {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn subjects_are_single_tokens_per_name() {
+        assert_eq!(
+            kv_events_subject("ns", "org/Llama-3.1 8B"),
+            "turbine.ns.kv_events.org/Llama-3_1_8B"
+        );
+        assert_eq!(load_subject("a.b", "m"), "turbine.a_b.load.m");
+    }
+
     use super::*;
 
     #[test]

@@ -4,6 +4,7 @@
 //! This crate does no I/O; it is the vocabulary the other crates share.
 
 pub mod discovery;
+pub mod kv;
 pub mod llm;
 pub mod openai;
 
