@@ -1,17 +1,25 @@
 //! The [`Engine`] trait, through which a worker drives any inference engine, and the engines
-//! themselves: [`EchoEngine`] for now, the mocker and the native engine later.
+//! themselves: [`EchoEngine`] and [`MockerEngine`], with the native engine to come, and
+//! the paged KV block [`pool`] that engines with a KV cache share.
 //!
 //! An engine knows nothing of HTTP or discovery: it takes a tokenized request and streams
 //! tokens back until it finishes or its cancellation token fires.
 
 mod echo;
+pub mod mocker;
 pub mod pool;
 
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
 use futures::stream::BoxStream;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
+use turbine_protocols::kv::{KvEvent, KvSnapshot, WorkerLoad};
 use turbine_protocols::{EngineOutput, PreprocessedRequest};
 
 pub use echo::{EchoConfig, EchoEngine};
+pub use mocker::{MockerConfig, MockerConfigError, MockerEngine};
 
 /// What an engine streams: outputs, the last of which carries a `finish_reason`.
 pub type EngineStream = BoxStream<'static, Result<EngineOutput, EngineError>>;
@@ -28,6 +36,45 @@ pub trait Engine: Send + Sync + 'static {
         request: PreprocessedRequest,
         cancel: CancellationToken,
     ) -> Result<EngineStream, EngineError>;
+
+    /// The engine's KV cache, for engines that have one: its events, load and contents.
+    fn kv_cache(&self) -> Option<KvCache> {
+        None
+    }
+}
+
+/// What an engine with a KV cache exposes about it.
+pub trait KvCacheSource: Send + Sync + 'static {
+    /// Every KV event from now on, in order.
+    fn subscribe(&self) -> mpsc::UnboundedReceiver<KvEvent>;
+    /// The latest load, updated every step.
+    fn load(&self) -> watch::Receiver<WorkerLoad>;
+    /// Every cached block, consistent with the events sent so far.
+    fn snapshot(&self) -> BoxFuture<'static, Result<KvSnapshot, EngineError>>;
+}
+
+/// A shareable handle on an engine's KV cache.
+#[derive(Clone)]
+pub struct KvCache(Arc<dyn KvCacheSource>);
+
+impl KvCache {
+    pub fn new(source: impl KvCacheSource) -> Self {
+        Self(Arc::new(source))
+    }
+}
+
+impl std::ops::Deref for KvCache {
+    type Target = dyn KvCacheSource;
+
+    fn deref(&self) -> &Self::Target {
+        &*self.0
+    }
+}
+
+impl std::fmt::Debug for KvCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KvCache")
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -333,6 +333,63 @@ impl BlockPool {
     }
 }
 
+/// The set of registered blocks as an observer of a pool's events knows it: what a router
+/// reconstructs, in its simplest form. Checks the event stream as it goes.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct EventReplica {
+    pub registered: std::collections::HashSet<SequenceHash>,
+    next_event_id: u64,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ReplayError {
+    #[error("expected event {expected}, got {got}")]
+    Gap { expected: u64, got: u64 },
+    #[error("block {0:#x} stored while already registered")]
+    StoredTwice(SequenceHash),
+    #[error("block {0:#x} removed but never stored")]
+    RemovedUnknown(SequenceHash),
+}
+
+impl EventReplica {
+    pub fn apply(&mut self, event: &KvEvent) -> Result<(), ReplayError> {
+        if event.event_id != self.next_event_id {
+            return Err(ReplayError::Gap {
+                expected: self.next_event_id,
+                got: event.event_id,
+            });
+        }
+        self.next_event_id += 1;
+        match &event.data {
+            KvEventData::Stored { blocks, .. } => {
+                for b in blocks {
+                    if !self.registered.insert(b.sequence_hash) {
+                        return Err(ReplayError::StoredTwice(b.sequence_hash));
+                    }
+                }
+            }
+            KvEventData::Removed { sequence_hashes } => {
+                for h in sequence_hashes {
+                    if !self.registered.remove(h) {
+                        return Err(ReplayError::RemovedUnknown(*h));
+                    }
+                }
+            }
+            KvEventData::Cleared => self.registered.clear(),
+        }
+        Ok(())
+    }
+
+    /// The registered set of `snapshot`, for comparison.
+    pub fn of(snapshot: &KvSnapshot) -> std::collections::HashSet<SequenceHash> {
+        snapshot
+            .blocks
+            .iter()
+            .map(|b| b.block.sequence_hash)
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,8 +4,7 @@
 use std::collections::HashSet;
 
 use proptest::prelude::*;
-use turbine_engine::pool::{BlockId, BlockPool};
-use turbine_protocols::kv::{KvEvent, KvEventData};
+use turbine_engine::pool::{BlockId, BlockPool, EventReplica};
 use turbine_tokens::{block_hashes, BlockHash};
 
 const BLOCK: usize = 4;
@@ -37,29 +36,6 @@ struct Seq {
     hashed: Vec<BlockHash>,
 }
 
-/// Applies events to the set of registered hashes, as a router would.
-fn replay(model: &mut HashSet<u64>, next_id: &mut u64, events: Vec<KvEvent>) {
-    for e in events {
-        assert_eq!(e.event_id, *next_id, "event ids have no gaps");
-        *next_id += 1;
-        match e.data {
-            KvEventData::Stored { blocks, .. } => {
-                for b in blocks {
-                    assert!(model.insert(b.sequence_hash), "stored twice: {b:?}");
-                }
-            }
-            KvEventData::Removed { sequence_hashes } => {
-                for h in sequence_hashes {
-                    assert!(model.remove(&h), "removed a block never stored");
-                }
-            }
-            KvEventData::Cleared => model.clear(),
-        }
-    }
-}
-
-/// Ensures `seq` has blocks for all its tokens and registers the full ones. False when the
-/// pool has too few free blocks; the sequence is then left as it was.
 /// `held` lists the blocks every other live sequence holds: allocation must never hand
 /// out one of them, which is what "a block in use is never evicted" means.
 fn fill(pool: &mut BlockPool, seq: &mut Seq, held: &HashSet<BlockId>) -> bool {
@@ -101,8 +77,7 @@ proptest! {
     fn pool_matches_reference_model(ops in proptest::collection::vec(op(), 1..120), num_blocks in 4usize..24) {
         let mut pool = BlockPool::new(num_blocks, BLOCK);
         let mut seqs: Vec<Seq> = Vec::new();
-        let mut model = HashSet::new();
-        let mut next_id = 0;
+        let mut replica = EventReplica::default();
         for op in ops {
             match op {
                 Op::Start(tokens) => {
@@ -134,9 +109,10 @@ proptest! {
                 _ => {}
             }
             pool.check_invariants();
-            replay(&mut model, &mut next_id, pool.take_events());
-            let registered: HashSet<u64> = pool.snapshot().blocks.iter().map(|b| b.block.sequence_hash).collect();
-            prop_assert_eq!(&model, &registered, "replayed events equal the registered set");
+            for event in pool.take_events() {
+                prop_assert_eq!(replica.apply(&event), Ok(()));
+            }
+            prop_assert_eq!(&replica.registered, &EventReplica::of(&pool.snapshot()), "replayed events equal the registered set");
             prop_assert_eq!(pool.num_in_use(), held_by(&seqs).len());
         }
         for seq in seqs.drain(..) {

@@ -1,0 +1,338 @@
+//! The mocker: a simulated engine with everything real but the matrix math. Requests go
+//! through a real block pool and a vLLM-like scheduler; each step sleeps for as long as
+//! the timing model says a GPU would take, and produces random tokens from a seeded RNG.
+//!
+//! One task per engine owns the scheduler and loops: take new requests and cancellations,
+//! plan a step, wait out its duration (still taking cancellations, which free blocks at
+//! once), apply it, deliver tokens, publish KV events and load.
+
+mod scheduler;
+pub mod timing;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use turbine_protocols::kv::{KvEvent, KvSnapshot, WorkerLoad};
+use turbine_protocols::{EngineOutput, PreprocessedRequest};
+
+use crate::{Engine, EngineError, EngineStream, KvCache};
+use scheduler::{Scheduler, SeqId, SeqSpec};
+
+/// The mocker's settings; the defaults are those of a vLLM worker on one large GPU.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MockerConfig {
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// KV blocks in the pool.
+    pub num_blocks: usize,
+    /// Token budget of one step (prefill chunks plus decodes).
+    pub max_num_batched_tokens: usize,
+    /// Most sequences running at once.
+    pub max_num_seqs: usize,
+    /// Divides every step's duration.
+    pub speedup: f64,
+    /// Seeds the generated tokens.
+    pub seed: u64,
+    /// Generated token ids are below this.
+    pub vocab_size: u32,
+    pub enable_prefix_caching: bool,
+}
+
+impl Default for MockerConfig {
+    fn default() -> Self {
+        Self {
+            block_size: 16,
+            num_blocks: 16384,
+            max_num_batched_tokens: 8192,
+            max_num_seqs: 256,
+            speedup: 1.0,
+            seed: 0,
+            vocab_size: 32000,
+            enable_prefix_caching: true,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum MockerConfigError {
+    #[error("{name} must be at least 1, got {value}")]
+    Zero { name: &'static str, value: usize },
+    #[error("speedup must be a positive number, got {0}")]
+    Speedup(f64),
+}
+
+impl MockerConfig {
+    /// Checks the settings once, before an engine is built from them.
+    pub fn validate(&self) -> Result<(), MockerConfigError> {
+        for (name, value) in [
+            ("block_size", self.block_size),
+            ("num_blocks", self.num_blocks),
+            ("max_num_batched_tokens", self.max_num_batched_tokens),
+            ("max_num_seqs", self.max_num_seqs),
+            ("vocab_size", self.vocab_size as usize),
+        ] {
+            if value == 0 {
+                return Err(MockerConfigError::Zero { name, value });
+            }
+        }
+        if !(self.speedup.is_finite() && self.speedup > 0.0) {
+            return Err(MockerConfigError::Speedup(self.speedup));
+        }
+        Ok(())
+    }
+
+    /// The most tokens one sequence can hold: the whole pool.
+    fn capacity_tokens(&self) -> usize {
+        self.num_blocks * self.block_size
+    }
+}
+
+enum Msg {
+    Add {
+        id: SeqId,
+        spec: SeqSpec,
+        out: mpsc::UnboundedSender<Result<EngineOutput, EngineError>>,
+        done: oneshot::Sender<()>,
+    },
+    Cancel(SeqId),
+    Subscribe(mpsc::UnboundedSender<KvEvent>),
+    Snapshot(oneshot::Sender<KvSnapshot>),
+}
+
+/// A running mocker. Cloning shares the engine.
+#[derive(Debug, Clone)]
+pub struct MockerEngine {
+    tx: mpsc::UnboundedSender<Msg>,
+    load: watch::Receiver<WorkerLoad>,
+    next_id: Arc<AtomicU64>,
+    capacity_tokens: usize,
+}
+
+impl std::fmt::Debug for Msg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Msg::Add { id, .. } => write!(f, "Add({id})"),
+            Msg::Cancel(id) => write!(f, "Cancel({id})"),
+            Msg::Subscribe(_) => f.write_str("Subscribe"),
+            Msg::Snapshot(_) => f.write_str("Snapshot"),
+        }
+    }
+}
+
+impl MockerEngine {
+    /// Starts the engine's task on the current tokio runtime; it ends when every handle is
+    /// dropped.
+    pub fn start(config: MockerConfig) -> Result<Self, MockerConfigError> {
+        config.validate()?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let scheduler = Scheduler::new(config.clone());
+        let (load_tx, load) = watch::channel(scheduler.load());
+        tokio::spawn(run(scheduler, rx, load_tx));
+        Ok(Self {
+            tx,
+            load,
+            next_id: Arc::default(),
+            capacity_tokens: config.capacity_tokens(),
+        })
+    }
+}
+
+impl Engine for MockerEngine {
+    fn generate(
+        &self,
+        request: PreprocessedRequest,
+        cancel: CancellationToken,
+    ) -> Result<EngineStream, EngineError> {
+        let prompt_len = request.token_ids.len();
+        if prompt_len == 0 {
+            return Err(EngineError::InvalidRequest("the prompt is empty".into()));
+        }
+        if prompt_len >= self.capacity_tokens {
+            return Err(EngineError::InvalidRequest(format!(
+                "a prompt of {prompt_len} tokens does not fit this engine's KV cache of {} tokens",
+                self.capacity_tokens
+            )));
+        }
+        let max_tokens = request.stop.max_tokens.unwrap_or(u32::MAX);
+        let spec = SeqSpec {
+            prompt: request.token_ids,
+            max_tokens,
+            stop_token_ids: request.stop.stop_token_ids,
+        };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (out, out_rx) = mpsc::unbounded_channel();
+        let (done, done_rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Add {
+                id,
+                spec,
+                out,
+                done,
+            })
+            .map_err(|_| EngineError::Stopped)?;
+        // Forward cancellation to the loop; the watcher ends with the sequence.
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = cancel.cancelled() => { let _ = tx.send(Msg::Cancel(id)); }
+                _ = done_rx => {}
+            }
+        });
+        Ok(tokio_stream::wrappers::UnboundedReceiverStream::new(out_rx).boxed())
+    }
+
+    fn kv_cache(&self) -> Option<KvCache> {
+        Some(KvCache::new(self.clone()))
+    }
+}
+
+impl crate::KvCacheSource for MockerEngine {
+    fn subscribe(&self) -> mpsc::UnboundedReceiver<KvEvent> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = self.tx.send(Msg::Subscribe(tx));
+        rx
+    }
+
+    fn load(&self) -> watch::Receiver<WorkerLoad> {
+        self.load.clone()
+    }
+
+    fn snapshot(&self) -> futures::future::BoxFuture<'static, Result<KvSnapshot, EngineError>> {
+        let (tx, rx) = oneshot::channel();
+        let sent = self.tx.send(Msg::Snapshot(tx));
+        Box::pin(async move {
+            sent.map_err(|_| EngineError::Stopped)?;
+            rx.await.map_err(|_| EngineError::Stopped)
+        })
+    }
+}
+
+/// Where a sequence's tokens go, and what ends its cancellation watcher.
+struct Sink {
+    out: mpsc::UnboundedSender<Result<EngineOutput, EngineError>>,
+    _done: oneshot::Sender<()>,
+}
+
+struct Loop {
+    scheduler: Scheduler,
+    sinks: HashMap<SeqId, Sink>,
+    subscribers: Vec<mpsc::UnboundedSender<KvEvent>>,
+}
+
+impl Loop {
+    fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::Add {
+                id,
+                spec,
+                out,
+                done,
+            } => {
+                self.scheduler.add(id, spec);
+                self.sinks.insert(id, Sink { out, _done: done });
+            }
+            Msg::Cancel(id) => {
+                if self.scheduler.cancel(id) {
+                    self.sinks.remove(&id);
+                }
+            }
+            Msg::Subscribe(tx) => self.subscribers.push(tx),
+            Msg::Snapshot(reply) => {
+                // Events are flushed after every change, so the snapshot and the events
+                // already sent agree on `last_event_id`.
+                let _ = reply.send(self.scheduler.snapshot());
+            }
+        }
+    }
+
+    fn flush_events(&mut self) {
+        let events = self.scheduler.take_events();
+        if events.is_empty() {
+            return;
+        }
+        self.subscribers
+            .retain(|s| events.iter().all(|e| s.send(e.clone()).is_ok()));
+    }
+}
+
+async fn run(
+    scheduler: Scheduler,
+    mut rx: mpsc::UnboundedReceiver<Msg>,
+    load: watch::Sender<WorkerLoad>,
+) {
+    use tokio::time::Instant;
+    let mut l = Loop {
+        scheduler,
+        sinks: HashMap::new(),
+        subscribers: Vec::new(),
+    };
+    // When the last step ended by the timing model. Steps are chained from it rather than
+    // from the moment the timer fired: tokio timers round up to the millisecond, which at
+    // high speedups is the length of a whole step, and chaining keeps that error from
+    // adding up.
+    let mut clock: Option<Instant> = None;
+    loop {
+        while let Ok(msg) = rx.try_recv() {
+            l.handle(msg);
+        }
+        let step = l.scheduler.schedule();
+        l.flush_events();
+        load.send_replace(l.scheduler.load());
+        if step.is_empty() {
+            // Idle (a prompt that fits the pool can always be admitted once nothing runs).
+            clock = None;
+            match rx.recv().await {
+                Some(msg) => l.handle(msg),
+                None => return,
+            }
+            continue;
+        }
+        let now = Instant::now();
+        let start = match clock {
+            Some(c) if now.saturating_duration_since(c) < Duration::from_millis(2) => c,
+            _ => now,
+        };
+        let deadline = start + l.scheduler.duration(&step);
+        clock = Some(deadline);
+        loop {
+            tokio::select! {
+                biased;
+                msg = rx.recv() => match msg {
+                    Some(msg) => {
+                        l.handle(msg);
+                        l.flush_events();
+                        load.send_replace(l.scheduler.load());
+                    }
+                    None => return,
+                },
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        for p in l.scheduler.complete(&step) {
+            let Some(sink) = l.sinks.get(&p.seq) else {
+                continue;
+            };
+            let output = EngineOutput {
+                token_ids: vec![p.token],
+                finish_reason: p.finish,
+                cached_tokens: p.cached_tokens,
+            };
+            let delivered = sink.out.send(Ok(output)).is_ok();
+            if p.finish.is_some() {
+                l.sinks.remove(&p.seq);
+            } else if !delivered {
+                // Nobody reads this sequence any more.
+                l.scheduler.cancel(p.seq);
+                l.sinks.remove(&p.seq);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,373 @@
+//! The mocker's scheduler: vLLM-style continuous batching over the block pool, as a plain
+//! state machine. [`Scheduler::schedule`] plans a step within the token budget and the
+//! sequence cap, preempting when blocks run out; [`Scheduler::complete`] applies the step:
+//! tokens computed, blocks registered, one new token per sequence that caught up.
+//!
+//! No clock and no I/O here: the engine loop decides when steps happen.
+
+use std::collections::{HashMap, VecDeque};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use turbine_protocols::kv::{KvEvent, KvSnapshot, WorkerLoad};
+use turbine_protocols::FinishReason;
+use turbine_tokens::{chain_hash, local_hash, BlockHash};
+
+use super::timing;
+use super::MockerConfig;
+use crate::pool::{BlockId, BlockPool};
+
+pub(crate) type SeqId = u64;
+
+/// What a request asks of the scheduler.
+#[derive(Debug, Clone)]
+pub(crate) struct SeqSpec {
+    pub(crate) prompt: Vec<u32>,
+    pub(crate) max_tokens: u32,
+    pub(crate) stop_token_ids: Vec<u32>,
+}
+
+#[derive(Debug)]
+struct Seq {
+    /// Prompt and generated tokens.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    max_tokens: u32,
+    stop_token_ids: Vec<u32>,
+    blocks: Vec<BlockId>,
+    /// Hashes of every full block of `tokens`.
+    hashes: Vec<BlockHash>,
+    /// Tokens whose KV is computed.
+    computed: usize,
+    /// Leading blocks registered in (or found in) the pool.
+    registered: usize,
+    /// Prompt tokens found cached when first admitted; reported on the first token.
+    cached_tokens: Option<u32>,
+    reported_first: bool,
+    rng: StdRng,
+}
+
+impl Seq {
+    fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+
+    /// Tokens still to compute before the next token can be produced.
+    fn pending(&self) -> usize {
+        self.tokens.len() - self.computed
+    }
+
+    fn is_decoding(&self) -> bool {
+        self.generated() > 0 && self.pending() == 1
+    }
+
+    fn push_token(&mut self, token: u32, block_size: usize) {
+        self.tokens.push(token);
+        if self.tokens.len() % block_size == 0 {
+            let local = local_hash(&self.tokens[self.tokens.len() - block_size..]);
+            let sequence = self
+                .hashes
+                .last()
+                .map_or(local, |p| chain_hash(p.sequence, local));
+            self.hashes.push(BlockHash { local, sequence });
+        }
+    }
+}
+
+/// The plan of one step: which sequences compute how many tokens.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct Step {
+    pub(crate) entries: Vec<(SeqId, usize)>,
+    pub(crate) prefill_tokens: usize,
+    pub(crate) decodes: usize,
+    pub(crate) preempted: Vec<SeqId>,
+}
+
+impl Step {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn tokens(&self) -> usize {
+        self.entries.iter().map(|(_, n)| n).sum()
+    }
+}
+
+/// A token produced for a sequence by a completed step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Produced {
+    pub(crate) seq: SeqId,
+    pub(crate) token: u32,
+    /// Set on the sequence's first token.
+    pub(crate) cached_tokens: Option<u32>,
+    pub(crate) finish: Option<FinishReason>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Scheduler {
+    config: MockerConfig,
+    pool: BlockPool,
+    seqs: HashMap<SeqId, Seq>,
+    waiting: VecDeque<SeqId>,
+    running: Vec<SeqId>,
+}
+
+impl Scheduler {
+    pub(crate) fn new(config: MockerConfig) -> Self {
+        let pool = BlockPool::new(config.num_blocks, config.block_size);
+        Self {
+            config,
+            pool,
+            seqs: HashMap::new(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+        }
+    }
+
+    /// Queues a sequence; its prompt must fit in the pool. Its output is drawn from an RNG seeded by the engine's seed and
+    /// `id`, so the same requests in the same order give the same tokens.
+    pub(crate) fn add(&mut self, id: SeqId, spec: SeqSpec) {
+        let bs = self.config.block_size;
+        let hashes = turbine_tokens::block_hashes(&spec.prompt, bs);
+        let seed = self.config.seed ^ id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        // A sequence longer than the whole pool would preempt itself forever: it ends,
+        // with `Length`, when it would outgrow it.
+        let room = (self.config.num_blocks * bs).saturating_sub(spec.prompt.len()) as u32;
+        let seq = Seq {
+            prompt_len: spec.prompt.len(),
+            tokens: spec.prompt,
+            max_tokens: spec.max_tokens.min(room).max(1),
+            stop_token_ids: spec.stop_token_ids,
+            blocks: Vec::new(),
+            hashes,
+            computed: 0,
+            registered: 0,
+            cached_tokens: None,
+            reported_first: false,
+            rng: StdRng::seed_from_u64(seed),
+        };
+        self.seqs.insert(id, seq);
+        self.waiting.push_back(id);
+    }
+
+    /// Drops a sequence wherever it is, freeing its blocks at once. False if unknown.
+    pub(crate) fn cancel(&mut self, id: SeqId) -> bool {
+        let Some(seq) = self.seqs.remove(&id) else {
+            return false;
+        };
+        self.pool.release(seq.blocks.iter().rev().copied());
+        self.running.retain(|&s| s != id);
+        self.waiting.retain(|&s| s != id);
+        true
+    }
+
+    #[cfg(test)]
+    pub(crate) fn is_idle(&self) -> bool {
+        self.seqs.is_empty()
+    }
+
+    /// Plans the next step: running sequences first (decodes and unfinished prefills, in
+    /// admission order), then waiting ones in arrival order, within the token budget and
+    /// the sequence cap. A running sequence that cannot get a block preempts the most
+    /// recently admitted one (possibly itself), whose blocks are freed and which waits
+    /// again at the front of the queue; no new sequence is admitted in such a step.
+    pub(crate) fn schedule(&mut self) -> Step {
+        let bs = self.config.block_size;
+        let mut budget = self.config.max_num_batched_tokens;
+        let mut step = Step::default();
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let id = self.running[i];
+            let seq = &self.seqs[&id];
+            let n = seq.pending().min(budget);
+            let decoding = seq.is_decoding();
+            let need = (seq.computed + n)
+                .div_ceil(bs)
+                .saturating_sub(seq.blocks.len());
+            let mut scheduled = true;
+            while self.pool.num_free() < need {
+                let Some(victim) = self.running.pop() else {
+                    break;
+                };
+                self.preempt(victim);
+                step.preempted.push(victim);
+                if victim == id {
+                    scheduled = false;
+                    break;
+                }
+            }
+            if !scheduled {
+                break;
+            }
+            let fresh = self.pool.allocate(need).unwrap_or_default();
+            let seq = self.seqs.get_mut(&id).expect("running sequences exist");
+            seq.blocks.extend(fresh);
+            step.entries.push((id, n));
+            if decoding {
+                step.decodes += 1;
+            } else {
+                step.prefill_tokens += n;
+            }
+            budget -= n;
+            i += 1;
+        }
+        // After a preemption, admitting more would only preempt again; but a step in which
+        // the running sequences preempted each other down to nothing must admit, or the
+        // engine would stall.
+        if step.preempted.is_empty() || step.entries.is_empty() {
+            self.admit(&mut step, budget);
+        }
+        step
+    }
+
+    fn admit(&mut self, step: &mut Step, mut budget: usize) {
+        let bs = self.config.block_size;
+        while budget > 0 && self.running.len() < self.config.max_num_seqs {
+            let Some(&id) = self.waiting.front() else {
+                break;
+            };
+            let seq = &self.seqs[&id];
+            // Reuse cached blocks, but always leave at least one token to compute: the
+            // step that computes it produces the next token.
+            let matched = if self.config.enable_prefix_caching {
+                self.pool
+                    .match_prefix(&seq.hashes)
+                    .min((seq.tokens.len() - 1) / bs)
+            } else {
+                0
+            };
+            let computed = matched * bs;
+            let n = (seq.tokens.len() - computed).min(budget);
+            let fresh_needed = (computed + n).div_ceil(bs) - matched;
+            let leaving_free_list = self.pool.free_among_prefix(&seq.hashes, matched);
+            if self.pool.num_free() < fresh_needed + leaving_free_list {
+                break;
+            }
+            let mut blocks = self.pool.acquire_prefix(&seq.hashes[..matched]);
+            blocks.extend(self.pool.allocate(fresh_needed).unwrap_or_default());
+            let seq = self.seqs.get_mut(&id).expect("waiting sequences exist");
+            seq.blocks = blocks;
+            seq.computed = computed;
+            seq.registered = matched;
+            seq.cached_tokens.get_or_insert(computed as u32);
+            self.waiting.pop_front();
+            self.running.push(id);
+            step.entries.push((id, n));
+            step.prefill_tokens += n;
+            budget -= n;
+        }
+    }
+
+    fn preempt(&mut self, id: SeqId) {
+        let seq = self.seqs.get_mut(&id).expect("preempted sequences exist");
+        self.pool.release(seq.blocks.drain(..).rev());
+        seq.computed = 0;
+        seq.registered = 0;
+        self.waiting.push_front(id);
+    }
+
+    /// How long `step` takes under the timing model.
+    pub(crate) fn duration(&self, step: &Step) -> std::time::Duration {
+        let usage = self.pool.num_in_use() as f64 / self.pool.num_blocks() as f64;
+        timing::step_duration(
+            step.prefill_tokens,
+            step.decodes,
+            usage,
+            self.config.speedup,
+        )
+    }
+
+    /// Applies a finished step. Sequences cancelled meanwhile are skipped.
+    pub(crate) fn complete(&mut self, step: &Step) -> Vec<Produced> {
+        let bs = self.config.block_size;
+        let mut produced = Vec::new();
+        for &(id, n) in &step.entries {
+            let Some(seq) = self.seqs.get_mut(&id) else {
+                continue;
+            };
+            seq.computed += n;
+            let full = seq.computed / bs;
+            if self.config.enable_prefix_caching && full > seq.registered {
+                let parent = seq
+                    .registered
+                    .checked_sub(1)
+                    .map(|i| seq.hashes[i].sequence);
+                self.pool.register(
+                    &seq.blocks[seq.registered..full],
+                    &seq.hashes[seq.registered..full],
+                    parent,
+                );
+                seq.registered = full;
+            }
+            if seq.computed < seq.tokens.len() {
+                continue;
+            }
+            let token = seq.rng.gen_range(0..self.config.vocab_size);
+            seq.push_token(token, bs);
+            let finish = if seq.stop_token_ids.contains(&token) {
+                Some(FinishReason::Stop)
+            } else if seq.generated() >= seq.max_tokens as usize {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            let cached_tokens = if seq.reported_first {
+                None
+            } else {
+                seq.cached_tokens
+            };
+            seq.reported_first = true;
+            produced.push(Produced {
+                seq: id,
+                token,
+                cached_tokens,
+                finish,
+            });
+            if finish.is_some() {
+                self.cancel(id);
+            }
+        }
+        produced
+    }
+
+    pub(crate) fn load(&self) -> WorkerLoad {
+        let prefill = |s: &Seq| {
+            if s.is_decoding() {
+                0
+            } else {
+                s.pending() as u64
+            }
+        };
+        WorkerLoad {
+            active_seqs: self.running.len() as u32,
+            waiting_seqs: self.waiting.len() as u32,
+            blocks_in_use: self.pool.num_in_use() as u32,
+            blocks_total: self.pool.num_blocks() as u32,
+            active_prefill_tokens: self.seqs.values().map(prefill).sum(),
+        }
+    }
+
+    pub(crate) fn take_events(&mut self) -> Vec<KvEvent> {
+        self.pool.take_events()
+    }
+
+    pub(crate) fn snapshot(&self) -> KvSnapshot {
+        self.pool.snapshot()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn config(&self) -> &MockerConfig {
+        &self.config
+    }
+
+    #[cfg(test)]
+    pub(crate) fn pool(&self) -> &BlockPool {
+        &self.pool
+    }
+
+    #[cfg(test)]
+    pub(crate) fn running(&self) -> usize {
+        self.running.len()
+    }
+}

@@ -1,0 +1,401 @@
+//! Tests of the mocker: the scheduler stepped by hand, and the engine on paused time.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use proptest::prelude::*;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio_util::sync::CancellationToken;
+use turbine_protocols::{FinishReason, PreprocessedRequest, StopConditions};
+
+use super::scheduler::{Produced, Scheduler, SeqSpec, Step};
+use super::{timing, MockerConfig, MockerEngine};
+use crate::pool::EventReplica;
+use crate::Engine;
+
+fn config(num_blocks: usize, budget: usize, max_seqs: usize) -> MockerConfig {
+    MockerConfig {
+        block_size: 4,
+        num_blocks,
+        max_num_batched_tokens: budget,
+        max_num_seqs: max_seqs,
+        ..Default::default()
+    }
+}
+
+fn spec(prompt_len: usize, max_tokens: u32, fill: u32) -> SeqSpec {
+    SeqSpec {
+        prompt: vec![fill; prompt_len],
+        max_tokens,
+        stop_token_ids: vec![],
+    }
+}
+
+/// Steps until idle, checking limits and invariants every step; returns every step and
+/// every token produced.
+fn drive(
+    s: &mut Scheduler,
+    replica: &mut EventReplica,
+    max_steps: usize,
+) -> (Vec<Step>, Vec<Produced>) {
+    let (mut steps, mut produced) = (Vec::new(), Vec::new());
+    while !s.is_idle() {
+        assert!(steps.len() < max_steps, "not done after {max_steps} steps");
+        let step = s.schedule();
+        check_step(s, &step);
+        produced.extend(s.complete(&step));
+        for e in s.take_events() {
+            replica.apply(&e).expect("consistent events");
+        }
+        s.pool().check_invariants();
+        steps.push(step);
+    }
+    (steps, produced)
+}
+
+fn check_step(s: &Scheduler, step: &Step) {
+    assert!(
+        step.tokens() <= s.config_budget(),
+        "token budget exceeded: {} tokens",
+        step.tokens()
+    );
+    assert!(
+        s.running() <= s.config_max_seqs(),
+        "sequence cap exceeded: {}",
+        s.running()
+    );
+    assert!(
+        !step.is_empty() || s.is_idle() || !step.preempted.is_empty(),
+        "a step with nothing to do while work remains"
+    );
+}
+
+impl Scheduler {
+    fn config_budget(&self) -> usize {
+        self.config().max_num_batched_tokens
+    }
+    fn config_max_seqs(&self) -> usize {
+        self.config().max_num_seqs
+    }
+}
+
+#[test]
+fn long_prompt_is_chunked_by_the_token_budget() {
+    let mut s = Scheduler::new(config(64, 64, 8));
+    s.add(0, spec(150, 2, 1));
+    let (steps, produced) = drive(&mut s, &mut EventReplica::default(), 100);
+    let sizes: Vec<usize> = steps.iter().map(|s| s.tokens()).collect();
+    assert_eq!(
+        sizes,
+        [64, 64, 22, 1],
+        "three prefill chunks, then one decode"
+    );
+    assert_eq!(steps[2].prefill_tokens, 22);
+    assert_eq!(steps[3].decodes, 1);
+    assert_eq!(produced.len(), 2);
+    assert_eq!(produced[1].finish, Some(FinishReason::Length));
+}
+
+#[test]
+fn sequence_cap_and_budget_hold_with_many_requests() {
+    let mut s = Scheduler::new(config(512, 32, 3));
+    for i in 0..20 {
+        s.add(i, spec(10 + i as usize, 5, i as u32));
+    }
+    let (steps, produced) = drive(&mut s, &mut EventReplica::default(), 1000);
+    assert!(
+        steps.iter().any(|st| st.tokens() == 32),
+        "the budget is used fully when work allows"
+    );
+    assert_eq!(produced.iter().filter(|p| p.finish.is_some()).count(), 20);
+}
+
+#[test]
+fn preemption_under_memory_pressure_and_everyone_finishes() {
+    // 12 blocks of 4 tokens; four sequences that each grow to 4 + 16 = 20 tokens (5 blocks).
+    let mut s = Scheduler::new(config(12, 64, 8));
+    for i in 0..4 {
+        s.add(i, spec(4, 16, i as u32 + 1));
+    }
+    let (steps, produced) = drive(&mut s, &mut EventReplica::default(), 1000);
+    assert!(
+        steps.iter().any(|st| !st.preempted.is_empty()),
+        "memory pressure forces preemption"
+    );
+    for i in 0..4 {
+        let tokens = produced.iter().filter(|p| p.seq == i).count();
+        assert_eq!(
+            tokens, 16,
+            "sequence {i} completes all its tokens despite preemption"
+        );
+    }
+    assert_eq!(s.pool().num_free(), 12);
+}
+
+#[test]
+fn shared_prefix_is_served_from_cache() {
+    let mut s = Scheduler::new(config(64, 64, 8));
+    let mut replica = EventReplica::default();
+    s.add(
+        0,
+        SeqSpec {
+            prompt: (0..20).collect(),
+            max_tokens: 1,
+            stop_token_ids: vec![],
+        },
+    );
+    let (_, first) = drive(&mut s, &mut replica, 10);
+    assert_eq!(first[0].cached_tokens, Some(0));
+    // Same 20-token prompt: 5 full blocks cached, but one token must be computed, so 4.
+    s.add(
+        1,
+        SeqSpec {
+            prompt: (0..20).collect(),
+            max_tokens: 1,
+            stop_token_ids: vec![],
+        },
+    );
+    let (steps, second) = drive(&mut s, &mut replica, 10);
+    assert_eq!(second[0].cached_tokens, Some(16));
+    assert_eq!(steps[0].prefill_tokens, 4);
+    assert_eq!(replica.registered, EventReplica::of(&s.snapshot()));
+}
+
+#[test]
+fn stop_token_ends_a_sequence() {
+    let mut s = Scheduler::new(MockerConfig {
+        vocab_size: 1,
+        ..config(64, 64, 8)
+    });
+    s.add(
+        0,
+        SeqSpec {
+            prompt: vec![5; 3],
+            max_tokens: 10,
+            stop_token_ids: vec![0],
+        },
+    );
+    let (_, produced) = drive(&mut s, &mut EventReplica::default(), 10);
+    assert_eq!(produced.len(), 1);
+    assert_eq!(produced[0].finish, Some(FinishReason::Stop));
+}
+
+#[test]
+fn ten_thousand_requests_half_cancelled_leak_nothing() {
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut s = Scheduler::new(config(256, 256, 32));
+    let mut replica = EventReplica::default();
+    let mut next = 0u64;
+    let mut live: Vec<u64> = Vec::new();
+    let mut steps = 0;
+    while next < 10_000 || !s.is_idle() {
+        // Arrivals, drawn from a few shared prefixes so the cache is exercised.
+        for _ in 0..rng.gen_range(0..4) {
+            if next < 10_000 {
+                let prefix = rng.gen_range(0..8u32);
+                let mut prompt = vec![prefix; rng.gen_range(1..40)];
+                prompt.extend((0..rng.gen_range(0..8)).map(|_| rng.gen_range(0..100u32)));
+                s.add(
+                    next,
+                    SeqSpec {
+                        prompt,
+                        max_tokens: rng.gen_range(1..24),
+                        stop_token_ids: vec![],
+                    },
+                );
+                live.push(next);
+                next += 1;
+            }
+        }
+        // Half of all requests are cancelled at a random point of their life.
+        if !live.is_empty() && rng.gen_bool(0.5) {
+            let victim = live.swap_remove(rng.gen_range(0..live.len()));
+            if victim % 2 == 0 {
+                s.cancel(victim);
+            }
+        }
+        let step = s.schedule();
+        check_step(&s, &step);
+        for p in s.complete(&step) {
+            if p.finish.is_some() {
+                live.retain(|&l| l != p.seq);
+            }
+        }
+        for e in s.take_events() {
+            replica.apply(&e).expect("consistent events");
+        }
+        steps += 1;
+        if steps % 100 == 0 {
+            s.pool().check_invariants();
+        }
+    }
+    s.pool().check_invariants();
+    assert_eq!(s.pool().num_free(), 256, "every block is back in the pool");
+    assert_eq!(replica.registered, EventReplica::of(&s.snapshot()));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Any interleaving of arrivals, cancellations and steps keeps the limits, leaks no
+    /// block, and the event stream replays to exactly the registered set.
+    #[test]
+    fn random_interleavings_keep_every_invariant(
+        ops in proptest::collection::vec((0u8..4, 1usize..30, 1u32..12, 0u32..3), 1..200),
+        num_blocks in 8usize..40,
+    ) {
+        let mut s = Scheduler::new(config(num_blocks, 16, 4));
+        let mut replica = EventReplica::default();
+        let mut next = 0u64;
+        for (kind, len, max_tokens, fill) in ops {
+            match kind {
+                0 => {
+                    s.add(next, spec(len, max_tokens, fill));
+                    next += 1;
+                }
+                1 if next > 0 => {
+                    s.cancel(len as u64 % next);
+                }
+                _ => {
+                    let step = s.schedule();
+                    check_step(&s, &step);
+                    s.complete(&step);
+                }
+            }
+            for e in s.take_events() {
+                prop_assert_eq!(replica.apply(&e), Ok(()));
+            }
+            s.pool().check_invariants();
+        }
+        drive(&mut s, &mut replica, 100_000);
+        prop_assert_eq!(s.pool().num_free(), num_blocks);
+        prop_assert_eq!(&replica.registered, &EventReplica::of(&s.snapshot()));
+    }
+}
+
+fn request(len: usize, max_tokens: u32) -> PreprocessedRequest {
+    PreprocessedRequest {
+        request_id: "r".into(),
+        model: "mock".into(),
+        token_ids: (0..len as u32).collect(),
+        stop: StopConditions {
+            max_tokens: Some(max_tokens),
+            stop_token_ids: vec![],
+        },
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn ttft_of_a_2000_token_prompt_follows_the_timing_model() {
+    let engine = MockerEngine::start(MockerConfig::default()).expect("valid config");
+    let start = tokio::time::Instant::now();
+    let mut stream = engine
+        .generate(request(2000, 3), CancellationToken::new())
+        .expect("accepted");
+    let first = stream.next().await.expect("a token").expect("no error");
+    let ttft = start.elapsed().as_secs_f64() * 1000.0;
+    let model = timing::prefill_ms(2000);
+    assert!(
+        (ttft - model).abs() / model < 0.05,
+        "TTFT {ttft:.3} ms vs model {model:.3} ms"
+    );
+    assert_eq!(first.cached_tokens, Some(0));
+    let rest: Vec<_> = stream.collect().await;
+    assert_eq!(rest.len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn speedup_divides_time_and_seed_fixes_tokens() {
+    let run = |speedup: f64| async move {
+        let engine = MockerEngine::start(MockerConfig {
+            speedup,
+            seed: 42,
+            ..Default::default()
+        })
+        .expect("valid");
+        let start = tokio::time::Instant::now();
+        let outputs: Vec<_> = engine
+            .generate(request(100, 200), CancellationToken::new())
+            .expect("ok")
+            .collect()
+            .await;
+        let tokens: Vec<u32> = outputs
+            .into_iter()
+            .flat_map(|o| o.expect("ok").token_ids)
+            .collect();
+        (start.elapsed(), tokens)
+    };
+    let (slow, a) = run(1.0).await;
+    let (fast, b) = run(10.0).await;
+    assert_eq!(a, b, "same seed, same tokens");
+    let ratio = slow.as_secs_f64() / fast.as_secs_f64();
+    assert!(
+        (ratio - 10.0).abs() < 0.2,
+        "speedup 10 runs {ratio:.2}x faster"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancellation_frees_blocks_at_once_and_events_match_snapshot() {
+    let engine = MockerEngine::start(MockerConfig {
+        block_size: 16,
+        ..Default::default()
+    })
+    .expect("valid");
+    let kv = engine.kv_cache().expect("the mocker has a KV cache");
+    let mut events = kv.subscribe();
+    let mut load = kv.load();
+    let cancel = CancellationToken::new();
+    let mut stream = engine
+        .generate(request(320, 10_000), cancel.clone())
+        .expect("accepted");
+    stream.next().await.expect("first token").expect("ok");
+    assert!(load.borrow_and_update().blocks_in_use >= 20);
+
+    cancel.cancel();
+    let freed = tokio::time::timeout(Duration::from_millis(1), async {
+        while load.borrow_and_update().blocks_in_use != 0 {
+            load.changed().await.expect("engine alive");
+        }
+    })
+    .await;
+    assert!(
+        freed.is_ok(),
+        "blocks freed within the step, not after the request's end"
+    );
+
+    let snapshot = kv.snapshot().await.expect("snapshot");
+    let mut replica = EventReplica::default();
+    while let Ok(e) = events.try_recv() {
+        replica.apply(&e).expect("consistent");
+    }
+    assert_eq!(replica.registered, EventReplica::of(&snapshot));
+    assert_eq!(
+        replica.registered.len(),
+        20,
+        "the 320-token prompt's 20 blocks stay cached"
+    );
+    assert_eq!(
+        snapshot.last_event_id,
+        Some(0),
+        "one Stored event for the prompt"
+    );
+}
+
+#[test]
+fn bad_settings_are_rejected_naming_the_value() {
+    let bad = MockerConfig {
+        max_num_seqs: 0,
+        ..Default::default()
+    };
+    assert_eq!(
+        bad.validate().map_err(|e| e.to_string()),
+        Err("max_num_seqs must be at least 1, got 0".into())
+    );
+    let bad = MockerConfig {
+        speedup: -1.0,
+        ..Default::default()
+    };
+    assert!(bad.validate().is_err());
+}
