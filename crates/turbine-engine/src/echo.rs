@@ -28,11 +28,7 @@ impl EchoEngine {
 }
 
 impl Engine for EchoEngine {
-    fn generate(
-        &self,
-        request: PreprocessedRequest,
-        cancel: CancellationToken,
-    ) -> Result<EngineStream, EngineError> {
+    fn generate(&self, request: PreprocessedRequest, cancel: CancellationToken) -> Result<EngineStream, EngineError> {
         let delay = self.config.delay_per_token;
         let (tx, rx) = mpsc::channel(32);
         // Generation runs in its own task, as a real engine's step loop does, so that it
@@ -99,11 +95,7 @@ mod tests {
     use super::*;
     use turbine_protocols::StopConditions;
 
-    fn req(
-        tokens: &[u32],
-        max_tokens: Option<u32>,
-        stop_token_ids: Vec<u32>,
-    ) -> PreprocessedRequest {
+    fn req(tokens: &[u32], max_tokens: Option<u32>, stop_token_ids: Vec<u32>) -> PreprocessedRequest {
         PreprocessedRequest {
             request_id: "r".into(),
             model: "echo".into(),
@@ -137,10 +129,7 @@ mod tests {
                 (want_tokens, Some(want_finish)),
                 "{tokens:?} max={max:?}"
             );
-            assert_eq!(
-                outputs.iter().filter(|o| o.finish_reason.is_some()).count(),
-                1
-            );
+            assert_eq!(outputs.iter().filter(|o| o.finish_reason.is_some()).count(), 1);
             assert_eq!(outputs[0].cached_tokens, Some(0));
         }
     }
@@ -160,9 +149,7 @@ mod tests {
         assert_eq!(start.elapsed(), Duration::from_millis(30));
 
         let cancel = CancellationToken::new();
-        let mut s = engine
-            .generate(req(&[1; 100], None, vec![]), cancel.clone())
-            .unwrap();
+        let mut s = engine.generate(req(&[1; 100], None, vec![]), cancel.clone()).unwrap();
         assert!(s.next().await.is_some());
         cancel.cancel();
         let rest: Vec<_> = s.collect().await;

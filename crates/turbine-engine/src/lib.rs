@@ -31,11 +31,7 @@ pub type EngineStream = BoxStream<'static, Result<EngineOutput, EngineError>>;
 /// frees what it holds; the stream may then end early.
 pub trait Engine: Send + Sync + 'static {
     /// Starts generating for `request`. Fails at once if the request can never be served.
-    fn generate(
-        &self,
-        request: PreprocessedRequest,
-        cancel: CancellationToken,
-    ) -> Result<EngineStream, EngineError>;
+    fn generate(&self, request: PreprocessedRequest, cancel: CancellationToken) -> Result<EngineStream, EngineError>;
 
     /// The engine's KV cache, for engines that have one: its events, load and contents.
     fn kv_cache(&self) -> Option<KvCache> {

@@ -49,10 +49,7 @@ impl BlockPool {
     /// If `num_blocks` or `block_size` is zero, or `num_blocks` does not fit a [`BlockId`]:
     /// configuration is validated before engines are built.
     pub fn new(num_blocks: usize, block_size: usize) -> Self {
-        assert!(
-            num_blocks > 0 && block_size > 0,
-            "pool needs blocks of positive size"
-        );
+        assert!(num_blocks > 0 && block_size > 0, "pool needs blocks of positive size");
         assert!(num_blocks < NIL as usize, "too many blocks");
         let mut pool = Self {
             block_size,
@@ -165,12 +162,7 @@ impl BlockPool {
     /// tokens hashed as `hashes[i]`, and `parent` is the sequence hash of the block before
     /// `hashes[0]`. A hash already registered for another block leaves this block
     /// unregistered: it is freed like any other, and the first stays the cached one.
-    pub fn register(
-        &mut self,
-        blocks: &[BlockId],
-        hashes: &[BlockHash],
-        parent: Option<SequenceHash>,
-    ) {
+    pub fn register(&mut self, blocks: &[BlockId], hashes: &[BlockHash], parent: Option<SequenceHash>) {
         let mut run_parent = parent;
         let mut run: Vec<StoredBlock> = Vec::new();
         let mut prev = parent;
@@ -320,10 +312,7 @@ impl BlockPool {
                 on_list[i]
             );
             if let Some(h) = b.hash {
-                assert_eq!(
-                    self.cached.get(&h.block.sequence_hash),
-                    Some(&(i as BlockId))
-                );
+                assert_eq!(self.cached.get(&h.block.sequence_hash), Some(&(i as BlockId)));
             }
         }
         assert_eq!(
@@ -382,11 +371,7 @@ impl EventReplica {
 
     /// The registered set of `snapshot`, for comparison.
     pub fn of(snapshot: &KvSnapshot) -> std::collections::HashSet<SequenceHash> {
-        snapshot
-            .blocks
-            .iter()
-            .map(|b| b.block.sequence_hash)
-            .collect()
+        snapshot.blocks.iter().map(|b| b.block.sequence_hash).collect()
     }
 }
 

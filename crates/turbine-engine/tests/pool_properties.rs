@@ -39,11 +39,7 @@ struct Seq {
 /// `held` lists the blocks every other live sequence holds: allocation must never hand
 /// out one of them, which is what "a block in use is never evicted" means.
 fn fill(pool: &mut BlockPool, seq: &mut Seq, held: &HashSet<BlockId>) -> bool {
-    let need = seq
-        .tokens
-        .len()
-        .div_ceil(BLOCK)
-        .saturating_sub(seq.blocks.len());
+    let need = seq.tokens.len().div_ceil(BLOCK).saturating_sub(seq.blocks.len());
     match pool.allocate(need) {
         Some(ids) => {
             for id in &ids {

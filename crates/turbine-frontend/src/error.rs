@@ -62,11 +62,7 @@ impl ApiError {
     }
 
     pub(crate) fn unavailable(message: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "service_unavailable",
-            message,
-        )
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", message)
     }
 
     pub(crate) fn internal(message: impl Into<String>) -> Self {

@@ -20,9 +20,9 @@ use futures::{Stream, StreamExt};
 use serde::de::DeserializeOwned;
 use tracing::Instrument;
 use turbine_protocols::openai::{
-    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
-    ChatCompletionResponse, ChatDelta, CompletionChoice, CompletionRequest, CompletionResponse,
-    ModelList, ModelObject, Prompt, PromptTokensDetails, Usage,
+    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
+    ChatDelta, CompletionChoice, CompletionRequest, CompletionResponse, ModelList, ModelObject, Prompt,
+    PromptTokensDetails, Usage,
 };
 use turbine_protocols::{FinishReason, PreprocessedRequest, StopConditions};
 
@@ -54,18 +54,13 @@ pub(crate) fn app(dispatcher: AppState, config: &FrontendConfig) -> axum::Router
         .with_state(dispatcher)
 }
 
-fn parse_body<T: DeserializeOwned>(
-    body: Result<Bytes, BytesRejection>,
-    limits: &Limits,
-) -> Result<T, ApiError> {
+fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>, limits: &Limits) -> Result<T, ApiError> {
     let body = body.map_err(|r| match r.status() {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::payload_too_large(limits.max_body_bytes),
         _ => ApiError::invalid_request(format!("cannot read request body: {r}")),
     })?;
     serde_json::from_slice(&body).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => {
-            ApiError::invalid_request(format!("invalid request: {e}"))
-        }
+        serde_json::error::Category::Data => ApiError::invalid_request(format!("invalid request: {e}")),
         _ => ApiError::invalid_request(format!("request body is not valid JSON: {e}")),
     })
 }
@@ -120,23 +115,22 @@ async fn chat_completions(
         };
         return Ok(Json(response).into_response());
     }
-    let chunk =
-        move |delta: ChatDelta, finish: Option<&str>, usage: Option<Usage>| ChatCompletionChunk {
-            id: id.clone(),
-            object: "chat.completion.chunk".into(),
-            created,
-            model: model.clone(),
-            choices: if usage.is_some() {
-                vec![]
-            } else {
-                vec![ChatChunkChoice {
-                    index: 0,
-                    delta,
-                    finish_reason: finish.map(str::to_owned),
-                }]
-            },
-            usage,
-        };
+    let chunk = move |delta: ChatDelta, finish: Option<&str>, usage: Option<Usage>| ChatCompletionChunk {
+        id: id.clone(),
+        object: "chat.completion.chunk".into(),
+        created,
+        model: model.clone(),
+        choices: if usage.is_some() {
+            vec![]
+        } else {
+            vec![ChatChunkChoice {
+                index: 0,
+                delta,
+                finish_reason: finish.map(str::to_owned),
+            }]
+        },
+        usage,
+    };
     let first = chunk(
         ChatDelta {
             role: Some("assistant".into()),
@@ -145,28 +139,27 @@ async fn chat_completions(
         None,
         None,
     );
-    let events =
-        futures::stream::once(async move { sse_json(&first) }).chain(text.flat_map(move |piece| {
-            let events: Vec<Event> = match piece {
-                Ok(Piece::Text(t)) => vec![sse_json(&chunk(
-                    ChatDelta {
-                        content: Some(t),
-                        role: None,
-                    },
-                    None,
-                    None,
-                ))],
-                Ok(Piece::Done { finish, usage }) => {
-                    let mut v = vec![sse_json(&chunk(ChatDelta::default(), Some(finish), None))];
-                    if include_usage {
-                        v.push(sse_json(&chunk(ChatDelta::default(), None, Some(usage))));
-                    }
-                    v
+    let events = futures::stream::once(async move { sse_json(&first) }).chain(text.flat_map(move |piece| {
+        let events: Vec<Event> = match piece {
+            Ok(Piece::Text(t)) => vec![sse_json(&chunk(
+                ChatDelta {
+                    content: Some(t),
+                    role: None,
+                },
+                None,
+                None,
+            ))],
+            Ok(Piece::Done { finish, usage }) => {
+                let mut v = vec![sse_json(&chunk(ChatDelta::default(), Some(finish), None))];
+                if include_usage {
+                    v.push(sse_json(&chunk(ChatDelta::default(), None, Some(usage))));
                 }
-                Err(e) => vec![sse_json(&e.body())],
-            };
-            futures::stream::iter(events)
-        }));
+                v
+            }
+            Err(e) => vec![sse_json(&e.body())],
+        };
+        futures::stream::iter(events)
+    }));
     Ok(sse(events))
 }
 
@@ -192,37 +185,29 @@ async fn completions(
         }
     };
     if tokens.is_empty() {
-        return Err(ApiError::invalid_param(
-            "prompt",
-            "`prompt` must not be empty",
-        ));
+        return Err(ApiError::invalid_param("prompt", "`prompt` must not be empty"));
     }
-    check_token_ids(tokenizer, &tokens).map_err(|t| {
-        ApiError::invalid_param(
-            "prompt",
-            format!("token id {t} is not in the model's vocabulary"),
-        )
-    })?;
+    check_token_ids(tokenizer, &tokens)
+        .map_err(|t| ApiError::invalid_param("prompt", format!("token id {t} is not in the model's vocabulary")))?;
     let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
     let text = generate(&d, &served, tokens, req.max_tokens).await?;
     let (id, created, model) = (new_id("cmpl"), now_secs(), req.model);
-    let response =
-        move |text: String, finish: Option<&str>, usage: Option<Usage>| CompletionResponse {
-            id: id.clone(),
-            object: "text_completion".into(),
-            created,
-            model: model.clone(),
-            choices: if usage.is_some() && finish.is_none() {
-                vec![]
-            } else {
-                vec![CompletionChoice {
-                    index: 0,
-                    text,
-                    finish_reason: finish.map(str::to_owned),
-                }]
-            },
-            usage,
-        };
+    let response = move |text: String, finish: Option<&str>, usage: Option<Usage>| CompletionResponse {
+        id: id.clone(),
+        object: "text_completion".into(),
+        created,
+        model: model.clone(),
+        choices: if usage.is_some() && finish.is_none() {
+            vec![]
+        } else {
+            vec![CompletionChoice {
+                index: 0,
+                text,
+                finish_reason: finish.map(str::to_owned),
+            }]
+        },
+        usage,
+    };
     if !req.stream {
         let (text, finish, usage) = collect(text).await?;
         return Ok(Json(response(text, Some(finish), Some(usage))).into_response());
@@ -270,10 +255,7 @@ async fn generate(
     let context = served.card.context_length;
     let prompt_len = u32::try_from(tokens.len()).unwrap_or(u32::MAX);
     if max_tokens == Some(0) {
-        return Err(ApiError::invalid_param(
-            "max_tokens",
-            "max_tokens must be at least 1",
-        ));
+        return Err(ApiError::invalid_param("max_tokens", "max_tokens must be at least 1"));
     }
     if prompt_len >= context {
         return Err(ApiError::invalid_param(
@@ -300,8 +282,7 @@ async fn generate(
             stop_token_ids: vec![],
         },
     };
-    let span =
-        tracing::info_span!("request", request_id = %request.request_id, model = %served.card.name);
+    let span = tracing::info_span!("request", request_id = %request.request_id, model = %served.card.name);
     let mut outputs = d.dispatch(served, request).instrument(span.clone()).await?;
     let mut decoder = IncrementalDecoder::new(served.card.tokenizer.clone());
     let stream = async_stream::stream! {
@@ -407,8 +388,7 @@ async fn health(State(d): State<AppState>) -> Response {
             (name.clone(), serde_json::json!({ "instances": ids }))
         })
         .collect();
-    let healthy =
-        !snapshot.models.is_empty() && snapshot.models.values().all(|m| !m.instances.is_empty());
+    let healthy = !snapshot.models.is_empty() && snapshot.models.values().all(|m| !m.instances.is_empty());
     let status = if healthy {
         StatusCode::OK
     } else {

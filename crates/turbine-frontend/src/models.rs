@@ -50,10 +50,8 @@ impl ModelManager {
             state.apply(Change::Instance(WatchEvent::Put(kv)));
         }
         let (tx, rx) = watch::channel(Arc::new(state.snapshot()));
-        let mut changes = futures::stream::select(
-            models.events.map(Change::Model),
-            instances.events.map(Change::Instance),
-        );
+        let mut changes =
+            futures::stream::select(models.events.map(Change::Model), instances.events.map(Change::Instance));
         tokio::spawn(async move {
             loop {
                 tokio::select! {
@@ -113,16 +111,14 @@ impl State {
             Change::Model(WatchEvent::Delete { key }) => {
                 self.entries.remove(&key);
             }
-            Change::Instance(WatchEvent::Put(kv)) => {
-                match serde_json::from_slice::<Instance>(&kv.value) {
-                    Ok(instance) => {
-                        self.instances.insert(kv.key, instance);
-                    }
-                    Err(e) => {
-                        tracing::warn!(key = %kv.key, error = %e, "ignoring undecodable instance")
-                    }
+            Change::Instance(WatchEvent::Put(kv)) => match serde_json::from_slice::<Instance>(&kv.value) {
+                Ok(instance) => {
+                    self.instances.insert(kv.key, instance);
                 }
-            }
+                Err(e) => {
+                    tracing::warn!(key = %kv.key, error = %e, "ignoring undecodable instance")
+                }
+            },
             Change::Instance(WatchEvent::Delete { key }) => {
                 self.instances.remove(&key);
             }

@@ -137,18 +137,13 @@ mod tests {
 
     #[test]
     fn chat_prompt_format() {
-        let messages: Vec<ChatMessage> = serde_json::from_str(
-            r#"[{"role":"system","content":"be brief"},{"role":"user","content":"hi"}]"#,
-        )
-        .unwrap();
+        let messages: Vec<ChatMessage> =
+            serde_json::from_str(r#"[{"role":"system","content":"be brief"},{"role":"user","content":"hi"}]"#).unwrap();
         assert_eq!(
             render_chat(&TokenizerKind::Bytes, &messages),
             "system: be brief\nuser: hi\nassistant: "
         );
         assert_eq!(check_token_ids(&TokenizerKind::Bytes, &[0, 255]), Ok(()));
-        assert_eq!(
-            check_token_ids(&TokenizerKind::Bytes, &[1, 256, 999]),
-            Err(256)
-        );
+        assert_eq!(check_token_ids(&TokenizerKind::Bytes, &[1, 256, 999]), Err(256));
     }
 }

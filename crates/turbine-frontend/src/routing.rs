@@ -80,9 +80,7 @@ impl Dispatcher {
         }
         Err(match last_error {
             Some(e) => e.into(),
-            None => {
-                ApiError::unavailable(format!("no worker is serving model `{}`", served.card.name))
-            }
+            None => ApiError::unavailable(format!("no worker is serving model `{}`", served.card.name)),
         })
     }
 }

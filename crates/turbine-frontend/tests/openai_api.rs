@@ -12,9 +12,7 @@ use tokio_util::sync::CancellationToken;
 use turbine_engine::{EchoConfig, EchoEngine, Engine, EngineError, EngineStream};
 use turbine_frontend::{Frontend, FrontendConfig};
 use turbine_protocols::{ModelCard, PreprocessedRequest, TokenizerKind};
-use turbine_runtime::{
-    EndpointId, MemoryDiscovery, MemoryEventPlane, Runtime, ServeOptions, TransportOptions,
-};
+use turbine_runtime::{EndpointId, MemoryDiscovery, MemoryEventPlane, Runtime, ServeOptions, TransportOptions};
 use turbine_worker::{Worker, WorkerConfig};
 
 /// Counts the requests an engine was given.
@@ -24,11 +22,7 @@ struct Counting {
 }
 
 impl Engine for Counting {
-    fn generate(
-        &self,
-        request: PreprocessedRequest,
-        cancel: CancellationToken,
-    ) -> Result<EngineStream, EngineError> {
+    fn generate(&self, request: PreprocessedRequest, cancel: CancellationToken) -> Result<EngineStream, EngineError> {
         self.served.fetch_add(1, Ordering::SeqCst);
         self.inner.generate(request, cancel)
     }
@@ -56,16 +50,10 @@ fn card() -> ModelCard {
     }
 }
 
-async fn start_worker(
-    runtime: &Runtime,
-    plane: Plane,
-    delay: Duration,
-) -> Result<(Worker, Arc<AtomicUsize>)> {
+async fn start_worker(runtime: &Runtime, plane: Plane, delay: Duration) -> Result<(Worker, Arc<AtomicUsize>)> {
     let served = Arc::new(AtomicUsize::new(0));
     let engine = Counting {
-        inner: EchoEngine::new(EchoConfig {
-            delay_per_token: delay,
-        }),
+        inner: EchoEngine::new(EchoConfig { delay_per_token: delay }),
         served: served.clone(),
     };
     let transport = match plane {
@@ -82,18 +70,13 @@ async fn start_worker(
             transport,
             ..Default::default()
         },
+        load_report_interval: Duration::from_millis(100),
     };
-    Ok((
-        Worker::start(runtime, Arc::new(engine), config).await?,
-        served,
-    ))
+    Ok((Worker::start(runtime, Arc::new(engine), config).await?, served))
 }
 
 async fn cluster(plane: Plane, workers: usize, delay: Duration) -> Result<Cluster> {
-    let runtime = Runtime::new(
-        Arc::new(MemoryDiscovery::new()),
-        Arc::new(MemoryEventPlane::new()),
-    );
+    let runtime = Runtime::new(Arc::new(MemoryDiscovery::new()), Arc::new(MemoryEventPlane::new()));
     let mut ws = Vec::new();
     for _ in 0..workers {
         ws.push(start_worker(&runtime, plane, delay).await?);
@@ -119,12 +102,7 @@ async fn cluster(plane: Plane, workers: usize, delay: Duration) -> Result<Cluste
 
 impl Cluster {
     async fn post(&self, path: &str, body: Value) -> Result<(u16, Value)> {
-        let r = self
-            .http
-            .post(format!("{}{path}", self.url))
-            .json(&body)
-            .send()
-            .await?;
+        let r = self.http.post(format!("{}{path}", self.url)).json(&body).send().await?;
         let status = r.status().as_u16();
         Ok((status, r.json().await?))
     }
@@ -140,9 +118,7 @@ impl Cluster {
         let start = Instant::now();
         loop {
             let (_, health) = self.get("/health").await?;
-            let got = health["models"]["echo"]["instances"]
-                .as_array()
-                .map(Vec::len);
+            let got = health["models"]["echo"]["instances"].as_array().map(Vec::len);
             if got == want {
                 return Ok(());
             }
@@ -156,12 +132,7 @@ impl Cluster {
 
     /// The `data:` payloads of an SSE response, in order.
     async fn sse(&self, path: &str, body: Value) -> Result<Vec<String>> {
-        let r = self
-            .http
-            .post(format!("{}{path}", self.url))
-            .json(&body)
-            .send()
-            .await?;
+        let r = self.http.post(format!("{}{path}", self.url)).json(&body).send().await?;
         anyhow::ensure!(r.status() == 200, "status {}", r.status());
         let ct = r
             .headers()
@@ -195,21 +166,13 @@ async fn models_health_chat_and_completions() -> Result<()> {
         );
         let (status, health) = c.get("/health").await?;
         assert_eq!(status, 200);
-        assert_eq!(
-            health["models"]["echo"]["instances"]
-                .as_array()
-                .map(Vec::len),
-            Some(2)
-        );
+        assert_eq!(health["models"]["echo"]["instances"].as_array().map(Vec::len), Some(2));
 
         let (status, r) = c.post("/v1/chat/completions", chat("héllo 🦀")).await?;
         assert_eq!(status, 200, "{r}");
         assert_eq!(r["object"], "chat.completion");
         assert_eq!(r["choices"][0]["message"]["role"], "assistant");
-        assert_eq!(
-            r["choices"][0]["message"]["content"],
-            "user: héllo 🦀\nassistant: "
-        );
+        assert_eq!(r["choices"][0]["message"]["content"], "user: héllo 🦀\nassistant: ");
         assert_eq!(r["choices"][0]["finish_reason"], "stop");
         let prompt_tokens = "user: héllo 🦀\nassistant: ".len();
         assert_eq!(
@@ -234,17 +197,11 @@ async fn models_health_chat_and_completions() -> Result<()> {
         );
 
         let (status, r) = c
-            .post(
-                "/v1/completions",
-                json!({"model": "echo", "prompt": [104, 105]}),
-            )
+            .post("/v1/completions", json!({"model": "echo", "prompt": [104, 105]}))
             .await?;
         assert_eq!((status, &r["choices"][0]["text"]), (200, &json!("hi")));
         let (status, r) = c
-            .post(
-                "/v1/completions",
-                json!({"model": "echo", "prompt": ["one"]}),
-            )
+            .post("/v1/completions", json!({"model": "echo", "prompt": ["one"]}))
             .await?;
         assert_eq!((status, &r["choices"][0]["text"]), (200, &json!("one")));
     }
@@ -264,9 +221,7 @@ async fn streaming_chat_and_completions() -> Result<()> {
             .iter()
             .map(|d| serde_json::from_str(d))
             .collect::<Result<_, _>>()?;
-        assert!(chunks
-            .iter()
-            .all(|c| c["object"] == "chat.completion.chunk"));
+        assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
         assert_eq!(
             chunks[0]["choices"][0]["delta"],
             json!({"role": "assistant", "content": ""})
@@ -277,9 +232,7 @@ async fn streaming_chat_and_completions() -> Result<()> {
             .collect();
         assert_eq!(text, "user: 日本\nassistant: ");
         // Every piece is whole characters: a 3-byte character never arrives split.
-        assert!(chunks
-            .iter()
-            .any(|c| c["choices"][0]["delta"]["content"] == "日"));
+        assert!(chunks.iter().any(|c| c["choices"][0]["delta"]["content"] == "日"));
         let finish = &chunks[chunks.len() - 2];
         assert_eq!(finish["choices"][0]["finish_reason"], "stop");
         let usage = &chunks[chunks.len() - 1];
@@ -296,10 +249,7 @@ async fn streaming_chat_and_completions() -> Result<()> {
             .iter()
             .map(|d| serde_json::from_str(d))
             .collect::<Result<_, _>>()?;
-        let text: String = chunks
-            .iter()
-            .filter_map(|c| c["choices"][0]["text"].as_str())
-            .collect();
+        let text: String = chunks.iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect();
         assert_eq!(text, "xy");
         assert_eq!(
             chunks.last().map(|c| &c["choices"][0]["finish_reason"]),
@@ -317,13 +267,7 @@ async fn streaming_chat_and_completions() -> Result<()> {
 async fn bad_requests_get_openai_errors() -> Result<()> {
     let c = cluster(Plane::Local, 1, Duration::ZERO).await?;
     let cases: Vec<(&str, &str, Value, u16, Option<&str>)> = vec![
-        (
-            "chat",
-            "/v1/chat/completions",
-            json!("not an object"),
-            400,
-            None,
-        ),
+        ("chat", "/v1/chat/completions", json!("not an object"), 400, None),
         (
             "missing model",
             "/v1/chat/completions",
@@ -421,10 +365,7 @@ async fn bad_requests_get_openai_errors() -> Result<()> {
         let (got, r) = c.post(path, body).await?;
         assert_eq!(got, status, "{name}: {r}");
         let e = &r["error"];
-        assert!(
-            e["message"].as_str().is_some_and(|m| !m.is_empty()),
-            "{name}: {r}"
-        );
+        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{name}: {r}");
         assert!(e["type"].is_string(), "{name}: {r}");
         assert_eq!(e["param"].as_str(), param, "{name}: {r}");
     }
@@ -451,18 +392,11 @@ async fn round_robin_spreads_requests_and_follows_workers_leaving() -> Result<()
     let mut c = cluster(Plane::Tcp, 3, Duration::ZERO).await?;
     for i in 0..30 {
         let (status, _) = c
-            .post(
-                "/v1/completions",
-                json!({"model": "echo", "prompt": format!("p{i}")}),
-            )
+            .post("/v1/completions", json!({"model": "echo", "prompt": format!("p{i}")}))
             .await?;
         assert_eq!(status, 200);
     }
-    let counts: Vec<usize> = c
-        .workers
-        .iter()
-        .map(|(_, n)| n.load(Ordering::SeqCst))
-        .collect();
+    let counts: Vec<usize> = c.workers.iter().map(|(_, n)| n.load(Ordering::SeqCst)).collect();
     assert_eq!(counts, [10, 10, 10]);
 
     let (leaving, served) = c.workers.remove(0);
@@ -470,10 +404,7 @@ async fn round_robin_spreads_requests_and_follows_workers_leaving() -> Result<()
     let before = served.load(Ordering::SeqCst);
     for i in 0..10 {
         let (status, r) = c
-            .post(
-                "/v1/completions",
-                json!({"model": "echo", "prompt": format!("q{i}")}),
-            )
+            .post("/v1/completions", json!({"model": "echo", "prompt": format!("q{i}")}))
             .await?;
         assert_eq!(status, 200, "{r}");
     }
@@ -542,10 +473,7 @@ async fn worker_added_later_becomes_routable() -> Result<()> {
         if status == 200 {
             break;
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(2),
-            "still {status}: {r}"
-        );
+        assert!(start.elapsed() < Duration::from_secs(2), "still {status}: {r}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     Ok(())

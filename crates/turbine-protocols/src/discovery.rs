@@ -13,6 +13,10 @@ pub struct ModelEntry {
     pub card: ModelCard,
     /// The `namespace/component/endpoint` that serves generate requests for it.
     pub endpoint: String,
+    /// Where the worker answers [`crate::kv::KvStateRequest`]s, under the same instance id;
+    /// absent for engines that publish no KV events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_state_endpoint: Option<String>,
 }
 
 /// Prefix under which every model of `namespace` is registered.
@@ -45,11 +49,7 @@ pub fn kv_events_subject(namespace: &str, model: &str) -> String {
 
 /// Event-plane subject of a model's load reports: `turbine.{namespace}.load.{model}`.
 pub fn load_subject(namespace: &str, model: &str) -> String {
-    format!(
-        "turbine.{}.load.{}",
-        subject_token(namespace),
-        subject_token(model)
-    )
+    format!("turbine.{}.load.{}", subject_token(namespace), subject_token(model))
 }
 
 /// A name made safe as one subject token: dots, wildcards and whitespace become `_`.
@@ -82,10 +82,7 @@ mod tests {
     fn model_keys_round_trip() {
         let key = model_key("ns", "org/model-7b", 0xabc);
         assert_eq!(key, "turbine/ns/models/org/model-7b/abc");
-        assert_eq!(
-            parse_model_key("ns", &key),
-            Some(("org/model-7b".into(), 0xabc))
-        );
+        assert_eq!(parse_model_key("ns", &key), Some(("org/model-7b".into(), 0xabc)));
         for bad in [
             "turbine/ns/models/m",
             "turbine/ns/models/m/xyz",

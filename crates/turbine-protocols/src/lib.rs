@@ -8,6 +8,4 @@ pub mod kv;
 pub mod llm;
 pub mod openai;
 
-pub use llm::{
-    EngineOutput, FinishReason, ModelCard, PreprocessedRequest, StopConditions, TokenizerKind,
-};
+pub use llm::{EngineOutput, FinishReason, ModelCard, PreprocessedRequest, StopConditions, TokenizerKind};

@@ -89,8 +89,7 @@ mod tests {
             finish_reason: Some(FinishReason::Length),
             cached_tokens: None,
         };
-        expect![[r#"{"token_ids":[7],"finish_reason":"length"}"#]]
-            .assert_eq(&serde_json::to_string(&out).unwrap());
+        expect![[r#"{"token_ids":[7],"finish_reason":"length"}"#]].assert_eq(&serde_json::to_string(&out).unwrap());
         let card = ModelCard {
             name: "echo".into(),
             context_length: 4096,

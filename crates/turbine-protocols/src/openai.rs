@@ -82,9 +82,7 @@ impl MessageContent {
     pub fn text(&self) -> String {
         match self {
             MessageContent::Text(t) => t.clone(),
-            MessageContent::Parts(parts) => {
-                parts.iter().filter_map(|p| p.text.as_deref()).collect()
-            }
+            MessageContent::Parts(parts) => parts.iter().filter_map(|p| p.text.as_deref()).collect(),
         }
     }
 }

@@ -13,8 +13,8 @@ use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use turbine_runtime::{
-    EndpointId, EndpointServer, Handler, HandlerError, Instance, MemoryDiscovery, MemoryEventPlane,
-    RequestContext, Runtime, ServeOptions, TransportOptions,
+    EndpointId, EndpointServer, Handler, HandlerError, Instance, MemoryDiscovery, MemoryEventPlane, RequestContext,
+    Runtime, ServeOptions, TransportOptions,
 };
 
 #[derive(Serialize, Deserialize)]
@@ -114,13 +114,8 @@ fn bench(c: &mut Criterion) {
                     let client = client.clone();
                     let instance = instance.clone();
                     tokio::spawn(async move {
-                        let s = client
-                            .call(&instance, Req { n: PER_STREAM })
-                            .await
-                            .expect("call");
-                        s.try_fold(0u32, |n, _| async move { Ok(n + 1) })
-                            .await
-                            .expect("stream")
+                        let s = client.call(&instance, Req { n: PER_STREAM }).await.expect("call");
+                        s.try_fold(0u32, |n, _| async move { Ok(n + 1) }).await.expect("stream")
                     })
                 });
                 for n in futures::future::join_all(calls).await {
@@ -142,12 +137,8 @@ fn bench(c: &mut Criterion) {
             .build()
             .expect("echo runtime");
         rt.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                .await
-                .expect("bind");
-            echo_addr_tx
-                .send(listener.local_addr().expect("addr"))
-                .expect("send");
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            echo_addr_tx.send(listener.local_addr().expect("addr")).expect("send");
             let (mut sock, _) = listener.accept().await.expect("accept");
             sock.set_nodelay(true).expect("nodelay");
             let mut buf = [0u8; 16];
@@ -160,9 +151,7 @@ fn bench(c: &mut Criterion) {
     });
     let echo_addr = echo_addr_rx.recv().expect("echo server");
     let sock = rt.block_on(async {
-        let s = tokio::net::TcpStream::connect(echo_addr)
-            .await
-            .expect("connect");
+        let s = tokio::net::TcpStream::connect(echo_addr).await.expect("connect");
         s.set_nodelay(true).expect("nodelay");
         tokio::sync::Mutex::new(s)
     });

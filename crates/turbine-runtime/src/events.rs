@@ -125,11 +125,7 @@ mod tests {
             ("a.>", "a", false),
             ("*.b", "x.b", true),
         ] {
-            assert_eq!(
-                subject_matches(pattern, subject),
-                want,
-                "{pattern} vs {subject}"
-            );
+            assert_eq!(subject_matches(pattern, subject), want, "{pattern} vs {subject}");
         }
         assert!(!valid_subject("a.>.b", true));
         assert!(!valid_subject("a.*", false));
@@ -141,12 +137,7 @@ mod tests {
         let plane = MemoryEventPlane::new();
         let mut all = plane.subscribe("kv.>").await.unwrap();
         let mut one = plane.subscribe("kv.m1").await.unwrap();
-        for (subject, p) in [
-            ("kv.m1", "1"),
-            ("kv.m2", "2"),
-            ("load.m1", "3"),
-            ("kv.m1", "4"),
-        ] {
+        for (subject, p) in [("kv.m1", "1"), ("kv.m2", "2"), ("load.m1", "3"), ("kv.m1", "4")] {
             plane.publish(subject, Bytes::from(p)).await.unwrap();
         }
         let got: Vec<_> = (&mut all).take(3).map(|e| e.payload).collect().await;

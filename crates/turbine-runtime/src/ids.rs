@@ -15,11 +15,7 @@ pub struct EndpointId {
 }
 
 impl EndpointId {
-    pub fn new(
-        namespace: impl Into<String>,
-        component: impl Into<String>,
-        name: impl Into<String>,
-    ) -> Self {
+    pub fn new(namespace: impl Into<String>, component: impl Into<String>, name: impl Into<String>) -> Self {
         Self {
             namespace: namespace.into(),
             component: component.into(),
@@ -43,11 +39,7 @@ impl FromStr for EndpointId {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let parts: Vec<&str> = s.split('/').collect();
-        let valid = |p: &&str| {
-            !p.is_empty()
-                && p.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-        };
+        let valid = |p: &&str| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
         match parts.as_slice() {
             [ns, c, e] if [ns, c, e].iter().all(|p| valid(p)) => Ok(Self::new(*ns, *c, *e)),
             _ => Err(ParseEndpointError(s.to_owned())),

@@ -22,14 +22,12 @@ mod server;
 mod transport;
 
 pub use discovery::{
-    instance_key, instance_prefix, Discovery, DiscoveryError, KeyValue, LeaseId, MemoryDiscovery,
-    Watch, WatchEvent,
+    instance_key, instance_prefix, Discovery, DiscoveryError, KeyValue, LeaseId, MemoryDiscovery, Watch, WatchEvent,
 };
 pub use events::{Event, EventPlane, EventPlaneError, MemoryEventPlane, Subscription};
 pub use ids::{EndpointId, Instance, InstanceAddress, InstanceId, ParseEndpointError};
 pub use runtime::{Client, Runtime};
 pub use server::{EndpointServer, ServeError, ServeOptions, TransportOptions};
 pub use transport::{
-    ErrorKind, Handler, HandlerError, RequestContext, RequestError, ResponseStream,
-    DEFAULT_MAX_FRAME_LEN,
+    ErrorKind, Handler, HandlerError, RequestContext, RequestError, ResponseStream, DEFAULT_MAX_FRAME_LEN,
 };

@@ -100,25 +100,17 @@ where
 {
     /// Sends `request` to `instance`. Fails if the instance rejects it; otherwise returns
     /// its responses. Dropping the returned stream early cancels the request.
-    pub async fn call(
-        &self,
-        instance: &Instance,
-        request: Req,
-    ) -> Result<ResponseStream<Resp>, RequestError> {
+    pub async fn call(&self, instance: &Instance, request: Req) -> Result<ResponseStream<Resp>, RequestError> {
         match instance.address {
             InstanceAddress::Local { runtime_id } if runtime_id == self.runtime.inner.id => {
-                self.runtime.inner.local.call(instance.id, request).await
-            }
-            InstanceAddress::Local { .. } => Err(RequestError::Unreachable {
-                instance: instance.id,
-            }),
-            InstanceAddress::Tcp { addr } => {
                 self.runtime
                     .inner
-                    .tcp
-                    .call(addr, instance.id.0, &request)
+                    .local
+                    .call(&instance.endpoint, instance.id, request)
                     .await
             }
+            InstanceAddress::Local { .. } => Err(RequestError::Unreachable { instance: instance.id }),
+            InstanceAddress::Tcp { addr } => self.runtime.inner.tcp.call(addr, instance.id.0, &request).await,
         }
     }
 }

@@ -46,6 +46,9 @@ pub struct ServeOptions {
     pub grace_period: Duration,
     /// Stored with the instance for callers to read.
     pub metadata: serde_json::Value,
+    /// The instance id to serve under; random when `None`. A process serving several
+    /// endpoints gives them one id, so that callers can go from one to the others.
+    pub instance_id: Option<InstanceId>,
 }
 
 impl Default for ServeOptions {
@@ -55,6 +58,7 @@ impl Default for ServeOptions {
             lease_ttl: Duration::from_secs(10),
             grace_period: Duration::from_secs(30),
             metadata: serde_json::Value::Null,
+            instance_id: None,
         }
     }
 }
@@ -118,7 +122,7 @@ where
         handler: Arc<dyn Handler<Req, Resp>>,
         options: ServeOptions,
     ) -> Result<Self, ServeError> {
-        let id = InstanceId::random();
+        let id = options.instance_id.unwrap_or_else(InstanceId::random);
         let state = Arc::new(ServerState::default());
         let stop_accepting = CancellationToken::new();
         let close = CancellationToken::new();
@@ -126,7 +130,7 @@ where
         let address = match options.transport {
             TransportOptions::Local => {
                 runtime.inner.local.insert(
-                    id,
+                    (endpoint.clone(), id),
                     LocalEndpoint {
                         handler,
                         state: state.clone(),
@@ -230,12 +234,7 @@ impl<Req, Resp> EndpointServer<Req, Resp> {
         let id = self.instance.id;
         tracing::info!(instance = %id, in_flight = self.in_flight(), "shutting down: deregistering");
         drop(self.keep_alive.take());
-        if let Err(e) = self
-            .runtime
-            .discovery()
-            .revoke_lease(self.registrations.lease())
-            .await
-        {
+        if let Err(e) = self.runtime.discovery().revoke_lease(self.registrations.lease()).await {
             // The lease will expire on its own within its TTL.
             tracing::warn!(instance = %id, error = %e, "revoking lease failed");
         }
@@ -251,7 +250,7 @@ impl<Req, Resp> EndpointServer<Req, Resp> {
             let _ = tokio::time::timeout(Duration::from_secs(1), self.state.idle()).await;
         }
         self.close.cancel();
-        self.runtime.inner.local.remove(id);
+        self.runtime.inner.local.remove(&(self.instance.endpoint.clone(), id));
         tracing::info!(instance = %id, "stopped");
     }
 }
@@ -263,16 +262,14 @@ impl<Req, Resp> Drop for EndpointServer<Req, Resp> {
         self.stop_accepting.cancel();
         self.close.cancel();
         self.state.cancel_all();
-        self.runtime.inner.local.remove(self.instance.id);
+        self.runtime
+            .inner
+            .local
+            .remove(&(self.instance.endpoint.clone(), self.instance.id));
     }
 }
 
-async fn keep_alive_loop(
-    runtime: Runtime,
-    registrations: Arc<Registrations>,
-    ttl: Duration,
-    stop: CancellationToken,
-) {
+async fn keep_alive_loop(runtime: Runtime, registrations: Arc<Registrations>, ttl: Duration, stop: CancellationToken) {
     let discovery = runtime.discovery();
     loop {
         tokio::select! {
@@ -292,21 +289,10 @@ async fn keep_alive_loop(
     }
 }
 
-async fn reregister(
-    runtime: &Runtime,
-    registrations: &Registrations,
-    ttl: Duration,
-) -> Result<(), DiscoveryError> {
+async fn reregister(runtime: &Runtime, registrations: &Registrations, ttl: Duration) -> Result<(), DiscoveryError> {
     let lease = runtime.discovery().grant_lease(ttl).await?;
-    *registrations
-        .lease
-        .lock()
-        .unwrap_or_else(|e| e.into_inner()) = lease;
-    let keys = registrations
-        .keys
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
+    *registrations.lease.lock().unwrap_or_else(|e| e.into_inner()) = lease;
+    let keys = registrations.keys.lock().unwrap_or_else(|e| e.into_inner()).clone();
     for (key, value) in keys {
         runtime.discovery().put(&key, value, Some(lease)).await?;
     }

@@ -13,9 +13,8 @@ use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use turbine_runtime::{
-    instance_prefix, Discovery, EndpointId, EndpointServer, ErrorKind, Handler, HandlerError,
-    MemoryDiscovery, MemoryEventPlane, RequestContext, RequestError, Runtime, ServeOptions,
-    TransportOptions,
+    instance_prefix, Discovery, EndpointId, EndpointServer, ErrorKind, Handler, HandlerError, MemoryDiscovery,
+    MemoryEventPlane, RequestContext, RequestError, Runtime, ServeOptions, TransportOptions,
 };
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -83,10 +82,7 @@ impl Handler<Count, String> for Counter {
             for i in 0..req.n {
                 if req.fail_at == Some(i) {
                     let _ = tx
-                        .send(Err(HandlerError::new(
-                            ErrorKind::Internal,
-                            format!("failed at {i}"),
-                        )))
+                        .send(Err(HandlerError::new(ErrorKind::Internal, format!("failed at {i}"))))
                         .await;
                     return;
                 }
@@ -111,10 +107,7 @@ impl Handler<Count, String> for Counter {
 }
 
 fn runtime(discovery: &MemoryDiscovery) -> Runtime {
-    Runtime::new(
-        Arc::new(discovery.clone()),
-        Arc::new(MemoryEventPlane::new()),
-    )
+    Runtime::new(Arc::new(discovery.clone()), Arc::new(MemoryEventPlane::new()))
 }
 
 fn endpoint() -> EndpointId {
@@ -138,10 +131,7 @@ fn tcp_addr(server: &EndpointServer<Count, String>) -> SocketAddr {
     }
 }
 
-async fn start(
-    rt: &Runtime,
-    options: ServeOptions,
-) -> Result<(EndpointServer<Count, String>, Arc<Counter>)> {
+async fn start(rt: &Runtime, options: ServeOptions) -> Result<(EndpointServer<Count, String>, Arc<Counter>)> {
     let counter = Arc::new(Counter::default());
     let server = EndpointServer::start(rt, endpoint(), counter.clone(), options).await?;
     Ok((server, counter))
@@ -176,10 +166,7 @@ async fn thousand_concurrent_tcp_streams_complete_with_right_content() -> Result
                 .await?
                 .try_collect()
                 .await?;
-            anyhow::ensure!(
-                got == expected(&format!("r{i}"), n),
-                "request {i} got {got:?}"
-            );
+            anyhow::ensure!(got == expected(&format!("r{i}"), n), "request {i} got {got:?}");
             Ok(())
         })
     });
@@ -213,11 +200,7 @@ async fn dropped_stream_cancels_handler_within_100ms() -> Result<()> {
         })
         .await;
         let seen = counter.cancel_seen_at.lock().unwrap().clone();
-        assert_eq!(
-            seen.len(),
-            10,
-            "{options:?}: every handler saw its cancellation"
-        );
+        assert_eq!(seen.len(), 10, "{options:?}: every handler saw its cancellation");
         for at in seen {
             let after = at.duration_since(dropped_at);
             assert!(
@@ -240,10 +223,7 @@ async fn handler_errors_reach_the_caller_typed() -> Result<()> {
         let mut req = Count::new("x", 3, 0);
         req.reject = true;
         match client.call(server.instance(), req).await {
-            Err(RequestError::Handler(e)) => assert_eq!(
-                e,
-                HandlerError::new(ErrorKind::InvalidRequest, "rejected x")
-            ),
+            Err(RequestError::Handler(e)) => assert_eq!(e, HandlerError::new(ErrorKind::InvalidRequest, "rejected x")),
             other => panic!("expected a handler error, got {other:?}"),
         }
 
@@ -271,12 +251,8 @@ async fn shutdown_drains_in_flight_and_deregisters() -> Result<()> {
 
         let mut running = Vec::new();
         for i in 0..50 {
-            let s = client
-                .call(&instance, Count::new(format!("s{i}"), 20, 10))
-                .await?;
-            running.push(tokio::spawn(
-                async move { s.try_collect::<Vec<String>>().await },
-            ));
+            let s = client.call(&instance, Count::new(format!("s{i}"), 20, 10)).await?;
+            running.push(tokio::spawn(async move { s.try_collect::<Vec<String>>().await }));
         }
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let serving = tokio::spawn(server.run(async move {
@@ -309,11 +285,7 @@ async fn shutdown_drains_in_flight_and_deregisters() -> Result<()> {
             );
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        for (i, r) in futures::future::join_all(running)
-            .await
-            .into_iter()
-            .enumerate()
-        {
+        for (i, r) in futures::future::join_all(running).await.into_iter().enumerate() {
             assert_eq!(r??, expected(&format!("s{i}"), 20), "{options:?}");
         }
         tokio::time::timeout(Duration::from_secs(5), serving).await??;
@@ -331,9 +303,7 @@ async fn grace_period_cancels_what_is_left() -> Result<()> {
     };
     let (server, counter) = start(&rt, options).await?;
     let client = rt.client::<Count, String>();
-    let s = client
-        .call(server.instance(), Count::new("slow", 1000, 10))
-        .await?;
+    let s = client.call(server.instance(), Count::new("slow", 1000, 10)).await?;
     let collecting = tokio::spawn(s.collect::<Vec<_>>());
     server.run(async {}).await;
     let items = collecting.await?;
@@ -354,16 +324,13 @@ async fn grace_period_cancels_what_is_left() -> Result<()> {
 async fn garbage_and_oversized_frames_do_not_disturb_other_connections() -> Result<()> {
     let d = MemoryDiscovery::new();
     let max = 64 * 1024;
-    let server_rt =
-        Runtime::with_max_frame_len(Arc::new(d.clone()), Arc::new(MemoryEventPlane::new()), max);
+    let server_rt = Runtime::with_max_frame_len(Arc::new(d.clone()), Arc::new(MemoryEventPlane::new()), max);
     let (server, counter) = start(&server_rt, tcp()).await?;
     let addr = tcp_addr(&server);
     let client = runtime(&d).client::<Count, String>();
 
     // A long stream is running on a healthy connection while others misbehave.
-    let long = client
-        .call(server.instance(), Count::new("ok", 50, 5))
-        .await?;
+    let long = client.call(server.instance(), Count::new("ok", 50, 5)).await?;
     let long = tokio::spawn(long.try_collect::<Vec<String>>());
 
     let bad_inputs: Vec<Vec<u8>> = vec![
@@ -429,17 +396,11 @@ async fn garbage_and_oversized_frames_do_not_disturb_other_connections() -> Resu
 #[tokio::test]
 async fn oversized_request_fails_on_the_caller_side() -> Result<()> {
     let d = MemoryDiscovery::new();
-    let rt =
-        Runtime::with_max_frame_len(Arc::new(d.clone()), Arc::new(MemoryEventPlane::new()), 1024);
+    let rt = Runtime::with_max_frame_len(Arc::new(d.clone()), Arc::new(MemoryEventPlane::new()), 1024);
     let (server, _) = start(&rt, tcp()).await?;
     let client = rt.client::<Count, String>();
-    let r = client
-        .call(server.instance(), Count::new("x".repeat(2000), 1, 0))
-        .await;
-    assert!(
-        matches!(r, Err(RequestError::TooLarge { max: 1024, .. })),
-        "{r:?}"
-    );
+    let r = client.call(server.instance(), Count::new("x".repeat(2000), 1, 0)).await;
+    assert!(matches!(r, Err(RequestError::TooLarge { max: 1024, .. })), "{r:?}");
     let got: Vec<String> = client
         .call(server.instance(), Count::new("y", 1, 0))
         .await?
@@ -485,9 +446,6 @@ async fn caller_sees_connection_loss_when_server_goes_away() -> Result<()> {
         .client::<Count, String>()
         .call(&instance, Count::new("z", 1, 0))
         .await;
-    assert!(
-        r.as_ref().is_err_and(|e| e.is_retryable_elsewhere()),
-        "{r:?}"
-    );
+    assert!(r.as_ref().is_err_and(|e| e.is_retryable_elsewhere()), "{r:?}");
     Ok(())
 }

@@ -46,11 +46,7 @@ pub fn local_hashes(tokens: &[u32], block_size: usize) -> Vec<LocalHash> {
 pub fn sequence_hashes(locals: &[LocalHash]) -> Vec<SequenceHash> {
     let mut out = Vec::with_capacity(locals.len());
     for (i, &local) in locals.iter().enumerate() {
-        out.push(if i == 0 {
-            local
-        } else {
-            chain_hash(out[i - 1], local)
-        });
+        out.push(if i == 0 { local } else { chain_hash(out[i - 1], local) });
     }
     out
 }
@@ -105,10 +101,7 @@ mod tests {
             ]
         "#]]
         .assert_debug_eq(&blocks);
-        assert_eq!(
-            blocks[1].sequence,
-            chain_hash(blocks[0].sequence, blocks[1].local)
-        );
+        assert_eq!(blocks[1].sequence, chain_hash(blocks[0].sequence, blocks[1].local));
     }
 
     #[test]

@@ -2,81 +2,131 @@
 //! so that frontends find it through discovery.
 //!
 //! The worker owns the seam between the request plane and the engine: it turns the
-//! handler's cancellation into the engine's, and engine errors into handler errors.
+//! handler's cancellation into the engine's, and engine errors into handler errors. For
+//! engines with a KV cache it also publishes their KV events and load on the event plane,
+//! keeps the most recent events, and answers routers that need to resynchronise.
+
+mod kv;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 use futures::StreamExt;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use turbine_engine::{Engine, EngineError};
 use turbine_protocols::discovery::{model_key, ModelEntry};
+use turbine_protocols::kv::{KvStateRequest, KvStateResponse};
 use turbine_protocols::{EngineOutput, ModelCard, PreprocessedRequest};
 use turbine_runtime::{
-    EndpointId, EndpointServer, ErrorKind, Handler, HandlerError, Instance, RequestContext,
-    Runtime, ServeError, ServeOptions,
+    EndpointId, EndpointServer, ErrorKind, Handler, HandlerError, Instance, InstanceId, RequestContext, Runtime,
+    ServeError, ServeOptions,
 };
 
 /// Everything a worker needs to know, parsed once by the binary.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
-    /// Where generate requests are served.
+    /// Where generate requests are served. KV state is served beside it, as
+    /// `{namespace}/{component}/kv_state`.
     pub endpoint: EndpointId,
     pub model: ModelCard,
     pub serve: ServeOptions,
+    /// Shortest interval between two load reports.
+    pub load_report_interval: Duration,
 }
+
+/// Recent KV events a worker keeps, so that a router that missed a few can catch up
+/// without a full snapshot.
+pub const KV_EVENT_HISTORY: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    #[error("cannot serve the generate endpoint")]
+    #[error("cannot serve the worker's endpoints")]
     Serve(#[from] ServeError),
 }
 
 /// A running worker; [`Worker::run`] serves it until shutdown.
 #[derive(Debug)]
 pub struct Worker {
-    server: EndpointServer<PreprocessedRequest, EngineOutput>,
+    generate: EndpointServer<PreprocessedRequest, EngineOutput>,
+    kv_state: Option<EndpointServer<KvStateRequest, KvStateResponse>>,
+    _publishers: DropGuard,
 }
 
 impl Worker {
     /// Serves `engine` and registers the model; frontends can route to it on return.
-    pub async fn start(
-        runtime: &Runtime,
-        engine: Arc<dyn Engine>,
-        config: WorkerConfig,
-    ) -> Result<Self, WorkerError> {
+    pub async fn start(runtime: &Runtime, engine: Arc<dyn Engine>, config: WorkerConfig) -> Result<Self, WorkerError> {
+        let id = config.serve.instance_id.unwrap_or_else(InstanceId::random);
+        let serve = ServeOptions {
+            instance_id: Some(id),
+            ..config.serve.clone()
+        };
+        let stop_publishers = CancellationToken::new();
+
+        let kv_state = match engine.kv_cache() {
+            Some(cache) => {
+                let history = kv::start_publishing(
+                    runtime,
+                    &cache,
+                    kv::Publish {
+                        namespace: config.endpoint.namespace.clone(),
+                        model: config.model.name.clone(),
+                        worker: id.0,
+                        load_interval: config.load_report_interval,
+                    },
+                    stop_publishers.clone(),
+                );
+                let endpoint = EndpointId::new(&config.endpoint.namespace, &config.endpoint.component, "kv_state");
+                let handler = Arc::new(kv::KvStateHandler { cache, history });
+                Some(EndpointServer::start(runtime, endpoint, handler, serve.clone()).await?)
+            }
+            None => None,
+        };
+
         let handler = Arc::new(EngineHandler { engine });
-        let server =
-            EndpointServer::start(runtime, config.endpoint.clone(), handler, config.serve).await?;
+        let generate = EndpointServer::start(runtime, config.endpoint.clone(), handler, serve).await?;
         let entry = ModelEntry {
             card: config.model.clone(),
             endpoint: config.endpoint.to_string(),
+            kv_state_endpoint: kv_state.as_ref().map(|s| s.instance().endpoint.to_string()),
         };
-        let key = model_key(
-            &config.endpoint.namespace,
-            &config.model.name,
-            server.instance().id.0,
-        );
+        let key = model_key(&config.endpoint.namespace, &config.model.name, id.0);
         // A struct of strings and numbers always serializes.
-        server
+        generate
             .register(key, serde_json::to_vec(&entry).unwrap_or_default())
             .await?;
-        tracing::info!(model = %config.model.name, instance = %server.instance().id, "model registered");
-        Ok(Self { server })
+        tracing::info!(model = %config.model.name, instance = %id, kv_events = kv_state.is_some(), "model registered");
+        Ok(Self {
+            generate,
+            kv_state,
+            _publishers: stop_publishers.drop_guard(),
+        })
     }
 
     pub fn instance(&self) -> &Instance {
-        self.server.instance()
+        self.generate.instance()
     }
 
     /// Requests being served now.
     pub fn in_flight(&self) -> usize {
-        self.server.in_flight()
+        self.generate.in_flight()
     }
 
     /// Serves until `shutdown` completes, then deregisters and drains (see [`EndpointServer::run`]).
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
-        self.server.run(shutdown).await
+        shutdown.await;
+        let Self {
+            generate,
+            kv_state,
+            _publishers,
+        } = self;
+        let kv = async {
+            if let Some(s) = kv_state {
+                s.run(async {}).await
+            }
+        };
+        futures::join!(generate.run(async {}), kv);
     }
 }
 
@@ -93,15 +143,12 @@ impl Handler<PreprocessedRequest, EngineOutput> for EngineHandler {
     ) -> Result<BoxStream<'static, Result<EngineOutput, HandlerError>>, HandlerError> {
         let request_id = request.request_id.clone();
         tracing::debug!(%request_id, prompt_tokens = request.token_ids.len(), "generate");
-        let stream = self
-            .engine
-            .generate(request, ctx.token())
-            .map_err(handler_error)?;
+        let stream = self.engine.generate(request, ctx.token()).map_err(handler_error)?;
         Ok(stream.map(|r| r.map_err(handler_error)).boxed())
     }
 }
 
-fn handler_error(e: EngineError) -> HandlerError {
+pub(crate) fn handler_error(e: EngineError) -> HandlerError {
     let kind = match e {
         EngineError::InvalidRequest(_) => ErrorKind::InvalidRequest,
         EngineError::Stopped => ErrorKind::Unavailable,

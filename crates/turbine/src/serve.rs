@@ -8,12 +8,10 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use tokio_util::sync::CancellationToken;
-use turbine_engine::{EchoConfig, EchoEngine, Engine};
+use turbine_engine::{EchoConfig, EchoEngine, Engine, MockerConfig, MockerEngine};
 use turbine_frontend::{Frontend, FrontendConfig};
 use turbine_protocols::{ModelCard, TokenizerKind};
-use turbine_runtime::{
-    EndpointId, MemoryDiscovery, MemoryEventPlane, Runtime, ServeOptions, TransportOptions,
-};
+use turbine_runtime::{EndpointId, MemoryDiscovery, MemoryEventPlane, Runtime, ServeOptions, TransportOptions};
 use turbine_worker::{Worker, WorkerConfig};
 
 #[derive(Debug, Args)]
@@ -30,15 +28,17 @@ pub struct ServeArgs {
     /// Inference engine every worker runs.
     #[arg(long, value_enum, default_value_t = EngineKind::Echo)]
     engine: EngineKind,
-    /// Name clients put in the request's `model` field.
-    #[arg(long, default_value = "echo")]
-    model_name: String,
+    /// Name clients put in the request's `model` field [default: the engine's name].
+    #[arg(long)]
+    model_name: Option<String>,
     /// Longest prompt plus completion, in tokens.
     #[arg(long, default_value_t = 8192)]
     context_length: u32,
     /// Echo engine: milliseconds before each token, standing in for decode time.
     #[arg(long, default_value_t = 5)]
     echo_delay_ms: u64,
+    #[command(flatten)]
+    mocker: MockerArgs,
     /// How the frontend reaches the workers: in-process calls, or TCP on loopback as separate processes would.
     #[arg(long, value_enum, default_value_t = RequestPlane::Local)]
     request_plane: RequestPlane,
@@ -57,6 +57,35 @@ pub struct ServeArgs {
 enum EngineKind {
     /// Streams the prompt back, token by token.
     Echo,
+    /// Simulates a vLLM-like engine: real KV block pool, scheduler and KV events, timed by a model of a GPU.
+    Mocker,
+}
+
+/// Settings of the mocker engine (`--engine mocker`).
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Mocker engine")]
+struct MockerArgs {
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = 16)]
+    block_size: usize,
+    /// KV blocks per worker.
+    #[arg(long, default_value_t = 16384)]
+    num_blocks: usize,
+    /// Token budget of one scheduler step.
+    #[arg(long, default_value_t = 8192)]
+    max_num_batched_tokens: usize,
+    /// Most sequences running at once per worker.
+    #[arg(long, default_value_t = 256)]
+    max_num_seqs: usize,
+    /// Divides every simulated step's duration.
+    #[arg(long, default_value_t = 1.0)]
+    speedup: f64,
+    /// Seeds the generated tokens (worker i uses seed + i).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Reuse cached KV blocks of shared prompt prefixes.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    prefix_caching: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -79,6 +108,7 @@ pub struct ServeConfig {
     engine: EngineKind,
     model: ModelCard,
     echo: EchoConfig,
+    mocker: MockerConfig,
     worker_transport: TransportOptions,
     frontend: FrontendConfig,
     grace_period: Duration,
@@ -91,18 +121,33 @@ impl TryFrom<ServeArgs> for ServeConfig {
         if a.workers == 0 {
             bail!("--workers must be at least 1, got 0");
         }
-        if a.model_name.trim().is_empty() || a.model_name.contains(char::is_whitespace) {
-            bail!(
-                "--model-name must be non-empty without whitespace, got {:?}",
-                a.model_name
-            );
+        let model_name = a.model_name.unwrap_or_else(|| {
+            match a.engine {
+                EngineKind::Echo => "echo",
+                EngineKind::Mocker => "mocker",
+            }
+            .to_owned()
+        });
+        if model_name.trim().is_empty() || model_name.contains(char::is_whitespace) {
+            bail!("--model-name must be non-empty without whitespace, got {model_name:?}");
         }
         if a.context_length < 2 {
-            bail!(
-                "--context-length must be at least 2, got {}",
-                a.context_length
-            );
+            bail!("--context-length must be at least 2, got {}", a.context_length);
         }
+        let mocker = MockerConfig {
+            block_size: a.mocker.block_size,
+            num_blocks: a.mocker.num_blocks,
+            max_num_batched_tokens: a.mocker.max_num_batched_tokens,
+            max_num_seqs: a.mocker.max_num_seqs,
+            speedup: a.mocker.speedup,
+            seed: a.mocker.seed,
+            enable_prefix_caching: a.mocker.prefix_caching,
+            // The byte-level stand-in tokenizer decodes these as printable ASCII.
+            vocab: 32..127,
+        };
+        mocker
+            .validate()
+            .map_err(|e| anyhow::anyhow!("--{}", e.to_string().replace('_', "-")))?;
         let worker_transport = match a.request_plane {
             RequestPlane::Local => TransportOptions::Local,
             RequestPlane::Tcp => TransportOptions::Tcp {
@@ -115,13 +160,14 @@ impl TryFrom<ServeArgs> for ServeConfig {
             workers: a.workers,
             engine: a.engine,
             model: ModelCard {
-                name: a.model_name,
+                name: model_name,
                 context_length: a.context_length,
                 tokenizer: TokenizerKind::Bytes,
             },
             echo: EchoConfig {
                 delay_per_token: Duration::from_millis(a.echo_delay_ms),
             },
+            mocker,
             worker_transport,
             frontend: FrontendConfig {
                 router_mode: match a.router_mode {
@@ -137,19 +183,23 @@ impl TryFrom<ServeArgs> for ServeConfig {
 }
 
 pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
-    let runtime = Runtime::new(
-        Arc::new(MemoryDiscovery::new()),
-        Arc::new(MemoryEventPlane::new()),
-    );
+    let runtime = Runtime::new(Arc::new(MemoryDiscovery::new()), Arc::new(MemoryEventPlane::new()));
     let shutdown = CancellationToken::new();
     tokio::spawn(signal_to(shutdown.clone()));
 
-    let engine: Arc<dyn Engine> = match config.engine {
-        EngineKind::Echo => Arc::new(EchoEngine::new(config.echo.clone())),
-    };
     let endpoint = EndpointId::new(config.frontend.namespace.clone(), "worker", "generate");
     let mut workers = Vec::new();
-    for _ in 0..config.workers {
+    for i in 0..config.workers {
+        let engine: Arc<dyn Engine> = match config.engine {
+            EngineKind::Echo => Arc::new(EchoEngine::new(config.echo.clone())),
+            EngineKind::Mocker => {
+                let mocker = MockerConfig {
+                    seed: config.mocker.seed.wrapping_add(i as u64),
+                    ..config.mocker.clone()
+                };
+                Arc::new(MockerEngine::start(mocker).context("starting a mocker")?)
+            }
+        };
         let worker_config = WorkerConfig {
             endpoint: endpoint.clone(),
             model: config.model.clone(),
@@ -158,14 +208,13 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
                 grace_period: config.grace_period,
                 ..ServeOptions::default()
             },
+            load_report_interval: Duration::from_millis(100),
         };
         let worker = Worker::start(&runtime, engine.clone(), worker_config)
             .await
             .context("starting a worker")?;
         let shutdown = shutdown.clone();
-        workers.push(tokio::spawn(
-            worker.run(async move { shutdown.cancelled().await }),
-        ));
+        workers.push(tokio::spawn(worker.run(async move { shutdown.cancelled().await })));
     }
 
     let frontend = Frontend::start(&runtime, config.frontend.clone())
@@ -174,9 +223,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let addr = listener
-        .local_addr()
-        .context("reading the listening address")?;
+    let addr = listener.local_addr().context("reading the listening address")?;
     tracing::info!(%addr, workers = config.workers, model = %config.model.name, "serving");
     // A machine-readable line for scripts and tests that start us on port 0.
     println!("turbine: listening on http://{addr}");
@@ -192,9 +239,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         for w in workers {
             w.await.context("a worker task failed")?;
         }
-        http.await
-            .context("the HTTP task failed")?
-            .context("HTTP server")
+        http.await.context("the HTTP task failed")?.context("HTTP server")
     })
     .await;
     match drained {

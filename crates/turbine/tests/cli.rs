@@ -26,8 +26,7 @@ impl Drop for Server {
 
 impl Server {
     fn start(args: &[&str]) -> Result<Self> {
-        let log = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("serve-{}.log", rand_suffix()));
+        let log = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("serve-{}.log", rand_suffix()));
         let mut child = Command::new(BIN)
             .args(["serve", "--port", "0"])
             .args(args)
@@ -69,10 +68,7 @@ impl Server {
                 return Ok(status.code());
             }
             if start.elapsed() > deadline {
-                bail!(
-                    "process still running after {deadline:?}; log:\n{}",
-                    self.log()
-                );
+                bail!("process still running after {deadline:?}; log:\n{}", self.log());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -162,14 +158,7 @@ async fn serve_answers_models_and_chat_over_both_request_planes() -> Result<()> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() -> Result<()> {
     for plane in ["local", "tcp"] {
-        let mut server = Server::start(&[
-            "--request-plane",
-            plane,
-            "--echo-delay-ms",
-            "20",
-            "--workers",
-            "2",
-        ])?;
+        let mut server = Server::start(&["--request-plane", plane, "--echo-delay-ms", "20", "--workers", "2"])?;
         let http = reqwest::Client::new();
         let content = "q".repeat(30);
         let expected = format!("user: {content}\nassistant: ");
@@ -187,21 +176,18 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() -> Result<()> 
             let first = body.next().await.context("first chunk")??;
             streams.push((first, body));
         }
-        let status = Command::new("kill")
-            .args(["-TERM", &server.pid()])
-            .status()?;
+        let status = Command::new("kill").args(["-TERM", &server.pid()]).status()?;
         assert!(status.success());
         let sent_at = Instant::now();
 
-        let results =
-            futures::future::join_all(streams.into_iter().map(|(first, mut body)| async move {
-                let mut text = String::from_utf8_lossy(&first).into_owned();
-                while let Some(chunk) = body.next().await {
-                    text.push_str(&String::from_utf8_lossy(&chunk?));
-                }
-                Ok::<_, anyhow::Error>(text)
-            }))
-            .await;
+        let results = futures::future::join_all(streams.into_iter().map(|(first, mut body)| async move {
+            let mut text = String::from_utf8_lossy(&first).into_owned();
+            while let Some(chunk) = body.next().await {
+                text.push_str(&String::from_utf8_lossy(&chunk?));
+            }
+            Ok::<_, anyhow::Error>(text)
+        }))
+        .await;
         for r in results {
             let sse = r?;
             let content: String = sse
@@ -209,11 +195,7 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() -> Result<()> 
                 .filter_map(|l| l.strip_prefix("data: "))
                 .filter(|d| *d != "[DONE]")
                 .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-                .filter_map(|c| {
-                    c["choices"][0]["delta"]["content"]
-                        .as_str()
-                        .map(str::to_owned)
-                })
+                .filter_map(|c| c["choices"][0]["delta"]["content"].as_str().map(str::to_owned))
                 .collect();
             assert_eq!(content, expected, "{plane}: a stream was cut short");
             assert!(
@@ -228,5 +210,33 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() -> Result<()> 
         assert!(log.contains("SIGTERM received"), "{log}");
         assert!(log.contains("shutting down: deregistering"), "{log}");
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mocker_serves_and_reports_cached_prompt_tokens() -> Result<()> {
+    let server = Server::start(&["--engine", "mocker", "--workers", "1", "--speedup", "100"])?;
+    let http = reqwest::Client::new();
+    let body = json!({"model": "mocker", "max_tokens": 8, "messages": [{"role": "user", "content": "a".repeat(200)}]});
+    let mut cached = Vec::new();
+    for _ in 0..2 {
+        let r: Value = http
+            .post(format!("{}/v1/chat/completions", server.url))
+            .json(&body)
+            .send()
+            .await?
+            .json()
+            .await?;
+        assert_eq!(r["choices"][0]["finish_reason"], "length", "{r}");
+        assert_eq!(r["usage"]["completion_tokens"], 8, "{r}");
+        assert_eq!(
+            r["choices"][0]["message"]["content"].as_str().map(str::len),
+            Some(8),
+            "{r}"
+        );
+        cached.push(r["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64());
+    }
+    // The 221-token prompt's 13 full blocks of 16 are cached after the first request.
+    assert_eq!(cached, [Some(0), Some(208)]);
     Ok(())
 }

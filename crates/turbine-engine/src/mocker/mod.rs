@@ -38,8 +38,8 @@ pub struct MockerConfig {
     pub speedup: f64,
     /// Seeds the generated tokens.
     pub seed: u64,
-    /// Generated token ids are below this.
-    pub vocab_size: u32,
+    /// Generated token ids are drawn uniformly from this range.
+    pub vocab: std::ops::Range<u32>,
     pub enable_prefix_caching: bool,
 }
 
@@ -52,7 +52,7 @@ impl Default for MockerConfig {
             max_num_seqs: 256,
             speedup: 1.0,
             seed: 0,
-            vocab_size: 32000,
+            vocab: 0..32000,
             enable_prefix_caching: true,
         }
     }
@@ -74,7 +74,7 @@ impl MockerConfig {
             ("num_blocks", self.num_blocks),
             ("max_num_batched_tokens", self.max_num_batched_tokens),
             ("max_num_seqs", self.max_num_seqs),
-            ("vocab_size", self.vocab_size as usize),
+            ("vocab", self.vocab.len()),
         ] {
             if value == 0 {
                 return Err(MockerConfigError::Zero { name, value });
@@ -143,11 +143,7 @@ impl MockerEngine {
 }
 
 impl Engine for MockerEngine {
-    fn generate(
-        &self,
-        request: PreprocessedRequest,
-        cancel: CancellationToken,
-    ) -> Result<EngineStream, EngineError> {
+    fn generate(&self, request: PreprocessedRequest, cancel: CancellationToken) -> Result<EngineStream, EngineError> {
         let prompt_len = request.token_ids.len();
         if prompt_len == 0 {
             return Err(EngineError::InvalidRequest("the prompt is empty".into()));
@@ -168,12 +164,7 @@ impl Engine for MockerEngine {
         let (out, out_rx) = mpsc::unbounded_channel();
         let (done, done_rx) = oneshot::channel();
         self.tx
-            .send(Msg::Add {
-                id,
-                spec,
-                out,
-                done,
-            })
+            .send(Msg::Add { id, spec, out, done })
             .map_err(|_| EngineError::Stopped)?;
         // Forward cancellation to the loop; the watcher ends with the sequence.
         let tx = self.tx.clone();
@@ -227,12 +218,7 @@ struct Loop {
 impl Loop {
     fn handle(&mut self, msg: Msg) {
         match msg {
-            Msg::Add {
-                id,
-                spec,
-                out,
-                done,
-            } => {
+            Msg::Add { id, spec, out, done } => {
                 self.scheduler.add(id, spec);
                 self.sinks.insert(id, Sink { out, _done: done });
             }
@@ -260,11 +246,7 @@ impl Loop {
     }
 }
 
-async fn run(
-    scheduler: Scheduler,
-    mut rx: mpsc::UnboundedReceiver<Msg>,
-    load: watch::Sender<WorkerLoad>,
-) {
+async fn run(scheduler: Scheduler, mut rx: mpsc::UnboundedReceiver<Msg>, load: watch::Sender<WorkerLoad>) {
     use tokio::time::Instant;
     let mut l = Loop {
         scheduler,

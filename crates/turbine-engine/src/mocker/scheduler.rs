@@ -65,10 +65,7 @@ impl Seq {
         self.tokens.push(token);
         if self.tokens.len() % block_size == 0 {
             let local = local_hash(&self.tokens[self.tokens.len() - block_size..]);
-            let sequence = self
-                .hashes
-                .last()
-                .map_or(local, |p| chain_hash(p.sequence, local));
+            let sequence = self.hashes.last().map_or(local, |p| chain_hash(p.sequence, local));
             self.hashes.push(BlockHash { local, sequence });
         }
     }
@@ -182,9 +179,7 @@ impl Scheduler {
             let seq = &self.seqs[&id];
             let n = seq.pending().min(budget);
             let decoding = seq.is_decoding();
-            let need = (seq.computed + n)
-                .div_ceil(bs)
-                .saturating_sub(seq.blocks.len());
+            let need = (seq.computed + n).div_ceil(bs).saturating_sub(seq.blocks.len());
             let mut scheduled = true;
             while self.pool.num_free() < need {
                 let Some(victim) = self.running.pop() else {
@@ -231,9 +226,7 @@ impl Scheduler {
             // Reuse cached blocks, but always leave at least one token to compute: the
             // step that computes it produces the next token.
             let matched = if self.config.enable_prefix_caching {
-                self.pool
-                    .match_prefix(&seq.hashes)
-                    .min((seq.tokens.len() - 1) / bs)
+                self.pool.match_prefix(&seq.hashes).min((seq.tokens.len() - 1) / bs)
             } else {
                 0
             };
@@ -270,12 +263,7 @@ impl Scheduler {
     /// How long `step` takes under the timing model.
     pub(crate) fn duration(&self, step: &Step) -> std::time::Duration {
         let usage = self.pool.num_in_use() as f64 / self.pool.num_blocks() as f64;
-        timing::step_duration(
-            step.prefill_tokens,
-            step.decodes,
-            usage,
-            self.config.speedup,
-        )
+        timing::step_duration(step.prefill_tokens, step.decodes, usage, self.config.speedup)
     }
 
     /// Applies a finished step. Sequences cancelled meanwhile are skipped.
@@ -289,10 +277,7 @@ impl Scheduler {
             seq.computed += n;
             let full = seq.computed / bs;
             if self.config.enable_prefix_caching && full > seq.registered {
-                let parent = seq
-                    .registered
-                    .checked_sub(1)
-                    .map(|i| seq.hashes[i].sequence);
+                let parent = seq.registered.checked_sub(1).map(|i| seq.hashes[i].sequence);
                 self.pool.register(
                     &seq.blocks[seq.registered..full],
                     &seq.hashes[seq.registered..full],
@@ -303,7 +288,7 @@ impl Scheduler {
             if seq.computed < seq.tokens.len() {
                 continue;
             }
-            let token = seq.rng.gen_range(0..self.config.vocab_size);
+            let token = seq.rng.gen_range(self.config.vocab.clone());
             seq.push_token(token, bs);
             let finish = if seq.stop_token_ids.contains(&token) {
                 Some(FinishReason::Stop)
@@ -312,11 +297,7 @@ impl Scheduler {
             } else {
                 None
             };
-            let cached_tokens = if seq.reported_first {
-                None
-            } else {
-                seq.cached_tokens
-            };
+            let cached_tokens = if seq.reported_first { None } else { seq.cached_tokens };
             seq.reported_first = true;
             produced.push(Produced {
                 seq: id,

@@ -34,11 +34,7 @@ fn spec(prompt_len: usize, max_tokens: u32, fill: u32) -> SeqSpec {
 
 /// Steps until idle, checking limits and invariants every step; returns every step and
 /// every token produced.
-fn drive(
-    s: &mut Scheduler,
-    replica: &mut EventReplica,
-    max_steps: usize,
-) -> (Vec<Step>, Vec<Produced>) {
+fn drive(s: &mut Scheduler, replica: &mut EventReplica, max_steps: usize) -> (Vec<Step>, Vec<Produced>) {
     let (mut steps, mut produced) = (Vec::new(), Vec::new());
     while !s.is_idle() {
         assert!(steps.len() < max_steps, "not done after {max_steps} steps");
@@ -86,11 +82,7 @@ fn long_prompt_is_chunked_by_the_token_budget() {
     s.add(0, spec(150, 2, 1));
     let (steps, produced) = drive(&mut s, &mut EventReplica::default(), 100);
     let sizes: Vec<usize> = steps.iter().map(|s| s.tokens()).collect();
-    assert_eq!(
-        sizes,
-        [64, 64, 22, 1],
-        "three prefill chunks, then one decode"
-    );
+    assert_eq!(sizes, [64, 64, 22, 1], "three prefill chunks, then one decode");
     assert_eq!(steps[2].prefill_tokens, 22);
     assert_eq!(steps[3].decodes, 1);
     assert_eq!(produced.len(), 2);
@@ -125,10 +117,7 @@ fn preemption_under_memory_pressure_and_everyone_finishes() {
     );
     for i in 0..4 {
         let tokens = produced.iter().filter(|p| p.seq == i).count();
-        assert_eq!(
-            tokens, 16,
-            "sequence {i} completes all its tokens despite preemption"
-        );
+        assert_eq!(tokens, 16, "sequence {i} completes all its tokens despite preemption");
     }
     assert_eq!(s.pool().num_free(), 12);
 }
@@ -165,7 +154,7 @@ fn shared_prefix_is_served_from_cache() {
 #[test]
 fn stop_token_ends_a_sequence() {
     let mut s = Scheduler::new(MockerConfig {
-        vocab_size: 1,
+        vocab: 0..1,
         ..config(64, 64, 8)
     });
     s.add(
@@ -320,20 +309,14 @@ async fn speedup_divides_time_and_seed_fixes_tokens() {
             .expect("ok")
             .collect()
             .await;
-        let tokens: Vec<u32> = outputs
-            .into_iter()
-            .flat_map(|o| o.expect("ok").token_ids)
-            .collect();
+        let tokens: Vec<u32> = outputs.into_iter().flat_map(|o| o.expect("ok").token_ids).collect();
         (start.elapsed(), tokens)
     };
     let (slow, a) = run(1.0).await;
     let (fast, b) = run(10.0).await;
     assert_eq!(a, b, "same seed, same tokens");
     let ratio = slow.as_secs_f64() / fast.as_secs_f64();
-    assert!(
-        (ratio - 10.0).abs() < 0.2,
-        "speedup 10 runs {ratio:.2}x faster"
-    );
+    assert!((ratio - 10.0).abs() < 0.2, "speedup 10 runs {ratio:.2}x faster");
 }
 
 #[tokio::test(start_paused = true)]
@@ -347,9 +330,7 @@ async fn cancellation_frees_blocks_at_once_and_events_match_snapshot() {
     let mut events = kv.subscribe();
     let mut load = kv.load();
     let cancel = CancellationToken::new();
-    let mut stream = engine
-        .generate(request(320, 10_000), cancel.clone())
-        .expect("accepted");
+    let mut stream = engine.generate(request(320, 10_000), cancel.clone()).expect("accepted");
     stream.next().await.expect("first token").expect("ok");
     assert!(load.borrow_and_update().blocks_in_use >= 20);
 
@@ -376,11 +357,7 @@ async fn cancellation_frees_blocks_at_once_and_events_match_snapshot() {
         20,
         "the 320-token prompt's 20 blocks stay cached"
     );
-    assert_eq!(
-        snapshot.last_event_id,
-        Some(0),
-        "one Stored event for the prompt"
-    );
+    assert_eq!(snapshot.last_event_id, Some(0), "one Stored event for the prompt");
 }
 
 #[test]

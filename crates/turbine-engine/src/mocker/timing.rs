@@ -40,11 +40,7 @@ mod tests {
 
     #[test]
     fn model_values() {
-        assert!(
-            (prefill_ms(2000) - 48.553).abs() < 1e-3,
-            "{}",
-            prefill_ms(2000)
-        );
+        assert!((prefill_ms(2000) - 48.553).abs() < 1e-3, "{}", prefill_ms(2000));
         assert!((decode_ms(0.0) - 5.74).abs() < 1e-9);
         assert!((decode_ms(1.0) - 34.01).abs() < 1e-9);
         assert_eq!(step_duration(0, 0, 0.5, 1.0), Duration::ZERO);

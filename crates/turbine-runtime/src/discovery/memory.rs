@@ -77,9 +77,8 @@ impl State {
             WatchEvent::Put(kv) => &kv.key,
             WatchEvent::Delete { key } => key,
         };
-        self.watchers.retain(|(prefix, tx)| {
-            !key.starts_with(prefix.as_str()) || tx.send(event.clone()).is_ok()
-        });
+        self.watchers
+            .retain(|(prefix, tx)| !key.starts_with(prefix.as_str()) || tx.send(event.clone()).is_ok());
     }
 
     fn remove_lease(&mut self, lease: LeaseId) {
@@ -139,12 +138,7 @@ impl Discovery for MemoryDiscovery {
         Ok(())
     }
 
-    async fn put(
-        &self,
-        key: &str,
-        value: Vec<u8>,
-        lease: Option<LeaseId>,
-    ) -> Result<(), DiscoveryError> {
+    async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<(), DiscoveryError> {
         let mut state = self.lock();
         if let Some(l) = lease {
             if !state.leases.contains_key(&l) {
@@ -162,9 +156,7 @@ impl Discovery for MemoryDiscovery {
     async fn delete(&self, key: &str) -> Result<(), DiscoveryError> {
         let mut state = self.lock();
         if state.kvs.remove(key).is_some() {
-            state.notify(WatchEvent::Delete {
-                key: key.to_owned(),
-            });
+            state.notify(WatchEvent::Delete { key: key.to_owned() });
         }
         Ok(())
     }
@@ -216,24 +208,11 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(6)).await;
         d.keep_alive(lease).await.unwrap();
         tokio::time::sleep(Duration::from_secs(6)).await;
-        assert_eq!(
-            d.list("").await.unwrap().len(),
-            3,
-            "kept alive at 6s, so alive at 12s"
-        );
+        assert_eq!(d.list("").await.unwrap().len(), 3, "kept alive at 6s, so alive at 12s");
 
         tokio::time::sleep(Duration::from_secs(5)).await;
-        assert_eq!(
-            w.events.next().await,
-            Some(WatchEvent::Delete { key: "a/1".into() })
-        );
-        let keys: Vec<_> = d
-            .list("")
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|kv| kv.key)
-            .collect();
+        assert_eq!(w.events.next().await, Some(WatchEvent::Delete { key: "a/1".into() }));
+        let keys: Vec<_> = d.list("").await.unwrap().into_iter().map(|kv| kv.key).collect();
         assert_eq!(keys, ["a/2"]);
         assert!(matches!(
             d.keep_alive(lease).await,
@@ -256,10 +235,7 @@ mod tests {
                 value: vec![2]
             }))
         );
-        assert_eq!(
-            w.events.next().await,
-            Some(WatchEvent::Delete { key: "p/1".into() })
-        );
+        assert_eq!(w.events.next().await, Some(WatchEvent::Delete { key: "p/1".into() }));
     }
 
     #[tokio::test]

@@ -64,12 +64,7 @@ pub trait Discovery: Send + Sync + std::fmt::Debug + 'static {
     /// Ends the lease now, deleting every key bound to it.
     async fn revoke_lease(&self, lease: LeaseId) -> Result<(), DiscoveryError>;
     /// Creates or replaces `key`, bound to `lease` when one is given.
-    async fn put(
-        &self,
-        key: &str,
-        value: Vec<u8>,
-        lease: Option<LeaseId>,
-    ) -> Result<(), DiscoveryError>;
+    async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<(), DiscoveryError>;
     async fn delete(&self, key: &str) -> Result<(), DiscoveryError>;
     /// Every key under `prefix`, sorted by key.
     async fn list(&self, prefix: &str) -> Result<Vec<KeyValue>, DiscoveryError>;

@@ -8,17 +8,15 @@ use std::sync::{Arc, Mutex};
 use futures::StreamExt;
 use tokio_util::sync::DropGuard;
 
-use super::{
-    unavailable_draining, Handler, InFlightGuard, RequestContext, RequestError, ResponseStream,
-    ServerState,
-};
-use crate::InstanceId;
+use super::{unavailable_draining, Handler, InFlightGuard, RequestContext, RequestError, ResponseStream, ServerState};
+use crate::{EndpointId, InstanceId};
 
-/// Handlers served in this process, by instance. Type-erased because one process serves
+/// Handlers served in this process, by endpoint and instance (one instance id may serve
+/// several endpoints). Type-erased because one process serves
 /// endpoints of many request types; a caller recovers the type it asks for.
 #[derive(Debug, Default)]
 pub(crate) struct LocalRegistry {
-    handlers: Mutex<HashMap<InstanceId, Arc<dyn Any + Send + Sync>>>,
+    handlers: Mutex<HashMap<Key, Arc<dyn Any + Send + Sync>>>,
 }
 
 pub(crate) struct LocalEndpoint<Req, Resp> {
@@ -26,25 +24,24 @@ pub(crate) struct LocalEndpoint<Req, Resp> {
     pub(crate) state: Arc<ServerState>,
 }
 
+type Key = (EndpointId, InstanceId);
+
 impl LocalRegistry {
-    pub(crate) fn insert<Req: 'static, Resp: 'static>(
-        &self,
-        id: InstanceId,
-        endpoint: LocalEndpoint<Req, Resp>,
-    ) {
-        self.lock().insert(id, Arc::new(endpoint));
+    pub(crate) fn insert<Req: 'static, Resp: 'static>(&self, key: Key, endpoint: LocalEndpoint<Req, Resp>) {
+        self.lock().insert(key, Arc::new(endpoint));
     }
 
-    pub(crate) fn remove(&self, id: InstanceId) {
-        self.lock().remove(&id);
+    pub(crate) fn remove(&self, key: &Key) {
+        self.lock().remove(key);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<InstanceId, Arc<dyn Any + Send + Sync>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Arc<dyn Any + Send + Sync>>> {
         self.handlers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub(crate) async fn call<Req, Resp>(
         &self,
+        endpoint: &EndpointId,
         id: InstanceId,
         request: Req,
     ) -> Result<ResponseStream<Resp>, RequestError>
@@ -54,7 +51,7 @@ impl LocalRegistry {
     {
         let any = self
             .lock()
-            .get(&id)
+            .get(&(endpoint.clone(), id))
             .cloned()
             .ok_or(RequestError::NoLocalHandler { instance: id })?;
         let endpoint = any

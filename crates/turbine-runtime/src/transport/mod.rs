@@ -170,9 +170,7 @@ impl ServerState {
         // Count first, then check, so that drain() never sees zero while a request is
         // between its admission check and its count.
         self.in_flight.fetch_add(1, Ordering::SeqCst);
-        let guard = InFlightGuard {
-            state: self.clone(),
-        };
+        let guard = InFlightGuard { state: self.clone() };
         if self.draining.load(Ordering::SeqCst) {
             return None;
         }

@@ -142,9 +142,7 @@ impl TcpPool {
             Some(Err(e)) => return Err(e),
             other => other,
         };
-        Ok(ResponseStream::new(
-            futures::stream::iter(first).chain(rx).boxed(),
-        ))
+        Ok(ResponseStream::new(futures::stream::iter(first).chain(rx).boxed()))
     }
 }
 
@@ -227,15 +225,11 @@ impl<Resp: DeserializeOwned> Stream for TcpResponses<Resp> {
         }
         let item = match futures::ready!(self.rx.poll_recv(cx)) {
             Some(Incoming::Data(bytes)) => {
-                return Poll::Ready(Some(
-                    serde_json::from_slice(&bytes).map_err(RequestError::Decode),
-                ))
+                return Poll::Ready(Some(serde_json::from_slice(&bytes).map_err(RequestError::Decode)))
             }
             Some(Incoming::End) => None,
             Some(Incoming::Error(e)) => Some(Err(RequestError::Handler(e))),
-            None => Some(Err(RequestError::ConnectionLost {
-                addr: self.conn.addr,
-            })),
+            None => Some(Err(RequestError::ConnectionLost { addr: self.conn.addr })),
         };
         self.done = true;
         Poll::Ready(item)
@@ -248,10 +242,7 @@ impl<Resp> Drop for TcpResponses<Resp> {
             return;
         }
         lock(&self.conn.streams).remove(&self.stream);
-        let frame = Frame::Cancel {
-            stream: self.stream,
-        }
-        .encode();
+        let frame = Frame::Cancel { stream: self.stream }.encode();
         match self.conn.tx.try_send(frame) {
             Err(mpsc::error::TrySendError::Full(frame)) => {
                 // Never lose a cancel: queue it behind the backlog. Outside a runtime there

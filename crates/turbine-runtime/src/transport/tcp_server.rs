@@ -38,12 +38,7 @@ where
 {
     /// Accepts connections until `stop_accepting` fires; every connection then stays open
     /// until `close` fires, so that in-flight streams finish on the connection they began on.
-    pub(crate) async fn run(
-        self,
-        listener: TcpListener,
-        stop_accepting: CancellationToken,
-        close: CancellationToken,
-    ) {
+    pub(crate) async fn run(self, listener: TcpListener, stop_accepting: CancellationToken, close: CancellationToken) {
         let this = Arc::new(self);
         loop {
             tokio::select! {
@@ -65,12 +60,7 @@ where
         }
     }
 
-    async fn serve_connection(
-        self: Arc<Self>,
-        socket: TcpStream,
-        peer: SocketAddr,
-        close: CancellationToken,
-    ) {
+    async fn serve_connection(self: Arc<Self>, socket: TcpStream, peer: SocketAddr, close: CancellationToken) {
         if let Err(e) = socket.set_nodelay(true) {
             tracing::debug!(%peer, error = %e, "set_nodelay failed");
         }
@@ -141,9 +131,7 @@ where
     ) {
         let tx = tx.clone();
         let Some(in_flight) = self.state.begin() else {
-            tokio::spawn(
-                async move { tx.send(error_frame(stream, &unavailable_draining())).await },
-            );
+            tokio::spawn(async move { tx.send(error_frame(stream, &unavailable_draining())).await });
             return;
         };
         let token = self.state.request_token();
@@ -176,12 +164,7 @@ where
         }
         let request: Req = match serde_json::from_slice(&payload) {
             Ok(r) => r,
-            Err(e) => {
-                return error_frame(
-                    stream,
-                    &HandlerError::new(ErrorKind::InvalidRequest, e.to_string()),
-                )
-            }
+            Err(e) => return error_frame(stream, &HandlerError::new(ErrorKind::InvalidRequest, e.to_string())),
         };
         let ctx = RequestContext::new(token.clone());
         let mut responses = tokio::select! {
@@ -212,12 +195,7 @@ where
                     );
                     return error_frame(stream, &e);
                 }
-                Err(e) => {
-                    return error_frame(
-                        stream,
-                        &HandlerError::new(ErrorKind::Internal, e.to_string()),
-                    )
-                }
+                Err(e) => return error_frame(stream, &HandlerError::new(ErrorKind::Internal, e.to_string())),
             };
             // If the stream has already ended, say so on this frame instead of in an End
             // frame of its own.
@@ -278,10 +256,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Writes queued frames, flushing only when the queue is momentarily empty so that a busy
 /// connection sends many frames per system call.
-pub(crate) async fn write_frames<W>(
-    mut sink: FramedWrite<W, LengthDelimitedCodec>,
-    mut rx: mpsc::Receiver<Bytes>,
-) where
+pub(crate) async fn write_frames<W>(mut sink: FramedWrite<W, LengthDelimitedCodec>, mut rx: mpsc::Receiver<Bytes>)
+where
     W: tokio::io::AsyncWrite + Unpin,
 {
     while let Some(frame) = rx.recv().await {

@@ -63,16 +63,9 @@ impl Frame {
                 payload,
             } => (REQUEST, *stream, Some(*instance), Some(payload)),
             Frame::Cancel { stream } => (CANCEL, *stream, None, None),
-            Frame::Data {
-                stream,
-                payload,
-                last,
-            } => (
-                if *last { DATA_LAST } else { DATA },
-                *stream,
-                None,
-                Some(payload),
-            ),
+            Frame::Data { stream, payload, last } => {
+                (if *last { DATA_LAST } else { DATA }, *stream, None, Some(payload))
+            }
             Frame::End { stream } => (END, *stream, None, None),
             Frame::Error { stream, payload } => (ERROR, *stream, None, Some(payload)),
         };
@@ -114,10 +107,7 @@ impl Frame {
                 last: tag == DATA_LAST,
             },
             END => Frame::End { stream },
-            ERROR => Frame::Error {
-                stream,
-                payload: body,
-            },
+            ERROR => Frame::Error { stream, payload: body },
             other => return Err(WireError::UnknownTag(other)),
         })
     }
