@@ -49,11 +49,11 @@ impl Engine for EchoEngine {
                 }
             }
         });
-        Ok(tokio_stream_from(rx))
+        Ok(receiver_stream(rx))
     }
 }
 
-fn tokio_stream_from(mut rx: mpsc::Receiver<Result<EngineOutput, EngineError>>) -> EngineStream {
+fn receiver_stream(mut rx: mpsc::Receiver<Result<EngineOutput, EngineError>>) -> EngineStream {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
 }
 

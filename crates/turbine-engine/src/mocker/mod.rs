@@ -6,10 +6,10 @@
 //! plan a step, wait out its duration (still taking cancellations, which free blocks at
 //! once), apply it, deliver tokens, publish KV events and load.
 
+mod output;
 mod scheduler;
 pub mod timing;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,9 +18,10 @@ use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use turbine_protocols::kv::{KvEvent, KvSnapshot, WorkerLoad};
-use turbine_protocols::{EngineOutput, PreprocessedRequest};
+use turbine_protocols::PreprocessedRequest;
 
 use crate::{Engine, EngineError, EngineStream, KvCache};
+use output::{output_slot, OutputWriter};
 use scheduler::{Scheduler, SeqId, SeqSpec};
 
 /// The mocker's settings; the defaults are those of a vLLM worker on one large GPU.
@@ -96,7 +97,7 @@ enum Msg {
     Add {
         id: SeqId,
         spec: SeqSpec,
-        out: mpsc::UnboundedSender<Result<EngineOutput, EngineError>>,
+        out: OutputWriter,
         done: oneshot::Sender<()>,
     },
     Cancel(SeqId),
@@ -108,6 +109,8 @@ enum Msg {
 #[derive(Debug, Clone)]
 pub struct MockerEngine {
     tx: mpsc::UnboundedSender<Msg>,
+    /// Nanoseconds the engine's loop has spent working (not waiting).
+    busy_ns: Arc<AtomicU64>,
     load: watch::Receiver<WorkerLoad>,
     next_id: Arc<AtomicU64>,
     capacity_tokens: usize,
@@ -132,13 +135,23 @@ impl MockerEngine {
         let (tx, rx) = mpsc::unbounded_channel();
         let scheduler = Scheduler::new(config.clone());
         let (load_tx, load) = watch::channel(scheduler.load());
-        tokio::spawn(run(scheduler, rx, load_tx));
+        let busy_ns = Arc::new(AtomicU64::new(0));
+        tokio::spawn(run(scheduler, rx, load_tx, busy_ns.clone()));
         Ok(Self {
             tx,
+            busy_ns,
             load,
             next_id: Arc::default(),
             capacity_tokens: config.capacity_tokens(),
         })
+    }
+}
+
+impl MockerEngine {
+    /// Time the engine has spent computing its schedule, as opposed to waiting out the
+    /// simulated step times: the mocker's own cost.
+    pub fn busy_time(&self) -> Duration {
+        Duration::from_nanos(self.busy_ns.load(Ordering::Relaxed))
     }
 }
 
@@ -161,7 +174,7 @@ impl Engine for MockerEngine {
             stop_token_ids: request.stop.stop_token_ids,
         };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (out, out_rx) = mpsc::unbounded_channel();
+        let (out, out_rx) = output_slot();
         let (done, done_rx) = oneshot::channel();
         self.tx
             .send(Msg::Add { id, spec, out, done })
@@ -174,7 +187,7 @@ impl Engine for MockerEngine {
                 _ = done_rx => {}
             }
         });
-        Ok(tokio_stream::wrappers::UnboundedReceiverStream::new(out_rx).boxed())
+        Ok(out_rx.boxed())
     }
 
     fn kv_cache(&self) -> Option<KvCache> {
@@ -203,29 +216,24 @@ impl crate::KvCacheSource for MockerEngine {
     }
 }
 
-/// Where a sequence's tokens go, and what ends its cancellation watcher.
+/// Where a sequence's tokens go, and what ends its cancellation watcher when dropped.
+#[derive(Debug)]
 struct Sink {
-    out: mpsc::UnboundedSender<Result<EngineOutput, EngineError>>,
+    out: OutputWriter,
     _done: oneshot::Sender<()>,
 }
 
 struct Loop {
-    scheduler: Scheduler,
-    sinks: HashMap<SeqId, Sink>,
+    scheduler: Scheduler<Sink>,
     subscribers: Vec<mpsc::UnboundedSender<KvEvent>>,
 }
 
 impl Loop {
     fn handle(&mut self, msg: Msg) {
         match msg {
-            Msg::Add { id, spec, out, done } => {
-                self.scheduler.add(id, spec);
-                self.sinks.insert(id, Sink { out, _done: done });
-            }
+            Msg::Add { id, spec, out, done } => self.scheduler.add(id, spec, Sink { out, _done: done }),
             Msg::Cancel(id) => {
-                if self.scheduler.cancel(id) {
-                    self.sinks.remove(&id);
-                }
+                self.scheduler.cancel(id);
             }
             Msg::Subscribe(tx) => self.subscribers.push(tx),
             Msg::Snapshot(reply) => {
@@ -246,11 +254,19 @@ impl Loop {
     }
 }
 
-async fn run(scheduler: Scheduler, mut rx: mpsc::UnboundedReceiver<Msg>, load: watch::Sender<WorkerLoad>) {
+/// Shortest interval between two load updates while busy: computing the load visits
+/// every sequence, which at every step would cost as much as the step itself.
+const LOAD_UPDATE_INTERVAL: Duration = Duration::from_millis(5);
+
+async fn run(
+    scheduler: Scheduler<Sink>,
+    mut rx: mpsc::UnboundedReceiver<Msg>,
+    load: watch::Sender<WorkerLoad>,
+    busy_ns: Arc<AtomicU64>,
+) {
     use tokio::time::Instant;
     let mut l = Loop {
         scheduler,
-        sinks: HashMap::new(),
         subscribers: Vec::new(),
     };
     // When the last step ended by the timing model. Steps are chained from it rather than
@@ -258,13 +274,20 @@ async fn run(scheduler: Scheduler, mut rx: mpsc::UnboundedReceiver<Msg>, load: w
     // high speedups is the length of a whole step, and chaining keeps that error from
     // adding up.
     let mut clock: Option<Instant> = None;
+    let mut load_published = Instant::now();
     loop {
+        let work = std::time::Instant::now();
         while let Ok(msg) = rx.try_recv() {
             l.handle(msg);
         }
         let step = l.scheduler.schedule();
         l.flush_events();
-        load.send_replace(l.scheduler.load());
+        let now = Instant::now();
+        if step.is_empty() || now >= load_published + LOAD_UPDATE_INTERVAL {
+            load.send_replace(l.scheduler.load());
+            load_published = now;
+        }
+        busy_ns.fetch_add(work.elapsed().as_nanos() as u64, Ordering::Relaxed);
         if step.is_empty() {
             // Idle (a prompt that fits the pool can always be admitted once nothing runs).
             clock = None;
@@ -274,7 +297,6 @@ async fn run(scheduler: Scheduler, mut rx: mpsc::UnboundedReceiver<Msg>, load: w
             }
             continue;
         }
-        let now = Instant::now();
         let start = match clock {
             Some(c) if now.saturating_duration_since(c) < Duration::from_millis(2) => c,
             _ => now,
@@ -286,6 +308,7 @@ async fn run(scheduler: Scheduler, mut rx: mpsc::UnboundedReceiver<Msg>, load: w
                 biased;
                 msg = rx.recv() => match msg {
                     Some(msg) => {
+                        // Cancellations free blocks at once, and the load says so.
                         l.handle(msg);
                         l.flush_events();
                         load.send_replace(l.scheduler.load());
@@ -295,24 +318,11 @@ async fn run(scheduler: Scheduler, mut rx: mpsc::UnboundedReceiver<Msg>, load: w
                 _ = tokio::time::sleep_until(deadline) => break,
             }
         }
-        for p in l.scheduler.complete(&step) {
-            let Some(sink) = l.sinks.get(&p.seq) else {
-                continue;
-            };
-            let output = EngineOutput {
-                token_ids: vec![p.token],
-                finish_reason: p.finish,
-                cached_tokens: p.cached_tokens,
-            };
-            let delivered = sink.out.send(Ok(output)).is_ok();
-            if p.finish.is_some() {
-                l.sinks.remove(&p.seq);
-            } else if !delivered {
-                // Nobody reads this sequence any more.
-                l.scheduler.cancel(p.seq);
-                l.sinks.remove(&p.seq);
-            }
-        }
+        let work = std::time::Instant::now();
+        // A sink that refuses a token has lost its reader: the sequence is dropped.
+        l.scheduler
+            .complete(&step, |sink, p| sink.out.push(p.token, p.cached_tokens, p.finish));
+        busy_ns.fetch_add(work.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
 }
 

@@ -4,11 +4,12 @@
 //! tokens computed, blocks registered, one new token per sequence that caught up.
 //!
 //! No clock and no I/O here: the engine loop decides when steps happen.
+//!
+//! Sequences live in a slab and carry their output sink (`T`), so that a step touches each
+//! running sequence once: at a million tokens a second, memory traffic is the cost.
 
 use std::collections::{HashMap, VecDeque};
 
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use turbine_protocols::kv::{KvEvent, KvSnapshot, WorkerLoad};
 use turbine_protocols::FinishReason;
 use turbine_tokens::{chain_hash, local_hash, BlockHash};
@@ -28,7 +29,9 @@ pub(crate) struct SeqSpec {
 }
 
 #[derive(Debug)]
-struct Seq {
+struct Seq<T> {
+    id: SeqId,
+    sink: T,
     /// Prompt and generated tokens.
     tokens: Vec<u32>,
     prompt_len: usize,
@@ -44,10 +47,10 @@ struct Seq {
     /// Prompt tokens found cached when first admitted; reported on the first token.
     cached_tokens: Option<u32>,
     reported_first: bool,
-    rng: StdRng,
+    rng: SplitMix64,
 }
 
-impl Seq {
+impl<T> Seq<T> {
     fn generated(&self) -> usize {
         self.tokens.len() - self.prompt_len
     }
@@ -74,7 +77,8 @@ impl Seq {
 /// The plan of one step: which sequences compute how many tokens.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(crate) struct Step {
-    pub(crate) entries: Vec<(SeqId, usize)>,
+    /// (slot, sequence, tokens to compute).
+    pub(crate) entries: Vec<(usize, SeqId, usize)>,
     pub(crate) prefill_tokens: usize,
     pub(crate) decodes: usize,
     pub(crate) preempted: Vec<SeqId>,
@@ -87,7 +91,7 @@ impl Step {
 
     #[cfg(test)]
     pub(crate) fn tokens(&self) -> usize {
-        self.entries.iter().map(|(_, n)| n).sum()
+        self.entries.iter().map(|(_, _, n)| n).sum()
     }
 }
 
@@ -102,36 +106,43 @@ pub(crate) struct Produced {
 }
 
 #[derive(Debug)]
-pub(crate) struct Scheduler {
+pub(crate) struct Scheduler<T> {
     config: MockerConfig,
     pool: BlockPool,
-    seqs: HashMap<SeqId, Seq>,
-    waiting: VecDeque<SeqId>,
-    running: Vec<SeqId>,
+    slots: Vec<Option<Seq<T>>>,
+    free_slots: Vec<usize>,
+    /// Slot of each live sequence, for cancellation by id.
+    index: HashMap<SeqId, usize>,
+    waiting: VecDeque<usize>,
+    running: Vec<usize>,
 }
 
-impl Scheduler {
+impl<T> Scheduler<T> {
     pub(crate) fn new(config: MockerConfig) -> Self {
         let pool = BlockPool::new(config.num_blocks, config.block_size);
         Self {
             config,
             pool,
-            seqs: HashMap::new(),
+            slots: Vec::new(),
+            free_slots: Vec::new(),
+            index: HashMap::new(),
             waiting: VecDeque::new(),
             running: Vec::new(),
         }
     }
 
-    /// Queues a sequence; its prompt must fit in the pool. Its output is drawn from an RNG seeded by the engine's seed and
-    /// `id`, so the same requests in the same order give the same tokens.
-    pub(crate) fn add(&mut self, id: SeqId, spec: SeqSpec) {
+    /// Queues a sequence whose tokens go to `sink`; its prompt must fit in the pool. Its
+    /// output is drawn from an RNG seeded by the engine's seed and `id`, so the same
+    /// requests in the same order give the same tokens.
+    pub(crate) fn add(&mut self, id: SeqId, spec: SeqSpec, sink: T) {
         let bs = self.config.block_size;
         let hashes = turbine_tokens::block_hashes(&spec.prompt, bs);
-        let seed = self.config.seed ^ id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         // A sequence longer than the whole pool would preempt itself forever: it ends,
         // with `Length`, when it would outgrow it.
         let room = (self.config.num_blocks * bs).saturating_sub(spec.prompt.len()) as u32;
         let seq = Seq {
+            id,
+            sink,
             prompt_len: spec.prompt.len(),
             tokens: spec.prompt,
             max_tokens: spec.max_tokens.min(room).max(1),
@@ -142,52 +153,74 @@ impl Scheduler {
             registered: 0,
             cached_tokens: None,
             reported_first: false,
-            rng: StdRng::seed_from_u64(seed),
+            rng: SplitMix64(self.config.seed ^ id.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
         };
-        self.seqs.insert(id, seq);
-        self.waiting.push_back(id);
+        let slot = match self.free_slots.pop() {
+            Some(slot) => {
+                self.slots[slot] = Some(seq);
+                slot
+            }
+            None => {
+                self.slots.push(Some(seq));
+                self.slots.len() - 1
+            }
+        };
+        self.index.insert(id, slot);
+        self.waiting.push_back(slot);
     }
 
     /// Drops a sequence wherever it is, freeing its blocks at once. False if unknown.
     pub(crate) fn cancel(&mut self, id: SeqId) -> bool {
-        let Some(seq) = self.seqs.remove(&id) else {
+        let Some(slot) = self.index.remove(&id) else {
             return false;
         };
-        self.pool.release(seq.blocks.iter().rev().copied());
-        self.running.retain(|&s| s != id);
-        self.waiting.retain(|&s| s != id);
+        self.running.retain(|&s| s != slot);
+        self.waiting.retain(|&s| s != slot);
+        self.free(slot);
         true
+    }
+
+    fn free(&mut self, slot: usize) {
+        if let Some(seq) = self.slots[slot].take() {
+            self.pool.release(seq.blocks.iter().rev().copied());
+            self.free_slots.push(slot);
+        }
+    }
+
+    fn seq(&self, slot: usize) -> &Seq<T> {
+        self.slots[slot].as_ref().expect("queued slots hold a sequence")
+    }
+
+    fn seq_mut(&mut self, slot: usize) -> &mut Seq<T> {
+        self.slots[slot].as_mut().expect("queued slots hold a sequence")
     }
 
     #[cfg(test)]
     pub(crate) fn is_idle(&self) -> bool {
-        self.seqs.is_empty()
+        self.index.is_empty()
     }
 
     /// Plans the next step: running sequences first (decodes and unfinished prefills, in
     /// admission order), then waiting ones in arrival order, within the token budget and
     /// the sequence cap. A running sequence that cannot get a block preempts the most
     /// recently admitted one (possibly itself), whose blocks are freed and which waits
-    /// again at the front of the queue; no new sequence is admitted in such a step.
+    /// again at the front of the queue.
     pub(crate) fn schedule(&mut self) -> Step {
         let bs = self.config.block_size;
         let mut budget = self.config.max_num_batched_tokens;
         let mut step = Step::default();
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
-            let id = self.running[i];
-            let seq = &self.seqs[&id];
-            let n = seq.pending().min(budget);
-            let decoding = seq.is_decoding();
+            let slot = self.running[i];
+            let seq = self.seq(slot);
+            let (id, n, decoding) = (seq.id, seq.pending().min(budget), seq.is_decoding());
             let need = (seq.computed + n).div_ceil(bs).saturating_sub(seq.blocks.len());
             let mut scheduled = true;
             while self.pool.num_free() < need {
-                let Some(victim) = self.running.pop() else {
-                    break;
-                };
+                let Some(victim) = self.running.pop() else { break };
+                step.preempted.push(self.seq(victim).id);
                 self.preempt(victim);
-                step.preempted.push(victim);
-                if victim == id {
+                if victim == slot {
                     scheduled = false;
                     break;
                 }
@@ -195,10 +228,11 @@ impl Scheduler {
             if !scheduled {
                 break;
             }
-            let fresh = self.pool.allocate(need).unwrap_or_default();
-            let seq = self.seqs.get_mut(&id).expect("running sequences exist");
-            seq.blocks.extend(fresh);
-            step.entries.push((id, n));
+            if need > 0 {
+                let fresh = self.pool.allocate(need).unwrap_or_default();
+                self.seq_mut(slot).blocks.extend(fresh);
+            }
+            step.entries.push((slot, id, n));
             if decoding {
                 step.decodes += 1;
             } else {
@@ -219,10 +253,8 @@ impl Scheduler {
     fn admit(&mut self, step: &mut Step, mut budget: usize) {
         let bs = self.config.block_size;
         while budget > 0 && self.running.len() < self.config.max_num_seqs {
-            let Some(&id) = self.waiting.front() else {
-                break;
-            };
-            let seq = &self.seqs[&id];
+            let Some(&slot) = self.waiting.front() else { break };
+            let seq = self.seq(slot);
             // Reuse cached blocks, but always leave at least one token to compute: the
             // step that computes it produces the next token.
             let matched = if self.config.enable_prefix_caching {
@@ -237,27 +269,28 @@ impl Scheduler {
             if self.pool.num_free() < fresh_needed + leaving_free_list {
                 break;
             }
+            let seq = self.slots[slot].as_mut().expect("queued slots hold a sequence");
             let mut blocks = self.pool.acquire_prefix(&seq.hashes[..matched]);
             blocks.extend(self.pool.allocate(fresh_needed).unwrap_or_default());
-            let seq = self.seqs.get_mut(&id).expect("waiting sequences exist");
             seq.blocks = blocks;
             seq.computed = computed;
             seq.registered = matched;
             seq.cached_tokens.get_or_insert(computed as u32);
+            let id = seq.id;
             self.waiting.pop_front();
-            self.running.push(id);
-            step.entries.push((id, n));
+            self.running.push(slot);
+            step.entries.push((slot, id, n));
             step.prefill_tokens += n;
             budget -= n;
         }
     }
 
-    fn preempt(&mut self, id: SeqId) {
-        let seq = self.seqs.get_mut(&id).expect("preempted sequences exist");
+    fn preempt(&mut self, slot: usize) {
+        let seq = self.slots[slot].as_mut().expect("preempted slots hold a sequence");
         self.pool.release(seq.blocks.drain(..).rev());
         seq.computed = 0;
         seq.registered = 0;
-        self.waiting.push_front(id);
+        self.waiting.push_front(slot);
     }
 
     /// How long `step` takes under the timing model.
@@ -266,17 +299,20 @@ impl Scheduler {
         timing::step_duration(step.prefill_tokens, step.decodes, usage, self.config.speedup)
     }
 
-    /// Applies a finished step. Sequences cancelled meanwhile are skipped.
-    pub(crate) fn complete(&mut self, step: &Step) -> Vec<Produced> {
+    /// Applies a finished step, handing each token produced to `emit` with its sequence's
+    /// sink; a sequence whose sink refuses it (`false`: nobody reads) is dropped.
+    /// Sequences cancelled meanwhile are skipped.
+    pub(crate) fn complete(&mut self, step: &Step, mut emit: impl FnMut(&T, Produced) -> bool) {
         let bs = self.config.block_size;
-        let mut produced = Vec::new();
-        for &(id, n) in &step.entries {
-            let Some(seq) = self.seqs.get_mut(&id) else {
+        let caching = self.config.enable_prefix_caching;
+        let vocab = self.config.vocab.clone();
+        for &(slot, id, n) in &step.entries {
+            let Some(seq) = self.slots[slot].as_mut().filter(|s| s.id == id) else {
                 continue;
             };
             seq.computed += n;
             let full = seq.computed / bs;
-            if self.config.enable_prefix_caching && full > seq.registered {
+            if caching && full > seq.registered {
                 let parent = seq.registered.checked_sub(1).map(|i| seq.hashes[i].sequence);
                 self.pool.register(
                     &seq.blocks[seq.registered..full],
@@ -288,7 +324,7 @@ impl Scheduler {
             if seq.computed < seq.tokens.len() {
                 continue;
             }
-            let token = seq.rng.gen_range(self.config.vocab.clone());
+            let token = vocab.start + (seq.rng.next() % u64::from(vocab.end - vocab.start)) as u32;
             seq.push_token(token, bs);
             let finish = if seq.stop_token_ids.contains(&token) {
                 Some(FinishReason::Stop)
@@ -299,33 +335,29 @@ impl Scheduler {
             };
             let cached_tokens = if seq.reported_first { None } else { seq.cached_tokens };
             seq.reported_first = true;
-            produced.push(Produced {
-                seq: id,
-                token,
-                cached_tokens,
-                finish,
-            });
-            if finish.is_some() {
+            let delivered = emit(
+                &seq.sink,
+                Produced {
+                    seq: id,
+                    token,
+                    cached_tokens,
+                    finish,
+                },
+            );
+            if finish.is_some() || !delivered {
                 self.cancel(id);
             }
         }
-        produced
     }
 
     pub(crate) fn load(&self) -> WorkerLoad {
-        let prefill = |s: &Seq| {
-            if s.is_decoding() {
-                0
-            } else {
-                s.pending() as u64
-            }
-        };
+        let prefill = |s: &Seq<T>| if s.is_decoding() { 0 } else { s.pending() as u64 };
         WorkerLoad {
             active_seqs: self.running.len() as u32,
             waiting_seqs: self.waiting.len() as u32,
             blocks_in_use: self.pool.num_in_use() as u32,
             blocks_total: self.pool.num_blocks() as u32,
-            active_prefill_tokens: self.seqs.values().map(prefill).sum(),
+            active_prefill_tokens: self.slots.iter().flatten().map(prefill).sum(),
         }
     }
 
@@ -350,5 +382,20 @@ impl Scheduler {
     #[cfg(test)]
     pub(crate) fn running(&self) -> usize {
         self.running.len()
+    }
+}
+
+/// A tiny, fast, seedable generator (SplitMix64): the mocker's tokens need to be
+/// reproducible, not unpredictable, and the state is one word per sequence.
+#[derive(Debug, Clone)]
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
     }
 }

@@ -34,13 +34,16 @@ fn spec(prompt_len: usize, max_tokens: u32, fill: u32) -> SeqSpec {
 
 /// Steps until idle, checking limits and invariants every step; returns every step and
 /// every token produced.
-fn drive(s: &mut Scheduler, replica: &mut EventReplica, max_steps: usize) -> (Vec<Step>, Vec<Produced>) {
+fn drive(s: &mut Scheduler<()>, replica: &mut EventReplica, max_steps: usize) -> (Vec<Step>, Vec<Produced>) {
     let (mut steps, mut produced) = (Vec::new(), Vec::new());
     while !s.is_idle() {
         assert!(steps.len() < max_steps, "not done after {max_steps} steps");
         let step = s.schedule();
         check_step(s, &step);
-        produced.extend(s.complete(&step));
+        s.complete(&step, |_, p| {
+            produced.push(p);
+            true
+        });
         for e in s.take_events() {
             replica.apply(&e).expect("consistent events");
         }
@@ -50,7 +53,7 @@ fn drive(s: &mut Scheduler, replica: &mut EventReplica, max_steps: usize) -> (Ve
     (steps, produced)
 }
 
-fn check_step(s: &Scheduler, step: &Step) {
+fn check_step(s: &Scheduler<()>, step: &Step) {
     assert!(
         step.tokens() <= s.config_budget(),
         "token budget exceeded: {} tokens",
@@ -67,7 +70,7 @@ fn check_step(s: &Scheduler, step: &Step) {
     );
 }
 
-impl Scheduler {
+impl Scheduler<()> {
     fn config_budget(&self) -> usize {
         self.config().max_num_batched_tokens
     }
@@ -79,7 +82,7 @@ impl Scheduler {
 #[test]
 fn long_prompt_is_chunked_by_the_token_budget() {
     let mut s = Scheduler::new(config(64, 64, 8));
-    s.add(0, spec(150, 2, 1));
+    s.add(0, spec(150, 2, 1), ());
     let (steps, produced) = drive(&mut s, &mut EventReplica::default(), 100);
     let sizes: Vec<usize> = steps.iter().map(|s| s.tokens()).collect();
     assert_eq!(sizes, [64, 64, 22, 1], "three prefill chunks, then one decode");
@@ -93,7 +96,7 @@ fn long_prompt_is_chunked_by_the_token_budget() {
 fn sequence_cap_and_budget_hold_with_many_requests() {
     let mut s = Scheduler::new(config(512, 32, 3));
     for i in 0..20 {
-        s.add(i, spec(10 + i as usize, 5, i as u32));
+        s.add(i, spec(10 + i as usize, 5, i as u32), ());
     }
     let (steps, produced) = drive(&mut s, &mut EventReplica::default(), 1000);
     assert!(
@@ -108,7 +111,7 @@ fn preemption_under_memory_pressure_and_everyone_finishes() {
     // 12 blocks of 4 tokens; four sequences that each grow to 4 + 16 = 20 tokens (5 blocks).
     let mut s = Scheduler::new(config(12, 64, 8));
     for i in 0..4 {
-        s.add(i, spec(4, 16, i as u32 + 1));
+        s.add(i, spec(4, 16, i as u32 + 1), ());
     }
     let (steps, produced) = drive(&mut s, &mut EventReplica::default(), 1000);
     assert!(
@@ -133,6 +136,7 @@ fn shared_prefix_is_served_from_cache() {
             max_tokens: 1,
             stop_token_ids: vec![],
         },
+        (),
     );
     let (_, first) = drive(&mut s, &mut replica, 10);
     assert_eq!(first[0].cached_tokens, Some(0));
@@ -144,6 +148,7 @@ fn shared_prefix_is_served_from_cache() {
             max_tokens: 1,
             stop_token_ids: vec![],
         },
+        (),
     );
     let (steps, second) = drive(&mut s, &mut replica, 10);
     assert_eq!(second[0].cached_tokens, Some(16));
@@ -164,6 +169,7 @@ fn stop_token_ends_a_sequence() {
             max_tokens: 10,
             stop_token_ids: vec![0],
         },
+        (),
     );
     let (_, produced) = drive(&mut s, &mut EventReplica::default(), 10);
     assert_eq!(produced.len(), 1);
@@ -192,6 +198,7 @@ fn ten_thousand_requests_half_cancelled_leak_nothing() {
                         max_tokens: rng.gen_range(1..24),
                         stop_token_ids: vec![],
                     },
+                    (),
                 );
                 live.push(next);
                 next += 1;
@@ -206,11 +213,12 @@ fn ten_thousand_requests_half_cancelled_leak_nothing() {
         }
         let step = s.schedule();
         check_step(&s, &step);
-        for p in s.complete(&step) {
+        s.complete(&step, |_, p| {
             if p.finish.is_some() {
                 live.retain(|&l| l != p.seq);
             }
-        }
+            true
+        });
         for e in s.take_events() {
             replica.apply(&e).expect("consistent events");
         }
@@ -240,7 +248,7 @@ proptest! {
         for (kind, len, max_tokens, fill) in ops {
             match kind {
                 0 => {
-                    s.add(next, spec(len, max_tokens, fill));
+                    s.add(next, spec(len, max_tokens, fill), ());
                     next += 1;
                 }
                 1 if next > 0 => {
@@ -249,7 +257,7 @@ proptest! {
                 _ => {
                     let step = s.schedule();
                     check_step(&s, &step);
-                    s.complete(&step);
+                    s.complete(&step, |_, _| true);
                 }
             }
             for e in s.take_events() {

@@ -5,7 +5,10 @@ use std::any::Any;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use futures::StreamExt;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures::{Stream, StreamExt};
 use tokio_util::sync::DropGuard;
 
 use super::{unavailable_draining, Handler, InFlightGuard, RequestContext, RequestError, ResponseStream, ServerState};
@@ -63,27 +66,49 @@ impl LocalRegistry {
             .handler
             .handle(request, RequestContext::new(token.clone()))
             .await?;
-        let guards = Guards {
-            _in_flight: in_flight,
-            cancel_on_drop: token.drop_guard(),
+        let stream = Guarded {
+            inner: stream,
+            guards: Some(Guards {
+                _in_flight: in_flight,
+                cancel_on_drop: token.drop_guard(),
+            }),
         };
-        // The guards live as long as the stream is polled and end with it: when it ends by
-        // itself the request is complete and nothing is cancelled.
-        let stream = futures::stream::unfold(Some((stream, guards)), |state| async move {
-            let (mut stream, guards) = state?;
-            match stream.next().await {
-                Some(item) => Some((item.map_err(RequestError::Handler), Some((stream, guards)))),
-                None => {
-                    guards.cancel_on_drop.disarm();
-                    None
-                }
-            }
-        });
         Ok(ResponseStream::new(stream.boxed()))
     }
+}
+
+/// The handler's stream with what must end with it: the in-flight count, and the token
+/// that cancels the request if the stream is dropped before its end.
+struct Guarded<S> {
+    inner: S,
+    guards: Option<Guards>,
 }
 
 struct Guards {
     _in_flight: InFlightGuard,
     cancel_on_drop: DropGuard,
+}
+
+impl<S, T> Stream for Guarded<S>
+where
+    S: Stream<Item = Result<T, super::HandlerError>> + Unpin,
+{
+    type Item = Result<T, RequestError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.guards.is_none() {
+            return Poll::Ready(None);
+        }
+        match self.inner.poll_next_unpin(cx) {
+            Poll::Ready(Some(item)) => Poll::Ready(Some(item.map_err(RequestError::Handler))),
+            Poll::Ready(None) => {
+                // Ended by itself: complete, so nothing is cancelled.
+                if let Some(g) = self.guards.take() {
+                    g.cancel_on_drop.disarm();
+                }
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
 }
