@@ -41,8 +41,8 @@ pub trait Engine: Send + Sync + 'static {
 
 /// What an engine with a KV cache exposes about it.
 pub trait KvCacheSource: Send + Sync + 'static {
-    /// Every KV event from now on, in order.
-    fn subscribe(&self) -> mpsc::UnboundedReceiver<KvEvent>;
+    /// Every KV event from now on, in order, in batches of those produced together.
+    fn subscribe(&self) -> mpsc::UnboundedReceiver<Vec<KvEvent>>;
     /// The latest load, updated every step.
     fn load(&self) -> watch::Receiver<WorkerLoad>;
     /// Every cached block, consistent with the events sent so far.

@@ -59,12 +59,13 @@ pub struct KvSnapshot {
     pub blocks: Vec<CachedBlock>,
 }
 
-/// Published on the event plane with every KV event.
+/// Published on the event plane: a worker's KV events, in order, as many as one engine
+/// step produced (one message per step instead of one per block).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvEventMessage {
     /// The instance id of the worker's generate endpoint.
     pub worker: u64,
-    pub event: KvEvent,
+    pub events: Vec<KvEvent>,
 }
 
 /// Published on the event plane with every load report.

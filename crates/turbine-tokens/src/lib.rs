@@ -18,10 +18,17 @@ pub type SequenceHash = u64;
 
 /// The local hash of one block of token ids.
 pub fn local_hash(tokens: &[u32]) -> LocalHash {
-    let mut bytes = Vec::with_capacity(tokens.len() * 4);
-    for t in tokens {
-        bytes.extend_from_slice(&t.to_le_bytes());
+    // Blocks are small (16 to 64 tokens): hash from the stack, as engines do this for every
+    // block they fill.
+    const STACK_TOKENS: usize = 128;
+    if tokens.len() <= STACK_TOKENS {
+        let mut buf = [0u8; STACK_TOKENS * 4];
+        for (chunk, t) in buf.chunks_exact_mut(4).zip(tokens) {
+            chunk.copy_from_slice(&t.to_le_bytes());
+        }
+        return xxh3_64_with_seed(&buf[..tokens.len() * 4], HASH_SEED);
     }
+    let bytes: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
     xxh3_64_with_seed(&bytes, HASH_SEED)
 }
 
@@ -102,6 +109,17 @@ mod tests {
         "#]]
         .assert_debug_eq(&blocks);
         assert_eq!(blocks[1].sequence, chain_hash(blocks[0].sequence, blocks[1].local));
+    }
+
+    #[test]
+    fn long_blocks_hash_like_short_ones() {
+        let long: Vec<u32> = (0..300).collect();
+        let mut bytes = Vec::new();
+        for t in &long {
+            bytes.extend_from_slice(&t.to_le_bytes());
+        }
+        assert_eq!(local_hash(&long), xxh3_64_with_seed(&bytes, HASH_SEED));
+        assert_eq!(local_hash(&long[..128]), xxh3_64_with_seed(&bytes[..512], HASH_SEED));
     }
 
     #[test]

@@ -38,23 +38,25 @@ pub(crate) fn start_publishing(runtime: &Runtime, cache: &KvCache, p: Publish, s
     let stop_events = stop.clone();
     tokio::spawn(async move {
         loop {
-            let event = tokio::select! {
+            let batch = tokio::select! {
                 _ = stop_events.cancelled() => return,
                 e = rx.recv() => match e { Some(e) => e, None => return },
             };
             {
                 let mut h = kept.lock().unwrap_or_else(|e| e.into_inner());
-                if h.len() == KV_EVENT_HISTORY {
-                    h.pop_front();
+                for event in &batch {
+                    if h.len() == KV_EVENT_HISTORY {
+                        h.pop_front();
+                    }
+                    h.push_back(event.clone());
                 }
-                h.push_back(event.clone());
             }
-            let message = KvEventMessage { worker, event };
+            let message = KvEventMessage { worker, events: batch };
             // Messages of plain data always serialize.
             let payload = Bytes::from(serde_json::to_vec(&message).unwrap_or_default());
             if let Err(e) = events.publish(&subject, payload).await {
                 // Routers notice the gap in event ids and resynchronise.
-                tracing::warn!(error = %e, "publishing a KV event failed");
+                tracing::warn!(error = %e, "publishing KV events failed");
             }
         }
     });

@@ -132,8 +132,10 @@ async fn publishes_kv_events_and_load_and_answers_state_requests() -> Result<()>
     while let Ok(Some(e)) = tokio::time::timeout(Duration::from_millis(200), kv_events.next()).await {
         let m: KvEventMessage = serde_json::from_slice(&e.payload)?;
         assert_eq!(m.worker, id.0);
-        replica.apply(&m.event)?;
-        last = Some(m.event.event_id);
+        for event in &m.events {
+            replica.apply(event)?;
+            last = Some(event.event_id);
+        }
     }
     let last = last.context("no KV event published")?;
 

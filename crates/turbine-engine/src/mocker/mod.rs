@@ -101,7 +101,7 @@ enum Msg {
         done: oneshot::Sender<()>,
     },
     Cancel(SeqId),
-    Subscribe(mpsc::UnboundedSender<KvEvent>),
+    Subscribe(mpsc::UnboundedSender<Vec<KvEvent>>),
     Snapshot(oneshot::Sender<KvSnapshot>),
 }
 
@@ -196,7 +196,7 @@ impl Engine for MockerEngine {
 }
 
 impl crate::KvCacheSource for MockerEngine {
-    fn subscribe(&self) -> mpsc::UnboundedReceiver<KvEvent> {
+    fn subscribe(&self) -> mpsc::UnboundedReceiver<Vec<KvEvent>> {
         let (tx, rx) = mpsc::unbounded_channel();
         let _ = self.tx.send(Msg::Subscribe(tx));
         rx
@@ -225,7 +225,7 @@ struct Sink {
 
 struct Loop {
     scheduler: Scheduler<Sink>,
-    subscribers: Vec<mpsc::UnboundedSender<KvEvent>>,
+    subscribers: Vec<mpsc::UnboundedSender<Vec<KvEvent>>>,
 }
 
 impl Loop {
@@ -249,8 +249,7 @@ impl Loop {
         if events.is_empty() {
             return;
         }
-        self.subscribers
-            .retain(|s| events.iter().all(|e| s.send(e.clone()).is_ok()));
+        self.subscribers.retain(|s| s.send(events.clone()).is_ok());
     }
 }
 

@@ -16,10 +16,14 @@ use crate::EngineError;
 
 #[derive(Debug, Default)]
 struct Slot {
+    /// Kept allocated: the reader copies tokens out, so the engine's side never allocates.
     tokens: Vec<u32>,
     cached_tokens: Option<u32>,
     finish: Option<FinishReason>,
+    /// The reader's waker, kept across wake-ups so that neither side clones it per token.
     waker: Option<Waker>,
+    /// The reader returned `Pending` and has not been woken since.
+    reader_waiting: bool,
     writer_gone: bool,
     reader_gone: bool,
 }
@@ -47,20 +51,19 @@ fn lock(slot: &Mutex<Slot>) -> MutexGuard<'_, Slot> {
 impl OutputWriter {
     /// Adds a token; false once the reader is gone.
     pub(crate) fn push(&self, token: u32, cached_tokens: Option<u32>, finish: Option<FinishReason>) -> bool {
-        let waker = {
-            let mut s = lock(&self.0);
-            if s.reader_gone {
-                return false;
+        let mut s = lock(&self.0);
+        if s.reader_gone {
+            return false;
+        }
+        s.tokens.push(token);
+        if s.cached_tokens.is_none() {
+            s.cached_tokens = cached_tokens;
+        }
+        s.finish = finish;
+        if std::mem::take(&mut s.reader_waiting) {
+            if let Some(w) = &s.waker {
+                w.wake_by_ref();
             }
-            s.tokens.push(token);
-            if s.cached_tokens.is_none() {
-                s.cached_tokens = cached_tokens;
-            }
-            s.finish = finish;
-            s.waker.take()
-        };
-        if let Some(w) = waker {
-            w.wake();
         }
         true
     }
@@ -68,12 +71,9 @@ impl OutputWriter {
 
 impl Drop for OutputWriter {
     fn drop(&mut self) {
-        let waker = {
-            let mut s = lock(&self.0);
-            s.writer_gone = true;
-            s.waker.take()
-        };
-        if let Some(w) = waker {
+        let mut s = lock(&self.0);
+        s.writer_gone = true;
+        if let Some(w) = s.waker.take() {
             w.wake();
         }
     }
@@ -89,10 +89,11 @@ impl Stream for OutputReader {
         let mut s = lock(&self.slot);
         if !s.tokens.is_empty() {
             let output = EngineOutput {
-                token_ids: std::mem::take(&mut s.tokens),
+                token_ids: s.tokens.to_vec(),
                 finish_reason: s.finish,
                 cached_tokens: s.cached_tokens.take(),
             };
+            s.tokens.clear();
             let finished = s.finish.is_some();
             drop(s);
             self.done = finished;
@@ -106,6 +107,7 @@ impl Stream for OutputReader {
         if !s.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
             s.waker = Some(cx.waker().clone());
         }
+        s.reader_waiting = true;
         Poll::Pending
     }
 }

@@ -356,8 +356,10 @@ async fn cancellation_frees_blocks_at_once_and_events_match_snapshot() {
 
     let snapshot = kv.snapshot().await.expect("snapshot");
     let mut replica = EventReplica::default();
-    while let Ok(e) = events.try_recv() {
-        replica.apply(&e).expect("consistent");
+    while let Ok(batch) = events.try_recv() {
+        for e in &batch {
+            replica.apply(e).expect("consistent");
+        }
     }
     assert_eq!(replica.registered, EventReplica::of(&snapshot));
     assert_eq!(
