@@ -1,8 +1,13 @@
 //! Routing decisions: which worker serves a request. Pure logic with no I/O: the caller
 //! keeps the set of workers current and asks for a choice.
 //!
-//! Today: the baseline policies, round-robin and random. The KV-cache-aware indexer and
-//! cost function join them here.
+//! - [`indexer::KvIndexer`]: which worker holds which cached blocks, from their KV events.
+//! - [`selector::select`]: the cost function that weighs a worker's cached prefix against
+//!   its load.
+//! - [`Router`]: the baseline policies, round-robin and random.
+
+pub mod indexer;
+pub mod selector;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
