@@ -233,6 +233,17 @@ impl KvIndexer {
         self.blocks.len()
     }
 
+    /// Bytes the block map occupies: its table's capacity times an entry and its control
+    /// byte. The per-worker bookkeeping is negligible beside it.
+    pub fn memory_bytes(&self) -> usize {
+        self.blocks.capacity() * (std::mem::size_of::<(u64, WorkerSet)>() + 1)
+    }
+
+    /// (worker, block) pairs held: what the workers' events have stored and not removed.
+    pub fn stored_pairs(&self) -> usize {
+        self.workers.values().map(|w| w.blocks).sum()
+    }
+
     /// Blocks `worker` holds, as far as its events tell.
     pub fn worker_blocks(&self, worker: WorkerId) -> usize {
         self.workers.get(&worker).map_or(0, |w| w.blocks)
