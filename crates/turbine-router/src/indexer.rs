@@ -22,32 +22,43 @@ use crate::WorkerId;
 /// Most workers one indexer tracks: the width of [`WorkerSet`].
 pub const MAX_WORKERS: usize = 128;
 
-/// A set of workers, by their slot in the indexer.
+/// A set of workers, by their slot in the indexer. Two words rather than a `u128`, whose
+/// 16-byte alignment would pad every table slot by a third.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct WorkerSet(u128);
+struct WorkerSet([u64; 2]);
 
 impl WorkerSet {
-    fn with(self, slot: usize) -> Self {
-        Self(self.0 | 1 << slot)
+    fn with(mut self, slot: usize) -> Self {
+        self.0[slot / 64] |= 1 << (slot % 64);
+        self
     }
-    fn without(self, slot: usize) -> Self {
-        Self(self.0 & !(1 << slot))
+    fn without(mut self, slot: usize) -> Self {
+        self.0[slot / 64] &= !(1 << (slot % 64));
+        self
     }
     fn contains(self, slot: usize) -> bool {
-        self.0 & (1 << slot) != 0
+        self.0[slot / 64] & (1 << (slot % 64)) != 0
     }
     fn is_empty(self) -> bool {
-        self.0 == 0
+        self.0 == [0, 0]
+    }
+    fn and(self, other: Self) -> Self {
+        Self([self.0[0] & other.0[0], self.0[1] & other.0[1]])
+    }
+    fn and_not(self, other: Self) -> Self {
+        Self([self.0[0] & !other.0[0], self.0[1] & !other.0[1]])
     }
     fn slots(self) -> impl Iterator<Item = usize> {
-        let mut bits = self.0;
-        std::iter::from_fn(move || {
-            if bits == 0 {
-                return None;
-            }
-            let slot = bits.trailing_zeros() as usize;
-            bits &= bits - 1;
-            Some(slot)
+        (0..2).flat_map(move |word| {
+            let mut bits = self.0[word];
+            std::iter::from_fn(move || {
+                if bits == 0 {
+                    return None;
+                }
+                let bit = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                Some(word * 64 + bit)
+            })
         })
     }
 }
@@ -211,9 +222,9 @@ impl KvIndexer {
         let mut active = first;
         for (depth, h) in hashes.iter().enumerate().skip(1) {
             let here = self.blocks.get(h).copied().unwrap_or_default();
-            let next = WorkerSet(active.0 & here.0);
+            let next = active.and(here);
             if next != active {
-                for slot in WorkerSet(active.0 & !next.0).slots() {
+                for slot in active.and_not(next).slots() {
                     scores.extend(self.by_slot[slot].map(|w| (w, depth as u32)));
                 }
                 if next.is_empty() {
