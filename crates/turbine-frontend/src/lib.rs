@@ -6,6 +6,7 @@
 
 mod error;
 mod http;
+mod kv_routing;
 mod models;
 mod preprocess;
 mod routing;
@@ -25,6 +26,9 @@ pub struct FrontendConfig {
     pub router_mode: RouterMode,
     /// Request bodies larger than this are refused with 413.
     pub max_body_bytes: usize,
+    /// `kv` mode: weight of prefill work against decode load, and sampling temperature.
+    pub kv_overlap_weight: f64,
+    pub kv_temperature: f64,
 }
 
 impl Default for FrontendConfig {
@@ -33,6 +37,8 @@ impl Default for FrontendConfig {
             namespace: "turbine".into(),
             router_mode: RouterMode::RoundRobin,
             max_body_bytes: 32 * 1024 * 1024,
+            kv_overlap_weight: 1.0,
+            kv_temperature: 0.0,
         }
     }
 }
@@ -41,6 +47,8 @@ impl Default for FrontendConfig {
 pub enum FrontendError {
     #[error("cannot follow models in discovery")]
     Discovery(#[from] DiscoveryError),
+    #[error("cannot follow KV events")]
+    Events(#[from] turbine_runtime::EventPlaneError),
     #[error("HTTP server failed")]
     Serve(#[source] std::io::Error),
 }
@@ -55,7 +63,18 @@ impl Frontend {
     /// Starts following discovery; models already registered are routable on return.
     pub async fn start(runtime: &Runtime, config: FrontendConfig) -> Result<Self, FrontendError> {
         let models = models::ModelManager::start(runtime, &config.namespace).await?;
-        let router = routing::Dispatcher::new(runtime, models, config.router_mode);
+        let kv = match config.router_mode {
+            RouterMode::Kv => {
+                let selector = turbine_router::selector::SelectorConfig {
+                    overlap_weight: config.kv_overlap_weight,
+                    temperature: config.kv_temperature,
+                    ..Default::default()
+                };
+                Some(kv_routing::KvRouter::start(runtime, &config.namespace, models.clone(), selector).await?)
+            }
+            _ => None,
+        };
+        let router = routing::Dispatcher::new(runtime, models, config.router_mode, kv);
         Ok(Self {
             app: http::app(Arc::new(router), &config),
         })

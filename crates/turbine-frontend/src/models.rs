@@ -17,11 +17,16 @@ use turbine_runtime::{DiscoveryError, Instance, Runtime, WatchEvent};
 #[derive(Debug, Default)]
 pub(crate) struct Snapshot {
     pub(crate) models: BTreeMap<String, ServedModel>,
+    /// Every instance of every endpoint in the namespace, by endpoint and id: how to reach a
+    /// worker's other endpoints (its KV state) from its generate instance.
+    pub(crate) instances: HashMap<(String, u64), Instance>,
 }
 
 #[derive(Debug, Clone)]
 pub(crate) struct ServedModel {
     pub(crate) card: ModelCard,
+    /// Where its workers answer KV state requests, if they publish KV events.
+    pub(crate) kv_state_endpoint: Option<String>,
     /// Sorted by id, so that routers see a stable order.
     pub(crate) instances: Vec<Instance>,
 }
@@ -74,6 +79,11 @@ impl ModelManager {
 
     pub(crate) fn snapshot(&self) -> Arc<Snapshot> {
         self.rx.borrow().clone()
+    }
+
+    /// Wakes on every change of the snapshot.
+    pub(crate) fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.rx.clone()
     }
 }
 
@@ -135,6 +145,7 @@ impl State {
         for (model, id, entry) in self.entries.values() {
             let served = models.entry(model.clone()).or_insert_with(|| ServedModel {
                 card: entry.card.clone(),
+                kv_state_endpoint: entry.kv_state_endpoint.clone(),
                 instances: Vec::new(),
             });
             // A model entry whose instance is not (yet) visible is listed but not routable.
@@ -145,6 +156,11 @@ impl State {
         for served in models.values_mut() {
             served.instances.sort_by_key(|i| i.id);
         }
-        Snapshot { models }
+        let instances = self
+            .instances
+            .values()
+            .map(|i| ((i.endpoint.to_string(), i.id.0), i.clone()))
+            .collect();
+        Snapshot { models, instances }
     }
 }

@@ -47,6 +47,7 @@ fn card() -> ModelCard {
         name: "echo".into(),
         context_length: 256,
         tokenizer: TokenizerKind::Bytes,
+        kv_block_size: None,
     }
 }
 

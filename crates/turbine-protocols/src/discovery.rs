@@ -47,6 +47,11 @@ pub fn kv_events_subject(namespace: &str, model: &str) -> String {
     )
 }
 
+/// Subject pattern matching every model's KV events in `namespace`.
+pub fn kv_events_pattern(namespace: &str) -> String {
+    format!("turbine.{}.kv_events.>", subject_token(namespace))
+}
+
 /// Event-plane subject of a model's load reports: `turbine.{namespace}.load.{model}`.
 pub fn load_subject(namespace: &str, model: &str) -> String {
     format!("turbine.{}.load.{}", subject_token(namespace), subject_token(model))

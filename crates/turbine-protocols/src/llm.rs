@@ -67,6 +67,9 @@ pub struct ModelCard {
     /// Prompt plus generated tokens may not exceed this.
     pub context_length: u32,
     pub tokenizer: TokenizerKind,
+    /// Tokens per KV block, for engines that publish KV events: routers hash prompts with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_block_size: Option<u32>,
 }
 
 /// How the frontend turns text into the model's token ids.
@@ -94,6 +97,7 @@ mod tests {
             name: "echo".into(),
             context_length: 4096,
             tokenizer: TokenizerKind::Bytes,
+            kv_block_size: None,
         };
         expect![[r#"{"name":"echo","context_length":4096,"tokenizer":{"kind":"bytes"}}"#]]
             .assert_eq(&serde_json::to_string(&card).unwrap());

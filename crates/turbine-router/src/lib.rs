@@ -4,8 +4,10 @@
 //! - [`indexer::KvIndexer`]: which worker holds which cached blocks, from their KV events.
 //! - [`selector::select`]: the cost function that weighs a worker's cached prefix against
 //!   its load.
+//! - [`active::ActiveSequences`]: each worker's load by the router's own decisions.
 //! - [`Router`]: the baseline policies, round-robin and random.
 
+pub mod active;
 pub mod indexer;
 pub mod selector;
 
@@ -19,6 +21,8 @@ pub enum RouterMode {
     RoundRobin,
     /// Uniformly at random.
     Random,
+    /// By KV cache overlap and load (the cost function of [`selector`]).
+    Kv,
 }
 
 /// A worker as the router knows it: an opaque id the caller maps back to an address.
@@ -52,7 +56,9 @@ impl Router {
         let n = workers.len() as u64;
         let i = match self.mode {
             RouterMode::RoundRobin => self.next.fetch_add(1, Ordering::Relaxed) % n,
-            RouterMode::Random => rand::random::<u64>() % n,
+            // KV routing needs more than ids: the frontend scores it with the indexer and the
+            // selector; asked here, it falls back to random.
+            RouterMode::Random | RouterMode::Kv => rand::random::<u64>() % n,
         };
         Some(workers[i as usize])
     }

@@ -25,6 +25,7 @@ fn config(model: &str) -> Result<WorkerConfig> {
             name: model.into(),
             context_length: 4096,
             tokenizer: TokenizerKind::Bytes,
+            kv_block_size: Some(4),
         },
         serve: ServeOptions {
             transport: TransportOptions::Tcp {

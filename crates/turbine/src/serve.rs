@@ -45,6 +45,12 @@ pub struct ServeArgs {
     /// How the frontend picks a worker for each request.
     #[arg(long, value_enum, default_value_t = RouterModeArg::RoundRobin)]
     router_mode: RouterModeArg,
+    /// `kv` router: how much prefill work counts against decode load (higher favours cache hits).
+    #[arg(long, default_value_t = 1.0)]
+    kv_overlap_weight: f64,
+    /// `kv` router: 0 always picks the cheapest worker; higher spreads requests over near-cheapest ones.
+    #[arg(long, default_value_t = 0.0)]
+    kv_temperature: f64,
     /// Seconds in-flight requests may run on after SIGINT or SIGTERM before they are cancelled.
     #[arg(long, default_value_t = 30)]
     grace_period_secs: u64,
@@ -98,6 +104,8 @@ enum RequestPlane {
 enum RouterModeArg {
     RoundRobin,
     Random,
+    /// By KV cache overlap and load, from the workers' KV events (engines that publish them).
+    Kv,
 }
 
 /// Validated configuration for `serve`.
@@ -131,6 +139,12 @@ impl TryFrom<ServeArgs> for ServeConfig {
         if model_name.trim().is_empty() || model_name.contains(char::is_whitespace) {
             bail!("--model-name must be non-empty without whitespace, got {model_name:?}");
         }
+        if !(a.kv_overlap_weight.is_finite() && a.kv_overlap_weight >= 0.0) {
+            bail!("--kv-overlap-weight must be a number >= 0, got {}", a.kv_overlap_weight);
+        }
+        if !(a.kv_temperature.is_finite() && a.kv_temperature >= 0.0) {
+            bail!("--kv-temperature must be a number >= 0, got {}", a.kv_temperature);
+        }
         if a.context_length < 2 {
             bail!("--context-length must be at least 2, got {}", a.context_length);
         }
@@ -163,6 +177,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 name: model_name,
                 context_length: a.context_length,
                 tokenizer: TokenizerKind::Bytes,
+                kv_block_size: matches!(a.engine, EngineKind::Mocker).then_some(a.mocker.block_size as u32),
             },
             echo: EchoConfig {
                 delay_per_token: Duration::from_millis(a.echo_delay_ms),
@@ -173,8 +188,11 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 router_mode: match a.router_mode {
                     RouterModeArg::RoundRobin => turbine_router::RouterMode::RoundRobin,
                     RouterModeArg::Random => turbine_router::RouterMode::Random,
+                    RouterModeArg::Kv => turbine_router::RouterMode::Kv,
                 },
                 max_body_bytes: a.max_body_bytes,
+                kv_overlap_weight: a.kv_overlap_weight,
+                kv_temperature: a.kv_temperature,
                 ..FrontendConfig::default()
             },
             grace_period: Duration::from_secs(a.grace_period_secs),

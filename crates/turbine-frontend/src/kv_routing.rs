@@ -1,0 +1,214 @@
+//! KV-aware routing: keeps the router's indexer fed from the workers' KV events, brings a
+//! worker back in sync when its events have a gap, tracks the requests in flight, and
+//! picks the worker for each request with the cost function.
+//!
+//! State lives behind one `std::sync::Mutex`: every operation on it is short and
+//! synchronous, and none crosses an `.await`.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use futures::StreamExt;
+use turbine_protocols::discovery::kv_events_pattern;
+use turbine_protocols::kv::{KvEventMessage, KvStateRequest, KvStateResponse};
+use turbine_router::active::ActiveSequences;
+use turbine_router::indexer::{Applied, KvIndexer};
+use turbine_router::selector::{self, Decision, SelectorConfig};
+use turbine_router::WorkerId;
+use turbine_runtime::{Client, EventPlaneError, Instance, Runtime};
+
+use crate::models::{ModelManager, ServedModel};
+
+#[derive(Debug)]
+pub(crate) struct KvRouter {
+    state: Mutex<State>,
+    selector: SelectorConfig,
+    client: Client<KvStateRequest, KvStateResponse>,
+    models: ModelManager,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    indexer: KvIndexer,
+    active: ActiveSequences,
+    /// Workers whose resync is under way: their events wait for it.
+    resyncing: HashSet<WorkerId>,
+}
+
+impl KvRouter {
+    /// Subscribes to every model's KV events in `namespace` and starts following them.
+    pub(crate) async fn start(
+        runtime: &Runtime,
+        namespace: &str,
+        models: ModelManager,
+        selector: SelectorConfig,
+    ) -> Result<Arc<Self>, EventPlaneError> {
+        let mut events = runtime.events().subscribe(&kv_events_pattern(namespace)).await?;
+        let router = Arc::new(Self {
+            state: Mutex::default(),
+            selector,
+            client: runtime.client(),
+            models,
+        });
+        let weak = Arc::downgrade(&router);
+        let mut changes = router.models.subscribe();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    event = events.next() => {
+                        let Some(event) = event else { return };
+                        let Some(router) = weak.upgrade() else { return };
+                        match serde_json::from_slice::<KvEventMessage>(&event.payload) {
+                            Ok(message) => router.apply(message),
+                            Err(e) => tracing::warn!(error = %e, "undecodable KV event message"),
+                        }
+                    }
+                    changed = changes.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        let Some(router) = weak.upgrade() else { return };
+                        router.forget_departed();
+                    }
+                }
+            }
+        });
+        Ok(router)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn apply(self: &Arc<Self>, message: KvEventMessage) {
+        let worker = message.worker;
+        let mut state = self.lock();
+        if state.resyncing.contains(&worker) {
+            return;
+        }
+        for event in &message.events {
+            match state.indexer.apply(worker, event) {
+                Ok(Applied::Applied | Applied::Duplicate) => {}
+                Ok(Applied::NeedsResync { after }) => {
+                    state.resyncing.insert(worker);
+                    tokio::spawn(resync(Arc::downgrade(self), worker, after));
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(worker, error = %e, "KV events of this worker are ignored");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Drops the workers that left discovery, with what they held and ran.
+    fn forget_departed(&self) {
+        let snapshot = self.models.snapshot();
+        let present: HashSet<WorkerId> = snapshot
+            .models
+            .values()
+            .flat_map(|m| m.instances.iter().map(|i| i.id.0))
+            .collect();
+        let mut state = self.lock();
+        let gone: Vec<WorkerId> = state.indexer.workers().filter(|w| !present.contains(w)).collect();
+        for w in gone {
+            tracing::info!(worker = w, "worker left: forgetting its KV state");
+            state.indexer.remove_worker(w);
+            state.active.remove_worker(w);
+        }
+    }
+
+    /// Scores `candidates` for a prompt of `tokens` and picks one.
+    pub(crate) fn choose(&self, served: &ServedModel, candidates: &[&Instance], tokens: &[u32]) -> Option<Decision> {
+        let block_size = served.card.kv_block_size?;
+        let hashes: Vec<u64> = turbine_tokens::block_hashes(tokens, block_size as usize)
+            .iter()
+            .map(|b| b.sequence)
+            .collect();
+        let state = self.lock();
+        let overlaps = state.indexer.find_matches(&hashes);
+        let loads: Vec<_> = candidates.iter().map(|i| (i.id.0, state.active.load(i.id.0))).collect();
+        let config = SelectorConfig {
+            block_size,
+            ..self.selector
+        };
+        selector::select(&config, tokens.len(), &overlaps, &loads, &mut rand::thread_rng())
+    }
+
+    pub(crate) fn routed(&self, request: &str, worker: WorkerId, prefill_tokens: u64, blocks: u64) {
+        self.lock().active.routed(request, worker, prefill_tokens, blocks);
+    }
+
+    pub(crate) fn first_token(&self, request: &str) {
+        self.lock().active.first_token(request);
+    }
+
+    pub(crate) fn ended(&self, request: &str) {
+        self.lock().active.ended(request);
+    }
+}
+
+/// Brings `worker` back in sync: the events after `after` if it still has them, else its
+/// whole state. On failure its events stay ignored until the next gap asks again.
+async fn resync(router: Weak<KvRouter>, worker: WorkerId, after: Option<u64>) {
+    let Some(r) = router.upgrade() else { return };
+    let outcome = fetch_and_apply(&r, worker, after).await;
+    let mut state = r.lock();
+    state.resyncing.remove(&worker);
+    match outcome {
+        Ok(()) => tracing::debug!(worker, ?after, "KV state resynchronised"),
+        Err(e) => tracing::warn!(worker, error = %e, "KV resync failed; routing without this worker's cache"),
+    }
+}
+
+async fn fetch_and_apply(r: &KvRouter, worker: WorkerId, after: Option<u64>) -> Result<(), String> {
+    let instance = kv_state_instance(r, worker).ok_or("the worker has no KV state endpoint")?;
+    let mut ask = after;
+    // At most twice: recent events, then a snapshot if they no longer line up.
+    for _ in 0..2 {
+        let mut responses = r
+            .client
+            .call(&instance, KvStateRequest { after_event_id: ask })
+            .await
+            .map_err(|e| e.to_string())?;
+        let response = responses
+            .next()
+            .await
+            .ok_or("no response")?
+            .map_err(|e| e.to_string())?;
+        let mut state = r.lock();
+        match response {
+            KvStateResponse::Snapshot { snapshot } => {
+                return state
+                    .indexer
+                    .apply_snapshot(worker, &snapshot)
+                    .map_err(|e| e.to_string());
+            }
+            KvStateResponse::Events { events } => {
+                let in_order = events.iter().all(|e| {
+                    matches!(
+                        state.indexer.apply(worker, e),
+                        Ok(Applied::Applied | Applied::Duplicate)
+                    )
+                });
+                if in_order {
+                    return Ok(());
+                }
+                ask = None;
+            }
+        }
+    }
+    Err("the worker's events did not line up with its snapshot".into())
+}
+
+/// The worker's KV state endpoint, which shares its instance id.
+fn kv_state_instance(r: &KvRouter, worker: WorkerId) -> Option<Instance> {
+    let snapshot = r.models.snapshot();
+    let endpoint = snapshot
+        .models
+        .values()
+        .find(|m| m.instances.iter().any(|i| i.id.0 == worker))
+        .and_then(|m| m.kv_state_endpoint.clone())?;
+    snapshot.instances.get(&(endpoint, worker)).cloned()
+}

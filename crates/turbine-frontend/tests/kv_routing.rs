@@ -1,0 +1,141 @@
+//! KV-aware routing end to end in one process: four mocker workers publishing KV events,
+//! a frontend in `kv` mode, and requests that share a few long prefixes.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+use turbine_engine::{Engine, EngineError, EngineStream, KvCache, MockerConfig, MockerEngine};
+use turbine_frontend::{Frontend, FrontendConfig};
+use turbine_protocols::{ModelCard, PreprocessedRequest, TokenizerKind};
+use turbine_router::RouterMode;
+use turbine_runtime::{EndpointId, MemoryDiscovery, MemoryEventPlane, Runtime, ServeOptions};
+use turbine_worker::{Worker, WorkerConfig};
+
+/// The mocker, counting the requests it was given.
+struct Counted {
+    inner: MockerEngine,
+    served: Arc<AtomicUsize>,
+}
+
+impl Engine for Counted {
+    fn generate(&self, request: PreprocessedRequest, cancel: CancellationToken) -> Result<EngineStream, EngineError> {
+        self.served.fetch_add(1, Ordering::SeqCst);
+        self.inner.generate(request, cancel)
+    }
+
+    fn kv_cache(&self) -> Option<KvCache> {
+        self.inner.kv_cache()
+    }
+}
+
+const PREFIX: usize = 512;
+const FAMILIES: usize = 4;
+const PER_FAMILY: usize = 10;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_mode_keeps_prefix_families_together_and_load_spread() -> Result<()> {
+    let runtime = Runtime::new(Arc::new(MemoryDiscovery::new()), Arc::new(MemoryEventPlane::new()));
+    let card = ModelCard {
+        name: "mock".into(),
+        context_length: 4096,
+        tokenizer: TokenizerKind::Bytes,
+        kv_block_size: Some(16),
+    };
+    let mut counts = Vec::new();
+    let mut workers = Vec::new();
+    for seed in 0..4 {
+        let served = Arc::new(AtomicUsize::new(0));
+        let inner = MockerEngine::start(MockerConfig {
+            speedup: 50.0,
+            seed,
+            vocab: 32..127,
+            ..Default::default()
+        })?;
+        let config = WorkerConfig {
+            endpoint: EndpointId::new("turbine", "worker", "generate"),
+            model: card.clone(),
+            serve: ServeOptions::default(),
+            load_report_interval: Duration::from_millis(100),
+        };
+        workers.push(
+            Worker::start(
+                &runtime,
+                Arc::new(Counted {
+                    inner,
+                    served: served.clone(),
+                }),
+                config,
+            )
+            .await?,
+        );
+        counts.push(served);
+    }
+    let config = FrontendConfig {
+        router_mode: RouterMode::Kv,
+        ..Default::default()
+    };
+    let frontend = Frontend::start(&runtime, config).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/v1/completions", listener.local_addr()?);
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    tokio::spawn(frontend.run(listener, async move { s.cancelled().await }));
+    let _stop = stop.drop_guard();
+
+    // Each family: a 512-token prefix of its own, then a distinct 16-token tail.
+    let prompt = |family: usize, i: usize| -> Vec<u32> {
+        let prefix = (0..PREFIX).map(|t| ((t * 7 + family * 31) % 200) as u32 + 1);
+        let tail = (0..16).map(|t| ((t + i * 16 + family) % 50) as u32 + 201);
+        prefix.chain(tail).collect()
+    };
+    let http = reqwest::Client::new();
+    let send = |family: usize, i: usize, max_tokens: u32| {
+        let http = http.clone();
+        let url = url.clone();
+        let body = json!({"model": "mock", "prompt": prompt(family, i), "max_tokens": max_tokens});
+        async move {
+            let r: Value = http.post(&url).json(&body).send().await?.json().await?;
+            let cached = r["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64();
+            anyhow::ensure!(cached.is_some(), "no cached_tokens in {r}");
+            Ok::<_, anyhow::Error>(cached.unwrap_or_default())
+        }
+    };
+
+    // The families' first requests arrive together: nothing is cached anywhere, so the
+    // router spreads them by load. They run long (50 tokens, ~30 ms) so that all four are
+    // in flight when each is routed.
+    let firsts = futures::future::join_all((0..FAMILIES).map(|f| send(f, 0, 50))).await;
+    for cached in firsts {
+        assert_eq!(cached?, 0);
+    }
+    let after_first: Vec<usize> = counts.iter().map(|c| c.load(Ordering::SeqCst)).collect();
+    assert_eq!(after_first, [1, 1, 1, 1], "first requests spread over the workers");
+
+    // Then each family's later requests, the families side by side: every one is routed to
+    // where its prefix is cached, and the mocker really finds it there.
+    let families = (0..FAMILIES).map(|f| async move {
+        let mut cached = Vec::new();
+        for i in 1..PER_FAMILY {
+            cached.push(send(f, i, 4).await?);
+        }
+        Ok::<_, anyhow::Error>(cached)
+    });
+    for (f, cached) in futures::future::join_all(families).await.into_iter().enumerate() {
+        let cached = cached?;
+        assert!(
+            cached.iter().all(|&c| c == PREFIX as u64),
+            "family {f}: cached tokens {cached:?}"
+        );
+    }
+    let served: Vec<usize> = counts.iter().map(|c| c.load(Ordering::SeqCst)).collect();
+    assert_eq!(
+        served, [PER_FAMILY; 4],
+        "each family stayed on one worker, and the load with it"
+    );
+    drop(workers);
+    Ok(())
+}
