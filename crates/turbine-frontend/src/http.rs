@@ -139,27 +139,21 @@ async fn chat_completions(
         None,
         None,
     );
-    let events = futures::stream::once(async move { sse_json(&first) }).chain(text.flat_map(move |piece| {
-        let events: Vec<Event> = match piece {
-            Ok(Piece::Text(t)) => vec![sse_json(&chunk(
-                ChatDelta {
-                    content: Some(t),
-                    role: None,
-                },
-                None,
-                None,
-            ))],
-            Ok(Piece::Done { finish, usage }) => {
-                let mut v = vec![sse_json(&chunk(ChatDelta::default(), Some(finish), None))];
-                if include_usage {
-                    v.push(sse_json(&chunk(ChatDelta::default(), None, Some(usage))));
-                }
-                v
+    let events =
+        futures::stream::once(async move { sse_json(&first) }).chain(piece_events(text, include_usage, move |part| {
+            match part {
+                Part::Text(t) => chunk(
+                    ChatDelta {
+                        content: Some(t),
+                        role: None,
+                    },
+                    None,
+                    None,
+                ),
+                Part::Finish(finish) => chunk(ChatDelta::default(), Some(finish), None),
+                Part::Usage(usage) => chunk(ChatDelta::default(), None, Some(usage)),
             }
-            Err(e) => vec![sse_json(&e.body())],
-        };
-        futures::stream::iter(events)
-    }));
+        }));
     Ok(sse(events))
 }
 
@@ -212,19 +206,10 @@ async fn completions(
         let (text, finish, usage) = collect(text).await?;
         return Ok(Json(response(text, Some(finish), Some(usage))).into_response());
     }
-    let events = text.flat_map(move |piece| {
-        let events: Vec<Event> = match piece {
-            Ok(Piece::Text(t)) => vec![sse_json(&response(t, None, None))],
-            Ok(Piece::Done { finish, usage }) => {
-                let mut v = vec![sse_json(&response(String::new(), Some(finish), None))];
-                if include_usage {
-                    v.push(sse_json(&response(String::new(), None, Some(usage))));
-                }
-                v
-            }
-            Err(e) => vec![sse_json(&e.body())],
-        };
-        futures::stream::iter(events)
+    let events = piece_events(text, include_usage, move |part| match part {
+        Part::Text(t) => response(t, None, None),
+        Part::Finish(finish) => response(String::new(), Some(finish), None),
+        Part::Usage(usage) => response(String::new(), None, Some(usage)),
     });
     Ok(sse(events))
 }
@@ -342,6 +327,36 @@ async fn collect(
         }
     }
     Err(ApiError::internal("generation ended without finishing"))
+}
+
+/// What one SSE chunk carries; chat and completions render it each in their own shape.
+enum Part {
+    Text(String),
+    Finish(&'static str),
+    Usage(Usage),
+}
+
+/// The SSE events of a generation: a chunk per text piece, a finishing chunk, the usage
+/// chunk when asked for, and OpenAI's error body if generation fails midway.
+fn piece_events<T: serde::Serialize>(
+    pieces: BoxStream<'static, Result<Piece, ApiError>>,
+    include_usage: bool,
+    render: impl Fn(Part) -> T + Send + 'static,
+) -> impl Stream<Item = Event> + Send {
+    pieces.flat_map(move |piece| {
+        let events: Vec<Event> = match piece {
+            Ok(Piece::Text(t)) => vec![sse_json(&render(Part::Text(t)))],
+            Ok(Piece::Done { finish, usage }) => {
+                let mut v = vec![sse_json(&render(Part::Finish(finish)))];
+                if include_usage {
+                    v.push(sse_json(&render(Part::Usage(usage))));
+                }
+                v
+            }
+            Err(e) => vec![sse_json(&e.body())],
+        };
+        futures::stream::iter(events)
+    })
 }
 
 fn sse_json<T: serde::Serialize>(value: &T) -> Event {
