@@ -10,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -22,14 +22,15 @@ use tracing::Instrument;
 use turbine_protocols::openai::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
     ChatDelta, CompletionChoice, CompletionRequest, CompletionResponse, ModelList, ModelObject, Prompt,
-    PromptTokensDetails, Usage,
+    PromptTokensDetails, TurbineExt, Usage,
 };
 use turbine_protocols::{FinishReason, PreprocessedRequest, StopConditions};
 
 use crate::error::ApiError;
+use crate::kv_routing::SelectorOverrides;
 use crate::models::ServedModel;
 use crate::preprocess::{check_token_ids, encode, render_chat, IncrementalDecoder};
-use crate::routing::Dispatcher;
+use crate::routing::{Dispatcher, RouteOptions};
 use crate::FrontendConfig;
 
 type AppState = Arc<Dispatcher>;
@@ -79,9 +80,11 @@ fn new_id(prefix: &str) -> String {
 async fn chat_completions(
     State(d): State<AppState>,
     axum::Extension(limits): axum::Extension<Limits>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: ChatCompletionRequest = parse_body(body, &limits)?;
+    let route = route_options(&headers, req.turbine.as_ref())?;
     check_n(req.n)?;
     if req.messages.is_empty() {
         return Err(ApiError::invalid_param(
@@ -94,7 +97,7 @@ async fn chat_completions(
     let tokens = encode(&served.card.tokenizer, &prompt);
     let max_tokens = req.max_completion_tokens.or(req.max_tokens);
     let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
-    let text = generate(&d, &served, tokens, max_tokens).await?;
+    let text = generate(&d, &served, tokens, max_tokens, &route).await?;
     let (id, created, model) = (new_id("chatcmpl"), now_secs(), req.model);
     if !req.stream {
         let (content, finish, usage) = collect(text).await?;
@@ -160,9 +163,11 @@ async fn chat_completions(
 async fn completions(
     State(d): State<AppState>,
     axum::Extension(limits): axum::Extension<Limits>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: CompletionRequest = parse_body(body, &limits)?;
+    let route = route_options(&headers, req.turbine.as_ref())?;
     check_n(req.n)?;
     let served = d.model(&req.model)?;
     let tokenizer = &served.card.tokenizer;
@@ -184,7 +189,7 @@ async fn completions(
     check_token_ids(tokenizer, &tokens)
         .map_err(|t| ApiError::invalid_param("prompt", format!("token id {t} is not in the model's vocabulary")))?;
     let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
-    let text = generate(&d, &served, tokens, req.max_tokens).await?;
+    let text = generate(&d, &served, tokens, req.max_tokens, &route).await?;
     let (id, created, model) = (new_id("cmpl"), now_secs(), req.model);
     let response = move |text: String, finish: Option<&str>, usage: Option<Usage>| CompletionResponse {
         id: id.clone(),
@@ -214,6 +219,34 @@ async fn completions(
     Ok(sse(events))
 }
 
+/// The header naming a request's session, for `session` routing.
+const SESSION_HEADER: &str = "x-session-id";
+
+/// How the request asks to be routed: its session header and its `turbine` extension.
+fn route_options(headers: &HeaderMap, ext: Option<&TurbineExt>) -> Result<RouteOptions, ApiError> {
+    let session = match headers.get(SESSION_HEADER) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| ApiError::invalid_request(format!("header {SESSION_HEADER} must be visible ASCII")))?
+                .to_owned(),
+        ),
+    };
+    let check = |name: &'static str, v: Option<f64>| match v {
+        Some(x) if !(x.is_finite() && x >= 0.0) => Err(ApiError::invalid_param(
+            name,
+            format!("turbine.{name} must be a number >= 0, got {x}"),
+        )),
+        _ => Ok(v),
+    };
+    let ext = ext.cloned().unwrap_or_default();
+    let overrides = SelectorOverrides {
+        overlap_weight: check("kv_overlap_weight", ext.kv_overlap_weight)?,
+        temperature: check("kv_temperature", ext.kv_temperature)?,
+    };
+    Ok(RouteOptions { session, overrides })
+}
+
 fn check_n(n: Option<u32>) -> Result<(), ApiError> {
     match n {
         None | Some(1) => Ok(()),
@@ -232,10 +265,11 @@ enum Piece {
 
 /// Validates lengths, routes the request, and decodes the worker's tokens into text pieces.
 async fn generate(
-    d: &Dispatcher,
+    d: &Arc<Dispatcher>,
     served: &ServedModel,
     tokens: Vec<u32>,
     max_tokens: Option<u32>,
+    route: &RouteOptions,
 ) -> Result<BoxStream<'static, Result<Piece, ApiError>>, ApiError> {
     let context = served.card.context_length;
     let prompt_len = u32::try_from(tokens.len()).unwrap_or(u32::MAX);
@@ -268,7 +302,7 @@ async fn generate(
         },
     };
     let span = tracing::info_span!("request", request_id = %request.request_id, model = %served.card.name);
-    let mut outputs = d.dispatch(served, request).instrument(span.clone()).await?;
+    let mut outputs = d.dispatch(served, request, route).instrument(span.clone()).await?;
     let mut decoder = IncrementalDecoder::new(served.card.tokenizer.clone());
     let stream = async_stream::stream! {
         let mut completion_tokens = 0u32;

@@ -1,6 +1,6 @@
 //! KV-aware routing: keeps the router's indexer fed from the workers' KV events, brings a
-//! worker back in sync when its events have a gap, tracks the requests in flight, and
-//! picks the worker for each request with the cost function.
+//! worker back in sync when its events have a gap, and scores workers for each request
+//! with the cost function.
 //!
 //! State lives behind one `std::sync::Mutex`: every operation on it is short and
 //! synchronous, and none crosses an `.await`.
@@ -11,13 +11,19 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use futures::StreamExt;
 use turbine_protocols::discovery::kv_events_pattern;
 use turbine_protocols::kv::{KvEventMessage, KvStateRequest, KvStateResponse};
-use turbine_router::active::ActiveSequences;
 use turbine_router::indexer::{Applied, KvIndexer};
-use turbine_router::selector::{self, Decision, SelectorConfig};
+use turbine_router::selector::{self, Decision, Load, SelectorConfig};
 use turbine_router::WorkerId;
 use turbine_runtime::{Client, EventPlaneError, Instance, Runtime};
 
 use crate::models::{ModelManager, ServedModel};
+
+/// A request's own cost-function settings, overriding the frontend's.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct SelectorOverrides {
+    pub(crate) overlap_weight: Option<f64>,
+    pub(crate) temperature: Option<f64>,
+}
 
 #[derive(Debug)]
 pub(crate) struct KvRouter {
@@ -30,7 +36,6 @@ pub(crate) struct KvRouter {
 #[derive(Debug, Default)]
 struct State {
     indexer: KvIndexer,
-    active: ActiveSequences,
     /// Workers whose resync is under way: their events wait for it.
     resyncing: HashSet<WorkerId>,
 }
@@ -115,37 +120,29 @@ impl KvRouter {
         for w in gone {
             tracing::info!(worker = w, "worker left: forgetting its KV state");
             state.indexer.remove_worker(w);
-            state.active.remove_worker(w);
         }
     }
 
-    /// Scores `candidates` for a prompt of `tokens` and picks one.
-    pub(crate) fn choose(&self, served: &ServedModel, candidates: &[&Instance], tokens: &[u32]) -> Option<Decision> {
+    /// Scores `candidates` (with their loads) for a prompt of `tokens` and picks one.
+    pub(crate) fn choose(
+        &self,
+        served: &ServedModel,
+        loads: &[(WorkerId, Load)],
+        tokens: &[u32],
+        overrides: &SelectorOverrides,
+    ) -> Option<Decision> {
         let block_size = served.card.kv_block_size?;
         let hashes: Vec<u64> = turbine_tokens::block_hashes(tokens, block_size as usize)
             .iter()
             .map(|b| b.sequence)
             .collect();
-        let state = self.lock();
-        let overlaps = state.indexer.find_matches(&hashes);
-        let loads: Vec<_> = candidates.iter().map(|i| (i.id.0, state.active.load(i.id.0))).collect();
+        let overlaps = self.lock().indexer.find_matches(&hashes);
         let config = SelectorConfig {
             block_size,
-            ..self.selector
+            overlap_weight: overrides.overlap_weight.unwrap_or(self.selector.overlap_weight),
+            temperature: overrides.temperature.unwrap_or(self.selector.temperature),
         };
-        selector::select(&config, tokens.len(), &overlaps, &loads, &mut rand::thread_rng())
-    }
-
-    pub(crate) fn routed(&self, request: &str, worker: WorkerId, prefill_tokens: u64, blocks: u64) {
-        self.lock().active.routed(request, worker, prefill_tokens, blocks);
-    }
-
-    pub(crate) fn first_token(&self, request: &str) {
-        self.lock().active.first_token(request);
-    }
-
-    pub(crate) fn ended(&self, request: &str) {
-        self.lock().active.ended(request);
+        selector::select(&config, tokens.len(), &overlaps, loads, &mut rand::thread_rng())
     }
 }
 

@@ -64,7 +64,7 @@ impl Frontend {
     pub async fn start(runtime: &Runtime, config: FrontendConfig) -> Result<Self, FrontendError> {
         let models = models::ModelManager::start(runtime, &config.namespace).await?;
         let kv = match config.router_mode {
-            RouterMode::Kv => {
+            RouterMode::Kv | RouterMode::Session => {
                 let selector = turbine_router::selector::SelectorConfig {
                     overlap_weight: config.kv_overlap_weight,
                     temperature: config.kv_temperature,

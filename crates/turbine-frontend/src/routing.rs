@@ -1,23 +1,37 @@
 //! Sends a preprocessed request to a worker for its model, moving on to the next worker
-//! when one cannot take it (draining, unreachable). In `kv` mode the worker is chosen by
-//! cache overlap and load, and the request is tracked until it ends.
+//! when one cannot take it (draining, unreachable). Every routed request is tracked until
+//! it ends, so that `least-loaded`, `kv` and `session` see each worker's load as routed.
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 use turbine_protocols::{EngineOutput, PreprocessedRequest};
-use turbine_router::{Router, RouterMode};
+use turbine_router::active::ActiveSequences;
+use turbine_router::{Router, RouterMode, WorkerId};
 use turbine_runtime::{Client, Instance, RequestError, ResponseStream, Runtime};
 
 use crate::error::ApiError;
-use crate::kv_routing::KvRouter;
+use crate::kv_routing::{KvRouter, SelectorOverrides};
 use crate::models::{ModelManager, ServedModel};
 
 pub(crate) type Outputs = BoxStream<'static, Result<EngineOutput, RequestError>>;
+
+/// How one request asks to be routed.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct RouteOptions {
+    /// `session` mode: requests with the same id go to the same worker.
+    pub(crate) session: Option<String>,
+    pub(crate) overrides: SelectorOverrides,
+}
+
+/// Sessions idle longer than this are forgotten, and at most this many are kept.
+const SESSION_TTL: Duration = Duration::from_secs(30 * 60);
+const MAX_SESSIONS: usize = 100_000;
 
 #[derive(Debug)]
 pub(crate) struct Dispatcher {
@@ -25,8 +39,14 @@ pub(crate) struct Dispatcher {
     client: Client<PreprocessedRequest, EngineOutput>,
     mode: RouterMode,
     kv: Option<Arc<KvRouter>>,
+    active: Mutex<ActiveSequences>,
+    sessions: Mutex<HashMap<String, (WorkerId, Instant)>>,
     /// One router per model, so that round-robin takes turns among that model's workers.
     routers: Mutex<HashMap<String, Arc<Router>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Dispatcher {
@@ -36,6 +56,8 @@ impl Dispatcher {
             client: runtime.client(),
             mode,
             kv,
+            active: Mutex::default(),
+            sessions: Mutex::default(),
             routers: Mutex::default(),
         }
     }
@@ -51,85 +73,128 @@ impl Dispatcher {
     }
 
     fn router(&self, model: &str) -> Arc<Router> {
-        let mut routers = self.routers.lock().unwrap_or_else(|e| e.into_inner());
-        routers
+        lock(&self.routers)
             .entry(model.to_owned())
             .or_insert_with(|| Arc::new(Router::new(self.mode)))
             .clone()
     }
 
-    /// Picks a worker among `candidates`; in `kv` mode, also records the request as routed.
+    /// Picks a worker among `candidates` and records the request as routed to it.
     fn pick(
         &self,
         served: &ServedModel,
         candidates: &[&Instance],
         request: &PreprocessedRequest,
-    ) -> Option<(usize, bool)> {
-        if let (Some(kv), Some(block_size)) = (&self.kv, served.card.kv_block_size) {
-            let decision = kv.choose(served, candidates, &request.token_ids)?;
-            let chosen = decision.candidates.iter().find(|c| c.worker == decision.worker)?;
-            tracing::debug!(
-                request_id = %request.request_id,
-                worker = decision.worker,
-                candidates = ?decision.candidates.iter().map(|c| (c.worker, c.overlap_blocks, c.cost)).collect::<Vec<_>>(),
-                "kv routing decision (worker, overlap blocks, cost)"
-            );
-            let isl = request.token_ids.len() as u64;
-            let cached = (u64::from(chosen.overlap_blocks) * u64::from(block_size)).min(isl);
-            kv.routed(
-                &request.request_id,
-                decision.worker,
-                isl - cached,
-                isl.div_ceil(u64::from(block_size)),
-            );
-            let pos = candidates.iter().position(|i| i.id.0 == decision.worker)?;
-            return Some((pos, true));
+        options: &RouteOptions,
+    ) -> Option<usize> {
+        let isl = request.token_ids.len() as u64;
+        let block_size = served.card.kv_block_size.map(u64::from);
+        let blocks = block_size.map_or(0, |bs| isl.div_ceil(bs));
+        let mut prefill = isl;
+        let ids: Vec<WorkerId> = candidates.iter().map(|i| i.id.0).collect();
+
+        let pinned = match (self.mode, &options.session) {
+            (RouterMode::Session, Some(session)) => self.session_worker(session, &ids),
+            _ => None,
+        };
+        let chosen = match (pinned, self.mode) {
+            (Some(w), _) => Some(w),
+            (None, RouterMode::LeastLoaded) => {
+                let active = lock(&self.active);
+                let least = ids.iter().map(|&w| active.active(w)).min()?;
+                let tied: Vec<WorkerId> = ids.iter().copied().filter(|&w| active.active(w) == least).collect();
+                Some(tied[rand::random::<usize>() % tied.len()])
+            }
+            (None, RouterMode::Kv | RouterMode::Session) if self.kv.is_some() && block_size.is_some() => {
+                let loads: Vec<_> = {
+                    let active = lock(&self.active);
+                    ids.iter().map(|&w| (w, active.load(w))).collect()
+                };
+                let decision = self
+                    .kv
+                    .as_ref()?
+                    .choose(served, &loads, &request.token_ids, &options.overrides)?;
+                tracing::debug!(
+                    request_id = %request.request_id,
+                    worker = decision.worker,
+                    candidates = ?decision.candidates.iter().map(|c| (c.worker, c.overlap_blocks, c.cost)).collect::<Vec<_>>(),
+                    "kv routing decision (worker, overlap blocks, cost)"
+                );
+                let chosen = decision.candidates.iter().find(|c| c.worker == decision.worker)?;
+                prefill -= (u64::from(chosen.overlap_blocks) * block_size.unwrap_or(0)).min(isl);
+                Some(decision.worker)
+            }
+            (None, _) => self.router(&served.card.name).select(&ids),
+        }?;
+        if let (RouterMode::Session, Some(session)) = (self.mode, &options.session) {
+            self.pin_session(session, chosen);
         }
-        let ids: Vec<u64> = candidates.iter().map(|i| i.id.0).collect();
-        let chosen = self.router(&served.card.name).select(&ids)?;
-        Some((candidates.iter().position(|i| i.id.0 == chosen)?, false))
+        lock(&self.active).routed(&request.request_id, chosen, prefill, blocks);
+        ids.iter().position(|&w| w == chosen)
+    }
+
+    /// The worker `session` is pinned to, if it is still among `ids`.
+    fn session_worker(&self, session: &str, ids: &[WorkerId]) -> Option<WorkerId> {
+        let mut sessions = lock(&self.sessions);
+        match sessions.get_mut(session) {
+            Some((w, used)) if ids.contains(w) && used.elapsed() < SESSION_TTL => {
+                *used = Instant::now();
+                Some(*w)
+            }
+            _ => None,
+        }
+    }
+
+    fn pin_session(&self, session: &str, worker: WorkerId) {
+        let mut sessions = lock(&self.sessions);
+        if sessions.len() >= MAX_SESSIONS && !sessions.contains_key(session) {
+            sessions.retain(|_, (_, used)| used.elapsed() < SESSION_TTL);
+            if sessions.len() >= MAX_SESSIONS {
+                // Still full of live sessions: drop the least recently used.
+                if let Some(oldest) = sessions
+                    .iter()
+                    .min_by_key(|(_, (_, used))| *used)
+                    .map(|(k, _)| k.clone())
+                {
+                    sessions.remove(&oldest);
+                }
+            }
+        }
+        sessions.insert(session.to_owned(), (worker, Instant::now()));
     }
 
     /// Starts `request` on one of `served`'s workers.
     pub(crate) async fn dispatch(
-        &self,
+        self: &Arc<Self>,
         served: &ServedModel,
         request: PreprocessedRequest,
+        options: &RouteOptions,
     ) -> Result<Outputs, ApiError> {
         let mut candidates: Vec<&Instance> = served.instances.iter().collect();
         let mut last_error = None;
         while !candidates.is_empty() {
-            let Some((pos, tracked)) = self.pick(served, &candidates, &request) else {
+            let Some(pos) = self.pick(served, &candidates, &request, options) else {
                 break;
             };
             let instance = candidates.swap_remove(pos);
-            let untrack = |kv: &Option<Arc<KvRouter>>| {
-                if let (true, Some(kv)) = (tracked, kv) {
-                    kv.ended(&request.request_id);
-                }
-            };
             match self.client.call(instance, request.clone()).await {
                 Ok(stream) => {
                     tracing::debug!(request_id = %request.request_id, worker = %instance.id, "routed");
-                    return Ok(match (&self.kv, tracked) {
-                        (Some(kv), true) => Tracked {
-                            inner: stream,
-                            kv: kv.clone(),
-                            request_id: request.request_id,
-                            first: true,
-                        }
-                        .boxed(),
-                        _ => stream.boxed(),
-                    });
-                }
-                Err(e) if e.is_retryable_elsewhere() => {
-                    untrack(&self.kv);
-                    tracing::warn!(request_id = %request.request_id, worker = %instance.id, error = %e, "worker cannot take the request; trying another");
-                    last_error = Some(e);
+                    let tracked = Tracked {
+                        inner: stream,
+                        dispatcher: self.clone(),
+                        request_id: request.request_id,
+                        first: true,
+                    };
+                    return Ok(tracked.boxed());
                 }
                 Err(e) => {
-                    untrack(&self.kv);
-                    return Err(e.into());
+                    lock(&self.active).ended(&request.request_id);
+                    if !e.is_retryable_elsewhere() {
+                        return Err(e.into());
+                    }
+                    tracing::warn!(request_id = %request.request_id, worker = %instance.id, error = %e, "worker cannot take the request; trying another");
+                    last_error = Some(e);
                 }
             }
         }
@@ -140,11 +205,11 @@ impl Dispatcher {
     }
 }
 
-/// A routed request's outputs, telling the KV router when its prefill is done (the first
+/// A routed request's outputs, telling the dispatcher when its prefill is done (the first
 /// output) and when it ends (the stream dropped, finished or not).
 struct Tracked {
     inner: ResponseStream<EngineOutput>,
-    kv: Arc<KvRouter>,
+    dispatcher: Arc<Dispatcher>,
     request_id: String,
     first: bool,
 }
@@ -156,7 +221,7 @@ impl Stream for Tracked {
         let item = futures::ready!(self.inner.poll_next_unpin(cx));
         if self.first && matches!(item, Some(Ok(_))) {
             self.first = false;
-            self.kv.first_token(&self.request_id);
+            lock(&self.dispatcher.active).first_token(&self.request_id);
         }
         Poll::Ready(item)
     }
@@ -164,6 +229,6 @@ impl Stream for Tracked {
 
 impl Drop for Tracked {
     fn drop(&mut self) {
-        self.kv.ended(&self.request_id);
+        lock(&self.dispatcher.active).ended(&self.request_id);
     }
 }

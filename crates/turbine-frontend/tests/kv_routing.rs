@@ -93,10 +93,10 @@ async fn kv_mode_keeps_prefix_families_together_and_load_spread() -> Result<()> 
         prefix.chain(tail).collect()
     };
     let http = reqwest::Client::new();
-    let send = |family: usize, i: usize, max_tokens: u32| {
+    let send = |family: usize, i: usize| {
         let http = http.clone();
         let url = url.clone();
-        let body = json!({"model": "mock", "prompt": prompt(family, i), "max_tokens": max_tokens});
+        let body = json!({"model": "mock", "prompt": prompt(family, i), "max_tokens": 4});
         async move {
             let r: Value = http.post(&url).json(&body).send().await?.json().await?;
             let cached = r["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64();
@@ -105,22 +105,29 @@ async fn kv_mode_keeps_prefix_families_together_and_load_spread() -> Result<()> 
         }
     };
 
-    // The families' first requests arrive together: nothing is cached anywhere, so the
-    // router spreads them by load. They run long (50 tokens, ~30 ms) so that all four are
-    // in flight when each is routed.
-    let firsts = futures::future::join_all((0..FAMILIES).map(|f| send(f, 0, 50))).await;
-    for cached in firsts {
-        assert_eq!(cached?, 0);
+    // The families' first requests: nothing is cached anywhere, so the router spreads them
+    // by load. Each is held open (streaming) until its first chunk arrives, so all four are
+    // in flight while the others are routed; dropping them cancels them, and their prompts'
+    // blocks stay cached.
+    let mut held = Vec::new();
+    for f in 0..FAMILIES {
+        let body = json!({"model": "mock", "prompt": prompt(f, 0), "max_tokens": 3000, "stream": true});
+        let mut stream = http.post(&url).json(&body).send().await?.bytes_stream();
+        futures::StreamExt::next(&mut stream)
+            .await
+            .ok_or_else(|| anyhow::anyhow!("no first chunk"))??;
+        held.push(stream);
     }
     let after_first: Vec<usize> = counts.iter().map(|c| c.load(Ordering::SeqCst)).collect();
     assert_eq!(after_first, [1, 1, 1, 1], "first requests spread over the workers");
+    drop(held);
 
     // Then each family's later requests, the families side by side: every one is routed to
     // where its prefix is cached, and the mocker really finds it there.
     let families = (0..FAMILIES).map(|f| async move {
         let mut cached = Vec::new();
         for i in 1..PER_FAMILY {
-            cached.push(send(f, i, 4).await?);
+            cached.push(send(f, i).await?);
         }
         Ok::<_, anyhow::Error>(cached)
     });

@@ -21,6 +21,8 @@ pub struct ChatCompletionRequest {
     pub max_completion_tokens: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub n: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub turbine: Option<TurbineExt>,
 }
 
 /// `POST /v1/completions` body.
@@ -36,6 +38,19 @@ pub struct CompletionRequest {
     pub max_tokens: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub n: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub turbine: Option<TurbineExt>,
+}
+
+/// Turbine's extension of a request (the `turbine` field), beyond what OpenAI defines.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct TurbineExt {
+    /// This request's weight of prefill work against decode load in `kv` routing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_overlap_weight: Option<f64>,
+    /// This request's sampling temperature over `kv` routing costs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_temperature: Option<f64>,
 }
 
 /// The shapes OpenAI accepts for a completion prompt.

@@ -23,6 +23,10 @@ pub enum RouterMode {
     Random,
     /// By KV cache overlap and load (the cost function of [`selector`]).
     Kv,
+    /// To the worker with the fewest requests in flight.
+    LeastLoaded,
+    /// Requests with the same session id to the same worker; a new session by `Kv`.
+    Session,
 }
 
 /// A worker as the router knows it: an opaque id the caller maps back to an address.
@@ -56,9 +60,11 @@ impl Router {
         let n = workers.len() as u64;
         let i = match self.mode {
             RouterMode::RoundRobin => self.next.fetch_add(1, Ordering::Relaxed) % n,
-            // KV routing needs more than ids: the frontend scores it with the indexer and the
-            // selector; asked here, it falls back to random.
-            RouterMode::Random | RouterMode::Kv => rand::random::<u64>() % n,
+            // The other modes need more than ids (loads, caches, sessions): the frontend
+            // decides them, and asks here only when it lacks what they need.
+            RouterMode::Random | RouterMode::Kv | RouterMode::LeastLoaded | RouterMode::Session => {
+                rand::random::<u64>() % n
+            }
         };
         Some(workers[i as usize])
     }

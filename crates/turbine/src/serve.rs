@@ -106,6 +106,10 @@ enum RouterModeArg {
     Random,
     /// By KV cache overlap and load, from the workers' KV events (engines that publish them).
     Kv,
+    /// To the worker with the fewest requests in flight.
+    LeastLoaded,
+    /// Requests with the same `x-session-id` header to the same worker; new sessions by `kv`.
+    Session,
 }
 
 /// Validated configuration for `serve`.
@@ -189,6 +193,8 @@ impl TryFrom<ServeArgs> for ServeConfig {
                     RouterModeArg::RoundRobin => turbine_router::RouterMode::RoundRobin,
                     RouterModeArg::Random => turbine_router::RouterMode::Random,
                     RouterModeArg::Kv => turbine_router::RouterMode::Kv,
+                    RouterModeArg::LeastLoaded => turbine_router::RouterMode::LeastLoaded,
+                    RouterModeArg::Session => turbine_router::RouterMode::Session,
                 },
                 max_body_bytes: a.max_body_bytes,
                 kv_overlap_weight: a.kv_overlap_weight,

@@ -1,0 +1,149 @@
+//! The `least-loaded` and `session` routing policies, end to end in one process.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use futures::StreamExt;
+use serde_json::{json, Value};
+use tokio_util::sync::{CancellationToken, DropGuard};
+use turbine_engine::{EchoConfig, EchoEngine, Engine, EngineError, EngineStream};
+use turbine_frontend::{Frontend, FrontendConfig};
+use turbine_protocols::{ModelCard, PreprocessedRequest, TokenizerKind};
+use turbine_router::RouterMode;
+use turbine_runtime::{EndpointId, MemoryDiscovery, MemoryEventPlane, Runtime, ServeOptions};
+use turbine_worker::{Worker, WorkerConfig};
+
+struct Counting {
+    inner: EchoEngine,
+    served: Arc<AtomicUsize>,
+}
+
+impl Engine for Counting {
+    fn generate(&self, request: PreprocessedRequest, cancel: CancellationToken) -> Result<EngineStream, EngineError> {
+        self.served.fetch_add(1, Ordering::SeqCst);
+        self.inner.generate(request, cancel)
+    }
+}
+
+/// Three echo workers (5 ms a token) behind a frontend in `mode`; returns the completions
+/// URL, each worker's request count, and what keeps it all running.
+async fn cluster(mode: RouterMode) -> Result<(String, Vec<Arc<AtomicUsize>>, Vec<Worker>, DropGuard)> {
+    let runtime = Runtime::new(Arc::new(MemoryDiscovery::new()), Arc::new(MemoryEventPlane::new()));
+    let card = ModelCard {
+        name: "echo".into(),
+        context_length: 4096,
+        tokenizer: TokenizerKind::Bytes,
+        kv_block_size: None,
+    };
+    let (mut counts, mut workers) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let served = Arc::new(AtomicUsize::new(0));
+        let inner = EchoEngine::new(EchoConfig {
+            delay_per_token: Duration::from_millis(5),
+        });
+        let config = WorkerConfig {
+            endpoint: EndpointId::new("turbine", "worker", "generate"),
+            model: card.clone(),
+            serve: ServeOptions::default(),
+            load_report_interval: Duration::from_millis(100),
+        };
+        workers.push(
+            Worker::start(
+                &runtime,
+                Arc::new(Counting {
+                    inner,
+                    served: served.clone(),
+                }),
+                config,
+            )
+            .await?,
+        );
+        counts.push(served);
+    }
+    let frontend = Frontend::start(
+        &runtime,
+        FrontendConfig {
+            router_mode: mode,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/v1/completions", listener.local_addr()?);
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    tokio::spawn(frontend.run(listener, async move { s.cancelled().await }));
+    Ok((url, counts, workers, stop.drop_guard()))
+}
+
+fn served(counts: &[Arc<AtomicUsize>]) -> Vec<usize> {
+    counts.iter().map(|c| c.load(Ordering::SeqCst)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_loaded_avoids_the_busy_worker() -> Result<()> {
+    let (url, counts, _workers, _stop) = cluster(RouterMode::LeastLoaded).await?;
+    let http = reqwest::Client::new();
+    // One long request, held open: its worker is busy until it is dropped.
+    let long = json!({"model": "echo", "prompt": "x".repeat(1000), "stream": true});
+    let mut busy = http.post(&url).json(&long).send().await?.bytes_stream();
+    busy.next().await.ok_or_else(|| anyhow::anyhow!("no first chunk"))??;
+    let busy_worker = served(&counts)
+        .iter()
+        .position(|&n| n == 1)
+        .ok_or_else(|| anyhow::anyhow!("not routed"))?;
+
+    for _ in 0..12 {
+        let r: Value = http
+            .post(&url)
+            .json(&json!({"model": "echo", "prompt": "hi"}))
+            .send()
+            .await?
+            .json()
+            .await?;
+        assert_eq!(r["choices"][0]["text"], "hi");
+    }
+    let n = served(&counts);
+    assert_eq!(n[busy_worker], 1, "the busy worker got nothing more: {n:?}");
+    assert_eq!(n.iter().sum::<usize>(), 13);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_requests_stay_on_one_worker() -> Result<()> {
+    let (url, counts, _workers, _stop) = cluster(RouterMode::Session).await?;
+    let http = reqwest::Client::new();
+    let mut before = served(&counts);
+    for session in ["alice", "bob", "carol"] {
+        for _ in 0..8 {
+            let r = http
+                .post(&url)
+                .header("x-session-id", session)
+                .json(&json!({"model": "echo", "prompt": "hi"}))
+                .send()
+                .await?;
+            assert_eq!(r.status(), 200);
+        }
+        let after = served(&counts);
+        let moved: Vec<usize> = after
+            .iter()
+            .zip(&before)
+            .map(|(a, b)| a - b)
+            .filter(|&d| d > 0)
+            .collect();
+        assert_eq!(moved, [8], "session {session}: all its requests on one worker");
+        before = after;
+    }
+    // A bad extension value is refused before routing.
+    let r = http
+        .post(&url)
+        .json(&json!({"model": "echo", "prompt": "hi", "turbine": {"kv_temperature": -1.0}}))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await?;
+    assert_eq!(body["error"]["param"], "kv_temperature");
+    Ok(())
+}
