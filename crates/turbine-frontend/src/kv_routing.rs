@@ -1,6 +1,7 @@
 //! KV-aware routing: keeps the router's indexer fed from the workers' KV events, brings a
 //! worker back in sync when its events have a gap, and scores workers for each request
-//! with the cost function.
+//! with the cost function. Models whose workers publish no KV events are routed on
+//! predictions instead (approximate mode): what the router sent where.
 //!
 //! State lives behind one `std::sync::Mutex`: every operation on it is short and
 //! synchronous, and none crosses an `.await`.
@@ -11,6 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use futures::StreamExt;
 use turbine_protocols::discovery::kv_events_pattern;
 use turbine_protocols::kv::{KvEventMessage, KvStateRequest, KvStateResponse};
+use turbine_router::approx::ApproxIndexer;
 use turbine_router::indexer::{Applied, KvIndexer};
 use turbine_router::selector::{self, Decision, Load, SelectorConfig};
 use turbine_router::WorkerId;
@@ -25,9 +27,16 @@ pub(crate) struct SelectorOverrides {
     pub(crate) temperature: Option<f64>,
 }
 
+/// Approximate mode: block size used to hash prompts when the model names none, how long a
+/// prediction lasts, and how many (worker, block) predictions are kept.
+const APPROX_BLOCK_SIZE: u32 = 16;
+const APPROX_TTL: std::time::Duration = std::time::Duration::from_secs(120);
+const APPROX_MAX_BLOCKS: usize = 1 << 20;
+
 #[derive(Debug)]
 pub(crate) struct KvRouter {
     state: Mutex<State>,
+    approx: Mutex<ApproxIndexer>,
     selector: SelectorConfig,
     client: Client<KvStateRequest, KvStateResponse>,
     models: ModelManager,
@@ -51,6 +60,7 @@ impl KvRouter {
         let mut events = runtime.events().subscribe(&kv_events_pattern(namespace)).await?;
         let router = Arc::new(Self {
             state: Mutex::default(),
+            approx: Mutex::new(ApproxIndexer::new(APPROX_TTL, APPROX_MAX_BLOCKS)),
             selector,
             client: runtime.client(),
             models,
@@ -117,32 +127,55 @@ impl KvRouter {
             .collect();
         let mut state = self.lock();
         let gone: Vec<WorkerId> = state.indexer.workers().filter(|w| !present.contains(w)).collect();
+        let mut approx = self.approx.lock().unwrap_or_else(|e| e.into_inner());
         for w in gone {
             tracing::info!(worker = w, "worker left: forgetting its KV state");
             state.indexer.remove_worker(w);
         }
+        let predicted: Vec<WorkerId> = approx.workers().filter(|w| !present.contains(w)).collect();
+        for w in predicted {
+            approx.remove_worker(w);
+        }
     }
 
-    /// Scores `candidates` (with their loads) for a prompt of `tokens` and picks one.
+    /// Scores `candidates` (with their loads) for a prompt of `tokens` and picks one; also
+    /// returns the block size the overlaps are counted in.
     pub(crate) fn choose(
         &self,
         served: &ServedModel,
         loads: &[(WorkerId, Load)],
         tokens: &[u32],
         overrides: &SelectorOverrides,
-    ) -> Option<Decision> {
-        let block_size = served.card.kv_block_size?;
+    ) -> Option<(Decision, u32)> {
+        // Without KV events, predictions stand in for them, at whatever granularity.
+        let approximate = served.kv_state_endpoint.is_none();
+        let block_size = served.card.kv_block_size.unwrap_or(APPROX_BLOCK_SIZE);
         let hashes: Vec<u64> = turbine_tokens::block_hashes(tokens, block_size as usize)
             .iter()
             .map(|b| b.sequence)
             .collect();
-        let overlaps = self.lock().indexer.find_matches(&hashes);
+        let now = std::time::Instant::now();
+        let overlaps = if approximate {
+            self.approx
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .find_matches(&hashes, now)
+        } else {
+            self.lock().indexer.find_matches(&hashes)
+        };
         let config = SelectorConfig {
             block_size,
             overlap_weight: overrides.overlap_weight.unwrap_or(self.selector.overlap_weight),
             temperature: overrides.temperature.unwrap_or(self.selector.temperature),
         };
-        selector::select(&config, tokens.len(), &overlaps, loads, &mut rand::thread_rng())
+        let decision = selector::select(&config, tokens.len(), &overlaps, loads, &mut rand::thread_rng())?;
+        if approximate {
+            let mut approx = self.approx.lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(e) = approx.routed(decision.worker, &hashes, now) {
+                tracing::warn!(worker = decision.worker, error = %e, "cannot predict this worker's cache");
+            }
+        }
+        Some((decision, block_size))
     }
 }
 

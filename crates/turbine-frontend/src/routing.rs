@@ -105,15 +105,15 @@ impl Dispatcher {
                 let tied: Vec<WorkerId> = ids.iter().copied().filter(|&w| active.active(w) == least).collect();
                 Some(tied[rand::random::<usize>() % tied.len()])
             }
-            (None, RouterMode::Kv | RouterMode::Session) if self.kv.is_some() && block_size.is_some() => {
+            (None, RouterMode::Kv | RouterMode::Session) if self.kv.is_some() => {
                 let loads: Vec<_> = {
                     let active = lock(&self.active);
                     ids.iter().map(|&w| (w, active.load(w))).collect()
                 };
-                let decision = self
-                    .kv
-                    .as_ref()?
-                    .choose(served, &loads, &request.token_ids, &options.overrides)?;
+                let (decision, bs) =
+                    self.kv
+                        .as_ref()?
+                        .choose(served, &loads, &request.token_ids, &options.overrides)?;
                 tracing::debug!(
                     request_id = %request.request_id,
                     worker = decision.worker,
@@ -121,7 +121,7 @@ impl Dispatcher {
                     "kv routing decision (worker, overlap blocks, cost)"
                 );
                 let chosen = decision.candidates.iter().find(|c| c.worker == decision.worker)?;
-                prefill -= (u64::from(chosen.overlap_blocks) * block_size.unwrap_or(0)).min(isl);
+                prefill -= (u64::from(chosen.overlap_blocks) * u64::from(bs)).min(isl);
                 Some(decision.worker)
             }
             (None, _) => self.router(&served.card.name).select(&ids),

@@ -147,3 +147,31 @@ async fn session_requests_stay_on_one_worker() -> Result<()> {
     assert_eq!(body["error"]["param"], "kv_temperature");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_mode_without_kv_events_routes_on_its_own_predictions() -> Result<()> {
+    // Echo workers publish no KV events: the router predicts their caches from where it
+    // sent each prompt.
+    let (url, counts, _workers, _stop) = cluster(RouterMode::Kv).await?;
+    let http = reqwest::Client::new();
+    for prompt in ["a", "b", "c"] {
+        let before = served(&counts);
+        let body = json!({"model": "echo", "prompt": prompt.repeat(64), "max_tokens": 2});
+        for _ in 0..6 {
+            let r = http.post(&url).json(&body).send().await?;
+            assert_eq!(r.status(), 200);
+        }
+        let moved: Vec<usize> = served(&counts)
+            .iter()
+            .zip(&before)
+            .map(|(a, b)| a - b)
+            .filter(|&d| d > 0)
+            .collect();
+        assert_eq!(
+            moved,
+            [6],
+            "prompt {prompt:?}: every repeat went where the first was sent"
+        );
+    }
+    Ok(())
+}

@@ -4,10 +4,13 @@
 //! - [`indexer::KvIndexer`]: which worker holds which cached blocks, from their KV events.
 //! - [`selector::select`]: the cost function that weighs a worker's cached prefix against
 //!   its load.
+//! - [`approx::ApproxIndexer`]: the same, predicted from the router's own decisions, for
+//!   engines that publish no KV events.
 //! - [`active::ActiveSequences`]: each worker's load by the router's own decisions.
 //! - [`Router`]: the baseline policies, round-robin and random.
 
 pub mod active;
+pub mod approx;
 pub mod indexer;
 pub mod selector;
 
