@@ -1,36 +1,22 @@
 //! KV-aware routing end to end in one process: four mocker workers publishing KV events,
 //! a frontend in `kv` mode, and requests that share a few long prefixes.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+mod common;
+
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
+use common::counting;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
-use turbine_engine::{Engine, EngineError, EngineStream, KvCache, MockerConfig, MockerEngine};
+use turbine_engine::{MockerConfig, MockerEngine};
 use turbine_frontend::{Frontend, FrontendConfig};
-use turbine_protocols::{ModelCard, PreprocessedRequest, TokenizerKind};
+use turbine_protocols::{ModelCard, TokenizerKind};
 use turbine_router::RouterMode;
 use turbine_runtime::{EndpointId, MemoryDiscovery, MemoryEventPlane, Runtime, ServeOptions};
 use turbine_worker::{Worker, WorkerConfig};
-
-/// The mocker, counting the requests it was given.
-struct Counted {
-    inner: MockerEngine,
-    served: Arc<AtomicUsize>,
-}
-
-impl Engine for Counted {
-    fn generate(&self, request: PreprocessedRequest, cancel: CancellationToken) -> Result<EngineStream, EngineError> {
-        self.served.fetch_add(1, Ordering::SeqCst);
-        self.inner.generate(request, cancel)
-    }
-
-    fn kv_cache(&self) -> Option<KvCache> {
-        self.inner.kv_cache()
-    }
-}
 
 const PREFIX: usize = 512;
 const FAMILIES: usize = 4;
@@ -48,30 +34,20 @@ async fn kv_mode_keeps_prefix_families_together_and_load_spread() -> Result<()> 
     let mut counts = Vec::new();
     let mut workers = Vec::new();
     for seed in 0..4 {
-        let served = Arc::new(AtomicUsize::new(0));
         let inner = MockerEngine::start(MockerConfig {
             speedup: 50.0,
             seed,
             vocab: 32..127,
             ..Default::default()
         })?;
+        let (engine, served) = counting(inner);
         let config = WorkerConfig {
             endpoint: EndpointId::new("turbine", "worker", "generate"),
             model: card.clone(),
             serve: ServeOptions::default(),
             load_report_interval: Duration::from_millis(100),
         };
-        workers.push(
-            Worker::start(
-                &runtime,
-                Arc::new(Counted {
-                    inner,
-                    served: served.clone(),
-                }),
-                config,
-            )
-            .await?,
-        );
+        workers.push(Worker::start(&runtime, Arc::new(engine), config).await?);
         counts.push(served);
     }
     let config = FrontendConfig {

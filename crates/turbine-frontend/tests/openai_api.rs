@@ -1,32 +1,22 @@
 //! The frontend end to end in one process: real HTTP on port 0, real workers running the
 //! echo engine, over both request-plane transports.
 
+mod common;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use common::counting;
 use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
-use turbine_engine::{EchoConfig, EchoEngine, Engine, EngineError, EngineStream};
+use turbine_engine::{EchoConfig, EchoEngine};
 use turbine_frontend::{Frontend, FrontendConfig};
-use turbine_protocols::{ModelCard, PreprocessedRequest, TokenizerKind};
+use turbine_protocols::{ModelCard, TokenizerKind};
 use turbine_runtime::{EndpointId, MemoryDiscovery, MemoryEventPlane, Runtime, ServeOptions, TransportOptions};
 use turbine_worker::{Worker, WorkerConfig};
-
-/// Counts the requests an engine was given.
-struct Counting {
-    inner: EchoEngine,
-    served: Arc<AtomicUsize>,
-}
-
-impl Engine for Counting {
-    fn generate(&self, request: PreprocessedRequest, cancel: CancellationToken) -> Result<EngineStream, EngineError> {
-        self.served.fetch_add(1, Ordering::SeqCst);
-        self.inner.generate(request, cancel)
-    }
-}
 
 struct Cluster {
     url: String,
@@ -52,11 +42,7 @@ fn card() -> ModelCard {
 }
 
 async fn start_worker(runtime: &Runtime, plane: Plane, delay: Duration) -> Result<(Worker, Arc<AtomicUsize>)> {
-    let served = Arc::new(AtomicUsize::new(0));
-    let engine = Counting {
-        inner: EchoEngine::new(EchoConfig { delay_per_token: delay }),
-        served: served.clone(),
-    };
+    let (engine, served) = counting(EchoEngine::new(EchoConfig { delay_per_token: delay }));
     let transport = match plane {
         Plane::Local => TransportOptions::Local,
         Plane::Tcp => TransportOptions::Tcp {

@@ -1,31 +1,22 @@
 //! The `least-loaded` and `session` routing policies, end to end in one process.
 
+mod common;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
+use common::counting;
 use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio_util::sync::{CancellationToken, DropGuard};
-use turbine_engine::{EchoConfig, EchoEngine, Engine, EngineError, EngineStream};
+use turbine_engine::{EchoConfig, EchoEngine};
 use turbine_frontend::{Frontend, FrontendConfig};
-use turbine_protocols::{ModelCard, PreprocessedRequest, TokenizerKind};
+use turbine_protocols::{ModelCard, TokenizerKind};
 use turbine_router::RouterMode;
 use turbine_runtime::{EndpointId, MemoryDiscovery, MemoryEventPlane, Runtime, ServeOptions};
 use turbine_worker::{Worker, WorkerConfig};
-
-struct Counting {
-    inner: EchoEngine,
-    served: Arc<AtomicUsize>,
-}
-
-impl Engine for Counting {
-    fn generate(&self, request: PreprocessedRequest, cancel: CancellationToken) -> Result<EngineStream, EngineError> {
-        self.served.fetch_add(1, Ordering::SeqCst);
-        self.inner.generate(request, cancel)
-    }
-}
 
 /// Three echo workers (5 ms a token) behind a frontend in `mode`; returns the completions
 /// URL, each worker's request count, and what keeps it all running.
@@ -39,27 +30,17 @@ async fn cluster(mode: RouterMode) -> Result<(String, Vec<Arc<AtomicUsize>>, Vec
     };
     let (mut counts, mut workers) = (Vec::new(), Vec::new());
     for _ in 0..3 {
-        let served = Arc::new(AtomicUsize::new(0));
         let inner = EchoEngine::new(EchoConfig {
             delay_per_token: Duration::from_millis(5),
         });
+        let (engine, served) = counting(inner);
         let config = WorkerConfig {
             endpoint: EndpointId::new("turbine", "worker", "generate"),
             model: card.clone(),
             serve: ServeOptions::default(),
             load_report_interval: Duration::from_millis(100),
         };
-        workers.push(
-            Worker::start(
-                &runtime,
-                Arc::new(Counting {
-                    inner,
-                    served: served.clone(),
-                }),
-                config,
-            )
-            .await?,
-        );
+        workers.push(Worker::start(&runtime, Arc::new(engine), config).await?);
         counts.push(served);
     }
     let frontend = Frontend::start(
