@@ -3,20 +3,12 @@
 
 mod common;
 
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use std::time::Duration;
-
 use anyhow::Result;
-use common::counting;
+use common::Cluster;
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
 use turbine_engine::{MockerConfig, MockerEngine};
-use turbine_frontend::{Frontend, FrontendConfig};
 use turbine_protocols::{ModelCard, TokenizerKind};
 use turbine_router::RouterMode;
-use turbine_runtime::{EndpointId, MemoryDiscovery, MemoryEventPlane, Runtime, ServeOptions};
-use turbine_worker::{Worker, WorkerConfig};
 
 const PREFIX: usize = 512;
 const FAMILIES: usize = 4;
@@ -24,43 +16,24 @@ const PER_FAMILY: usize = 10;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kv_mode_keeps_prefix_families_together_and_load_spread() -> Result<()> {
-    let runtime = Runtime::new(Arc::new(MemoryDiscovery::new()), Arc::new(MemoryEventPlane::new()));
     let card = ModelCard {
         name: "mock".into(),
         context_length: 4096,
         tokenizer: TokenizerKind::Bytes,
         kv_block_size: Some(16),
     };
-    let mut counts = Vec::new();
-    let mut workers = Vec::new();
-    for seed in 0..4 {
-        let inner = MockerEngine::start(MockerConfig {
-            speedup: 50.0,
-            seed,
-            vocab: 32..127,
-            ..Default::default()
-        })?;
-        let (engine, served) = counting(inner);
-        let config = WorkerConfig {
-            endpoint: EndpointId::new("turbine", "worker", "generate"),
-            model: card.clone(),
-            serve: ServeOptions::default(),
-            load_report_interval: Duration::from_millis(100),
-        };
-        workers.push(Worker::start(&runtime, Arc::new(engine), config).await?);
-        counts.push(served);
-    }
-    let config = FrontendConfig {
-        router_mode: RouterMode::Kv,
-        ..Default::default()
-    };
-    let frontend = Frontend::start(&runtime, config).await?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}/v1/completions", listener.local_addr()?);
-    let stop = CancellationToken::new();
-    let s = stop.clone();
-    tokio::spawn(frontend.run(listener, async move { s.cancelled().await }));
-    let _stop = stop.drop_guard();
+    let engines = (0..4)
+        .map(|seed| {
+            MockerEngine::start(MockerConfig {
+                speedup: 50.0,
+                seed,
+                vocab: 32..127,
+                ..Default::default()
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let cluster = Cluster::start(card, engines, RouterMode::Kv).await?;
+    let url = cluster.url.clone();
 
     // Each family: a 512-token prefix of its own, then a distinct 16-token tail.
     let prompt = |family: usize, i: usize| -> Vec<u32> {
@@ -94,7 +67,7 @@ async fn kv_mode_keeps_prefix_families_together_and_load_spread() -> Result<()> 
             .ok_or_else(|| anyhow::anyhow!("no first chunk"))??;
         held.push(stream);
     }
-    let after_first: Vec<usize> = counts.iter().map(|c| c.load(Ordering::SeqCst)).collect();
+    let after_first = cluster.served();
     assert_eq!(after_first, [1, 1, 1, 1], "first requests spread over the workers");
     drop(held);
 
@@ -114,11 +87,10 @@ async fn kv_mode_keeps_prefix_families_together_and_load_spread() -> Result<()> 
             "family {f}: cached tokens {cached:?}"
         );
     }
-    let served: Vec<usize> = counts.iter().map(|c| c.load(Ordering::SeqCst)).collect();
+    let served = cluster.served();
     assert_eq!(
         served, [PER_FAMILY; 4],
         "each family stayed on one worker, and the load with it"
     );
-    drop(workers);
     Ok(())
 }

@@ -2,83 +2,52 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
-use common::counting;
+use common::Cluster;
 use futures::StreamExt;
 use serde_json::{json, Value};
-use tokio_util::sync::{CancellationToken, DropGuard};
 use turbine_engine::{EchoConfig, EchoEngine};
-use turbine_frontend::{Frontend, FrontendConfig};
 use turbine_protocols::{ModelCard, TokenizerKind};
 use turbine_router::RouterMode;
-use turbine_runtime::{EndpointId, MemoryDiscovery, MemoryEventPlane, Runtime, ServeOptions};
-use turbine_worker::{Worker, WorkerConfig};
 
-/// Three echo workers (5 ms a token) behind a frontend in `mode`; returns the completions
-/// URL, each worker's request count, and what keeps it all running.
-async fn cluster(mode: RouterMode) -> Result<(String, Vec<Arc<AtomicUsize>>, Vec<Worker>, DropGuard)> {
-    let runtime = Runtime::new(Arc::new(MemoryDiscovery::new()), Arc::new(MemoryEventPlane::new()));
+/// Three echo workers (5 ms a token) behind a frontend in `mode`.
+async fn cluster(mode: RouterMode) -> Result<Cluster> {
     let card = ModelCard {
         name: "echo".into(),
         context_length: 4096,
         tokenizer: TokenizerKind::Bytes,
         kv_block_size: None,
     };
-    let (mut counts, mut workers) = (Vec::new(), Vec::new());
-    for _ in 0..3 {
-        let inner = EchoEngine::new(EchoConfig {
-            delay_per_token: Duration::from_millis(5),
-        });
-        let (engine, served) = counting(inner);
-        let config = WorkerConfig {
-            endpoint: EndpointId::new("turbine", "worker", "generate"),
-            model: card.clone(),
-            serve: ServeOptions::default(),
-            load_report_interval: Duration::from_millis(100),
-        };
-        workers.push(Worker::start(&runtime, Arc::new(engine), config).await?);
-        counts.push(served);
-    }
-    let frontend = Frontend::start(
-        &runtime,
-        FrontendConfig {
-            router_mode: mode,
-            ..Default::default()
-        },
-    )
-    .await?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}/v1/completions", listener.local_addr()?);
-    let stop = CancellationToken::new();
-    let s = stop.clone();
-    tokio::spawn(frontend.run(listener, async move { s.cancelled().await }));
-    Ok((url, counts, workers, stop.drop_guard()))
-}
-
-fn served(counts: &[Arc<AtomicUsize>]) -> Vec<usize> {
-    counts.iter().map(|c| c.load(Ordering::SeqCst)).collect()
+    let engines = (0..3)
+        .map(|_| {
+            EchoEngine::new(EchoConfig {
+                delay_per_token: Duration::from_millis(5),
+            })
+        })
+        .collect();
+    Cluster::start(card, engines, mode).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn least_loaded_avoids_the_busy_worker() -> Result<()> {
-    let (url, counts, _workers, _stop) = cluster(RouterMode::LeastLoaded).await?;
+    let c = cluster(RouterMode::LeastLoaded).await?;
+    let url = c.url.as_str();
     let http = reqwest::Client::new();
     // One long request, held open: its worker is busy until it is dropped.
     let long = json!({"model": "echo", "prompt": "x".repeat(1000), "stream": true});
-    let mut busy = http.post(&url).json(&long).send().await?.bytes_stream();
+    let mut busy = http.post(url).json(&long).send().await?.bytes_stream();
     busy.next().await.ok_or_else(|| anyhow::anyhow!("no first chunk"))??;
-    let busy_worker = served(&counts)
+    let busy_worker = c
+        .served()
         .iter()
         .position(|&n| n == 1)
         .ok_or_else(|| anyhow::anyhow!("not routed"))?;
 
     for _ in 0..12 {
         let r: Value = http
-            .post(&url)
+            .post(url)
             .json(&json!({"model": "echo", "prompt": "hi"}))
             .send()
             .await?
@@ -86,7 +55,7 @@ async fn least_loaded_avoids_the_busy_worker() -> Result<()> {
             .await?;
         assert_eq!(r["choices"][0]["text"], "hi");
     }
-    let n = served(&counts);
+    let n = c.served();
     assert_eq!(n[busy_worker], 1, "the busy worker got nothing more: {n:?}");
     assert_eq!(n.iter().sum::<usize>(), 13);
     Ok(())
@@ -94,20 +63,21 @@ async fn least_loaded_avoids_the_busy_worker() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_requests_stay_on_one_worker() -> Result<()> {
-    let (url, counts, _workers, _stop) = cluster(RouterMode::Session).await?;
+    let c = cluster(RouterMode::Session).await?;
+    let url = c.url.as_str();
     let http = reqwest::Client::new();
-    let mut before = served(&counts);
+    let mut before = c.served();
     for session in ["alice", "bob", "carol"] {
         for _ in 0..8 {
             let r = http
-                .post(&url)
+                .post(url)
                 .header("x-session-id", session)
                 .json(&json!({"model": "echo", "prompt": "hi"}))
                 .send()
                 .await?;
             assert_eq!(r.status(), 200);
         }
-        let after = served(&counts);
+        let after = c.served();
         let moved: Vec<usize> = after
             .iter()
             .zip(&before)
@@ -119,7 +89,7 @@ async fn session_requests_stay_on_one_worker() -> Result<()> {
     }
     // A bad extension value is refused before routing.
     let r = http
-        .post(&url)
+        .post(url)
         .json(&json!({"model": "echo", "prompt": "hi", "turbine": {"kv_temperature": -1.0}}))
         .send()
         .await?;
@@ -133,16 +103,18 @@ async fn session_requests_stay_on_one_worker() -> Result<()> {
 async fn kv_mode_without_kv_events_routes_on_its_own_predictions() -> Result<()> {
     // Echo workers publish no KV events: the router predicts their caches from where it
     // sent each prompt.
-    let (url, counts, _workers, _stop) = cluster(RouterMode::Kv).await?;
+    let c = cluster(RouterMode::Kv).await?;
+    let url = c.url.as_str();
     let http = reqwest::Client::new();
     for prompt in ["a", "b", "c"] {
-        let before = served(&counts);
+        let before = c.served();
         let body = json!({"model": "echo", "prompt": prompt.repeat(64), "max_tokens": 2});
         for _ in 0..6 {
-            let r = http.post(&url).json(&body).send().await?;
+            let r = http.post(url).json(&body).send().await?;
             assert_eq!(r.status(), 200);
         }
-        let moved: Vec<usize> = served(&counts)
+        let moved: Vec<usize> = c
+            .served()
             .iter()
             .zip(&before)
             .map(|(a, b)| a - b)

@@ -35,3 +35,60 @@ impl<E: Engine> Engine for Counting<E> {
         self.inner.kv_cache()
     }
 }
+
+/// Workers serving `card` with `engines` (each counted), behind a frontend in `mode` on an
+/// OS-chosen port. Dropping it stops the frontend and the workers.
+// Each test crate compiles this module on its own, and not every one uses the cluster.
+#[allow(dead_code)]
+pub struct Cluster {
+    /// `/v1/completions` of the frontend.
+    pub url: String,
+    pub counts: Vec<Arc<AtomicUsize>>,
+    _workers: Vec<turbine_worker::Worker>,
+    _stop: tokio_util::sync::DropGuard,
+}
+
+#[allow(dead_code)]
+impl Cluster {
+    pub async fn start<E: Engine>(
+        card: turbine_protocols::ModelCard,
+        engines: Vec<E>,
+        mode: turbine_router::RouterMode,
+    ) -> anyhow::Result<Self> {
+        use turbine_runtime::{EndpointId, MemoryDiscovery, MemoryEventPlane, Runtime, ServeOptions};
+        let runtime = Runtime::new(Arc::new(MemoryDiscovery::new()), Arc::new(MemoryEventPlane::new()));
+        let (mut counts, mut workers) = (Vec::new(), Vec::new());
+        for inner in engines {
+            let (engine, served) = counting(inner);
+            let config = turbine_worker::WorkerConfig {
+                endpoint: EndpointId::new("turbine", "worker", "generate"),
+                model: card.clone(),
+                serve: ServeOptions::default(),
+                load_report_interval: std::time::Duration::from_millis(100),
+            };
+            workers.push(turbine_worker::Worker::start(&runtime, Arc::new(engine), config).await?);
+            counts.push(served);
+        }
+        let config = turbine_frontend::FrontendConfig {
+            router_mode: mode,
+            ..Default::default()
+        };
+        let frontend = turbine_frontend::Frontend::start(&runtime, config).await?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}/v1/completions", listener.local_addr()?);
+        let stop = CancellationToken::new();
+        let s = stop.clone();
+        tokio::spawn(frontend.run(listener, async move { s.cancelled().await }));
+        Ok(Self {
+            url,
+            counts,
+            _workers: workers,
+            _stop: stop.drop_guard(),
+        })
+    }
+
+    /// Requests each worker has been given so far.
+    pub fn served(&self) -> Vec<usize> {
+        self.counts.iter().map(|c| c.load(Ordering::SeqCst)).collect()
+    }
+}
