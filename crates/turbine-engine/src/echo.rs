@@ -104,6 +104,7 @@ mod tests {
                 max_tokens,
                 stop_token_ids,
             },
+            sampling: Default::default(),
         }
     }
 

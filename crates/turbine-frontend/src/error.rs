@@ -11,7 +11,7 @@ pub(crate) struct ApiError {
     pub(crate) status: StatusCode,
     kind: &'static str,
     message: String,
-    param: Option<&'static str>,
+    param: Option<String>,
     code: Option<&'static str>,
 }
 
@@ -30,9 +30,9 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
     }
 
-    pub(crate) fn invalid_param(param: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn invalid_param(param: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
-            param: Some(param),
+            param: Some(param.into()),
             ..Self::invalid_request(message)
         }
     }
@@ -51,7 +51,7 @@ impl ApiError {
 
     pub(crate) fn model_not_found(model: &str) -> Self {
         Self {
-            param: Some("model"),
+            param: Some("model".into()),
             code: Some("model_not_found"),
             ..Self::new(
                 StatusCode::NOT_FOUND,
@@ -74,7 +74,7 @@ impl ApiError {
             error: ErrorBody {
                 message: self.message.clone(),
                 kind: self.kind.to_owned(),
-                param: self.param.map(str::to_owned),
+                param: self.param.clone(),
                 code: self.code.map(str::to_owned),
             },
         }

@@ -7,9 +7,11 @@
 mod error;
 mod http;
 mod kv_routing;
+mod metrics;
 mod models;
 mod preprocess;
 mod routing;
+mod stop;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -74,9 +76,15 @@ impl Frontend {
             }
             _ => None,
         };
-        let router = routing::Dispatcher::new(runtime, models, config.router_mode, kv);
+        let metrics = metrics::Metrics::new();
+        let dispatcher = routing::Dispatcher::new(runtime, models, config.router_mode, kv, metrics.decision.clone());
+        let app = http::App {
+            dispatcher: Arc::new(dispatcher),
+            metrics,
+            max_body_bytes: config.max_body_bytes,
+        };
         Ok(Self {
-            app: http::app(Arc::new(router), &config),
+            app: http::app(Arc::new(app)),
         })
     }
 

@@ -10,8 +10,13 @@ use std::sync::Arc;
 use futures::StreamExt;
 use tokio::sync::watch;
 use turbine_protocols::discovery::{models_prefix, parse_model_key, ModelEntry};
-use turbine_protocols::ModelCard;
+use turbine_protocols::{ModelCard, TokenizerKind};
 use turbine_runtime::{DiscoveryError, Instance, Runtime, WatchEvent};
+
+use crate::preprocess::ModelText;
+
+/// A model's tokenizer and chat template, or why they could not be loaded.
+pub(crate) type LoadedText = Result<Arc<ModelText>, Arc<str>>;
 
 /// The models served right now and the instances serving each.
 #[derive(Debug, Default)]
@@ -25,6 +30,7 @@ pub(crate) struct Snapshot {
 #[derive(Debug, Clone)]
 pub(crate) struct ServedModel {
     pub(crate) card: ModelCard,
+    pub(crate) text: LoadedText,
     /// Where its workers answer KV state requests, if they publish KV events.
     pub(crate) kv_state_endpoint: Option<String>,
     /// Sorted by id, so that routers see a stable order.
@@ -99,6 +105,8 @@ struct State {
     entries: HashMap<String, (String, u64, ModelEntry)>,
     /// Instance key → instance.
     instances: HashMap<String, Instance>,
+    /// Loaded once per tokenizer, not per snapshot: loading a real one takes a while.
+    texts: HashMap<TokenizerKind, LoadedText>,
 }
 
 impl State {
@@ -135,7 +143,28 @@ impl State {
         }
     }
 
-    fn snapshot(&self) -> Snapshot {
+    fn text(&mut self, kind: &TokenizerKind) -> LoadedText {
+        self.texts
+            .entry(kind.clone())
+            .or_insert_with(|| {
+                // Blocks this task while a tokenizer file is read: it happens once per model,
+                // and request handlers keep using the previous snapshot meanwhile.
+                ModelText::load(kind).map(Arc::new).map_err(|e| {
+                    tracing::error!(tokenizer = ?kind, error = %e, "cannot load the model's tokenizer");
+                    Arc::from(e.to_string())
+                })
+            })
+            .clone()
+    }
+
+    fn snapshot(&mut self) -> Snapshot {
+        let kinds: Vec<TokenizerKind> = self
+            .entries
+            .values()
+            .map(|(_, _, e)| e.card.tokenizer.clone())
+            .collect();
+        self.texts.retain(|k, _| kinds.contains(k));
+        let texts: HashMap<TokenizerKind, LoadedText> = kinds.iter().map(|k| (k.clone(), self.text(k))).collect();
         let by_id: HashMap<(String, u64), &Instance> = self
             .instances
             .values()
@@ -145,6 +174,10 @@ impl State {
         for (model, id, entry) in self.entries.values() {
             let served = models.entry(model.clone()).or_insert_with(|| ServedModel {
                 card: entry.card.clone(),
+                text: texts
+                    .get(&entry.card.tokenizer)
+                    .cloned()
+                    .unwrap_or_else(|| Err(Arc::from("tokenizer not loaded"))),
                 kv_state_endpoint: entry.kv_state_endpoint.clone(),
                 instances: Vec::new(),
             });

@@ -1,40 +1,75 @@
-//! Turning requests into token ids and token ids back into text.
+//! Turning requests into token ids and token ids back into text, for each kind of tokenizer
+//! a model card can name.
 //!
-//! For now one tokenizer, [`TokenizerKind::Bytes`]: one token per UTF-8 byte, with a plain
-//! `role: content` chat format. Real tokenizers and chat templates replace it behind the same
-//! functions.
+//! [`TokenizerKind::Bytes`] is one token per UTF-8 byte with a plain `role: content` chat
+//! format, for engines that model no vocabulary.
+
+use std::sync::Arc;
 
 use turbine_protocols::openai::ChatMessage;
 use turbine_protocols::TokenizerKind;
 
-/// Token ids of `text` under `tokenizer`.
-pub(crate) fn encode(tokenizer: &TokenizerKind, text: &str) -> Vec<u32> {
-    match tokenizer {
-        TokenizerKind::Bytes => text.bytes().map(u32::from).collect(),
-    }
+/// Why a model's tokenizer could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LoadError {
+    #[error("tokenizer files at {path} are not supported by this build")]
+    Unsupported { path: String },
 }
 
-/// Checks that every id is in the vocabulary; returns the first one that is not.
-pub(crate) fn check_token_ids(tokenizer: &TokenizerKind, ids: &[u32]) -> Result<(), u32> {
-    match tokenizer {
-        TokenizerKind::Bytes => ids.iter().find(|&&t| t > 255).map_or(Ok(()), |&t| Err(t)),
-    }
+/// A model's tokenizer and chat format.
+#[derive(Debug)]
+pub(crate) enum ModelText {
+    Bytes,
 }
 
-/// The prompt for a chat, ending where the assistant's reply begins.
-pub(crate) fn render_chat(tokenizer: &TokenizerKind, messages: &[ChatMessage]) -> String {
-    match tokenizer {
-        TokenizerKind::Bytes => {
-            let mut prompt = String::new();
-            for m in messages {
-                prompt.push_str(&m.role);
-                prompt.push_str(": ");
-                prompt.push_str(&m.content.as_ref().map(|c| c.text()).unwrap_or_default());
-                prompt.push('\n');
-            }
-            prompt.push_str("assistant: ");
-            prompt
+impl ModelText {
+    pub(crate) fn load(kind: &TokenizerKind) -> Result<Self, LoadError> {
+        match kind {
+            TokenizerKind::Bytes => Ok(ModelText::Bytes),
+            TokenizerKind::Files { path } => Err(LoadError::Unsupported { path: path.clone() }),
         }
+    }
+
+    /// Token ids of `text`, as a prompt (with the model's start token, if it wants one).
+    pub(crate) fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
+        match self {
+            ModelText::Bytes => Ok(text.bytes().map(u32::from).collect()),
+        }
+    }
+
+    /// Checks that every id is in the vocabulary; returns the first one that is not.
+    pub(crate) fn check_token_ids(&self, ids: &[u32]) -> Result<(), u32> {
+        match self {
+            ModelText::Bytes => ids.iter().find(|&&t| t > 255).map_or(Ok(()), |&t| Err(t)),
+        }
+    }
+
+    /// The prompt for a chat, ending where the assistant's reply begins.
+    pub(crate) fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, String> {
+        match self {
+            ModelText::Bytes => {
+                let mut prompt = String::new();
+                for m in messages {
+                    prompt.push_str(&m.role);
+                    prompt.push_str(": ");
+                    prompt.push_str(&m.content.as_ref().map(|c| c.text()).unwrap_or_default());
+                    prompt.push('\n');
+                }
+                prompt.push_str("assistant: ");
+                Ok(prompt)
+            }
+        }
+    }
+
+    /// The tokens that end the model's turn: generation stops on them unless asked not to.
+    pub(crate) fn eos_token_ids(&self) -> &[u32] {
+        match self {
+            ModelText::Bytes => &[],
+        }
+    }
+
+    pub(crate) fn decoder(self: &Arc<Self>) -> IncrementalDecoder {
+        IncrementalDecoder::new(self.clone())
     }
 }
 
@@ -42,22 +77,22 @@ pub(crate) fn render_chat(tokenizer: &TokenizerKind, messages: &[ChatMessage]) -
 /// of an incomplete character wait for the tokens that complete it.
 #[derive(Debug)]
 pub(crate) struct IncrementalDecoder {
-    tokenizer: TokenizerKind,
+    text: Arc<ModelText>,
     pending: Vec<u8>,
 }
 
 impl IncrementalDecoder {
-    pub(crate) fn new(tokenizer: TokenizerKind) -> Self {
+    fn new(text: Arc<ModelText>) -> Self {
         Self {
-            tokenizer,
+            text,
             pending: Vec::new(),
         }
     }
 
     /// The text that `tokens` complete; may be empty.
     pub(crate) fn push(&mut self, tokens: &[u32]) -> String {
-        match self.tokenizer {
-            TokenizerKind::Bytes => {
+        match *self.text {
+            ModelText::Bytes => {
                 for &t in tokens {
                     match u8::try_from(t) {
                         Ok(b) => self.pending.push(b),
@@ -111,9 +146,10 @@ mod tests {
     #[test]
     fn never_splits_a_character() {
         let text = "héllo, 世界 🦀!";
-        let mut d = IncrementalDecoder::new(TokenizerKind::Bytes);
+        let bytes = Arc::new(ModelText::Bytes);
+        let mut d = bytes.decoder();
         let mut pieces = Vec::new();
-        for t in encode(&TokenizerKind::Bytes, text) {
+        for t in bytes.encode(text).unwrap() {
             let piece = d.push(&[t]);
             if !piece.is_empty() {
                 pieces.push(piece);
@@ -129,7 +165,7 @@ mod tests {
 
     #[test]
     fn invalid_bytes_become_replacement_characters() {
-        let mut d = IncrementalDecoder::new(TokenizerKind::Bytes);
+        let mut d = Arc::new(ModelText::Bytes).decoder();
         assert_eq!(d.push(&[0x61, 0xff, 0x62, 300]), "a\u{FFFD}b\u{FFFD}");
         assert_eq!(d.push(&[0xe4, 0xb8]), "");
         assert_eq!(d.finish(), "\u{FFFD}");
@@ -139,11 +175,12 @@ mod tests {
     fn chat_prompt_format() {
         let messages: Vec<ChatMessage> =
             serde_json::from_str(r#"[{"role":"system","content":"be brief"},{"role":"user","content":"hi"}]"#).unwrap();
+        let bytes = ModelText::Bytes;
         assert_eq!(
-            render_chat(&TokenizerKind::Bytes, &messages),
+            bytes.render_chat(&messages).unwrap(),
             "system: be brief\nuser: hi\nassistant: "
         );
-        assert_eq!(check_token_ids(&TokenizerKind::Bytes, &[0, 255]), Ok(()));
-        assert_eq!(check_token_ids(&TokenizerKind::Bytes, &[1, 256, 999]), Err(256));
+        assert_eq!(bytes.check_token_ids(&[0, 255]), Ok(()));
+        assert_eq!(bytes.check_token_ids(&[1, 256, 999]), Err(256));
     }
 }

@@ -43,6 +43,8 @@ pub(crate) struct Dispatcher {
     sessions: Mutex<HashMap<String, (WorkerId, Instant)>>,
     /// One router per model, so that round-robin takes turns among that model's workers.
     routers: Mutex<HashMap<String, Arc<Router>>>,
+    /// Time spent choosing a worker, per decision.
+    decision_latency: prometheus::Histogram,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -50,8 +52,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Dispatcher {
-    pub(crate) fn new(runtime: &Runtime, models: ModelManager, mode: RouterMode, kv: Option<Arc<KvRouter>>) -> Self {
+    pub(crate) fn new(
+        runtime: &Runtime,
+        models: ModelManager,
+        mode: RouterMode,
+        kv: Option<Arc<KvRouter>>,
+        decision_latency: prometheus::Histogram,
+    ) -> Self {
         Self {
+            decision_latency,
             models,
             client: runtime.client(),
             mode,
@@ -64,12 +73,19 @@ impl Dispatcher {
 
     /// The model's card and workers, or the error a client should see for it.
     pub(crate) fn model(&self, name: &str) -> Result<ServedModel, ApiError> {
-        self.models
+        let served = self
+            .models
             .snapshot()
             .models
             .get(name)
             .cloned()
-            .ok_or_else(|| ApiError::model_not_found(name))
+            .ok_or_else(|| ApiError::model_not_found(name))?;
+        if let Err(e) = &served.text {
+            return Err(ApiError::unavailable(format!(
+                "model `{name}` cannot be served: its tokenizer did not load: {e}"
+            )));
+        }
+        Ok(served)
     }
 
     fn router(&self, model: &str) -> Arc<Router> {
@@ -173,7 +189,10 @@ impl Dispatcher {
         let mut candidates: Vec<&Instance> = served.instances.iter().collect();
         let mut last_error = None;
         while !candidates.is_empty() {
-            let Some(pos) = self.pick(served, &candidates, &request, options) else {
+            let started = Instant::now();
+            let picked = self.pick(served, &candidates, &request, options);
+            self.decision_latency.observe(started.elapsed().as_secs_f64());
+            let Some(pos) = picked else {
                 break;
             };
             let instance = candidates.swap_remove(pos);

@@ -260,14 +260,14 @@ async fn bad_requests_get_openai_errors() -> Result<()> {
             "/v1/chat/completions",
             json!({"messages": []}),
             400,
-            None,
+            Some("model"),
         ),
         (
             "wrong type",
             "/v1/chat/completions",
             json!({"model": "echo", "messages": "hi"}),
             400,
-            None,
+            Some("messages"),
         ),
         (
             "no messages",
@@ -284,9 +284,9 @@ async fn bad_requests_get_openai_errors() -> Result<()> {
             Some("model"),
         ),
         (
-            "n>1",
+            "n=0",
             "/v1/chat/completions",
-            json!({"model": "echo", "n": 2, "messages": [{"role": "user", "content": "x"}]}),
+            json!({"model": "echo", "n": 0, "messages": [{"role": "user", "content": "x"}]}),
             400,
             Some("n"),
         ),
@@ -309,7 +309,7 @@ async fn bad_requests_get_openai_errors() -> Result<()> {
             "/v1/completions",
             json!({"model": "echo", "prompt": "x".repeat(300)}),
             400,
-            Some("messages"),
+            Some("prompt"),
         ),
         (
             "empty prompt",
@@ -326,18 +326,11 @@ async fn bad_requests_get_openai_errors() -> Result<()> {
             Some("prompt"),
         ),
         (
-            "batched prompts",
-            "/v1/completions",
-            json!({"model": "echo", "prompt": ["a", "b"]}),
-            400,
-            Some("prompt"),
-        ),
-        (
             "negative token",
             "/v1/completions",
             json!({"model": "echo", "prompt": [-1]}),
             400,
-            None,
+            Some("prompt"),
         ),
         (
             "too large",
@@ -348,6 +341,49 @@ async fn bad_requests_get_openai_errors() -> Result<()> {
         ),
         ("no route", "/v1/embeddings", json!({}), 404, None),
     ];
+    let chat = |extra: Value| {
+        let mut body = json!({"model": "echo", "messages": [{"role": "user", "content": "x"}]});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    let mut cases = cases;
+    for (name, extra, param) in [
+        ("temperature high", json!({"temperature": 2.5}), "temperature"),
+        ("temperature negative", json!({"temperature": -0.1}), "temperature"),
+        ("top_p", json!({"top_p": 1.5}), "top_p"),
+        (
+            "frequency_penalty",
+            json!({"frequency_penalty": -3}),
+            "frequency_penalty",
+        ),
+        ("presence_penalty", json!({"presence_penalty": 2.1}), "presence_penalty"),
+        ("top_k", json!({"top_k": -2}), "top_k"),
+        ("too many stops", json!({"stop": vec!["s"; 33]}), "stop"),
+        ("empty stop", json!({"stop": [""]}), "stop"),
+        ("stop wrong type", json!({"stop": 7}), "stop"),
+        ("logprobs", json!({"logprobs": true}), "logprobs"),
+        (
+            "stream_options without stream",
+            json!({"stream_options": {"include_usage": true}}),
+            "stream_options",
+        ),
+        ("n too large", json!({"n": 1000}), "n"),
+        ("seed wrong type", json!({"seed": "x"}), "seed"),
+        (
+            "max_completion_tokens over context",
+            json!({"max_completion_tokens": 100_000}),
+            "max_completion_tokens",
+        ),
+        (
+            "message without role",
+            json!({"messages": [{"content": "x"}]}),
+            "messages[0].role",
+        ),
+    ] {
+        cases.push((name, "/v1/chat/completions", chat(extra), 400, Some(param)));
+    }
     for (name, path, body, status, param) in cases {
         let (got, r) = c.post(path, body).await?;
         assert_eq!(got, status, "{name}: {r}");
@@ -441,6 +477,11 @@ async fn client_disconnect_cancels_on_the_worker() -> Result<()> {
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        let text = c.http.get(format!("{}/metrics", c.url)).send().await?.text().await?;
+        assert!(
+            text.contains(r#"turbine_frontend_client_disconnects_total{endpoint="chat",model="echo"} 1"#),
+            "{plane:?}: the disconnect is counted:\n{text}"
+        );
     }
     Ok(())
 }
@@ -463,5 +504,160 @@ async fn worker_added_later_becomes_routable() -> Result<()> {
         assert!(start.elapsed() < Duration::from_secs(2), "still {status}: {r}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_strings_end_generation_even_across_tokens() -> Result<()> {
+    let c = cluster(Plane::Local, 1, Duration::ZERO).await?;
+    // The echo model repeats the prompt one byte per token: "STOP" spans four tokens.
+    let body = json!({"model": "echo", "prompt": "hello world STOP more", "stop": ["zzz", "STOP"]});
+    let (status, r) = c.post("/v1/completions", body.clone()).await?;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["choices"][0]["text"], "hello world ");
+    assert_eq!(r["choices"][0]["finish_reason"], "stop");
+
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let data = c.sse("/v1/completions", streamed).await?;
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d))
+        .collect::<Result<_, _>>()?;
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect();
+    assert_eq!(text, "hello world ");
+    assert!(
+        chunks
+            .iter()
+            .all(|c| !c["choices"][0]["text"].as_str().unwrap_or("").contains('S')),
+        "{chunks:?}"
+    );
+    assert_eq!(
+        chunks.last().map(|c| &c["choices"][0]["finish_reason"]),
+        Some(&json!("stop"))
+    );
+
+    // A stop string that never completes: its held-back start is released at the end.
+    let (_, r) = c
+        .post(
+            "/v1/completions",
+            json!({"model": "echo", "prompt": "abc ST", "stop": "STOP", "max_tokens": 5}),
+        )
+        .await?;
+    assert_eq!(
+        (
+            r["choices"][0]["text"].as_str(),
+            r["choices"][0]["finish_reason"].as_str()
+        ),
+        (Some("abc S"), Some("length"))
+    );
+    let (_, r) = c
+        .post(
+            "/v1/completions",
+            json!({"model": "echo", "prompt": "abc ST", "stop": "STOP"}),
+        )
+        .await?;
+    assert_eq!(
+        (
+            r["choices"][0]["text"].as_str(),
+            r["choices"][0]["finish_reason"].as_str()
+        ),
+        (Some("abc ST"), Some("stop"))
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_choices_from_n_and_batched_prompts() -> Result<()> {
+    let c = cluster(Plane::Local, 2, Duration::ZERO).await?;
+    let mut body = chat("hi");
+    body["n"] = json!(3);
+    let (status, r) = c.post("/v1/chat/completions", body.clone()).await?;
+    assert_eq!(status, 200, "{r}");
+    let prompt = "user: hi\nassistant: ";
+    for i in 0..3 {
+        assert_eq!(r["choices"][i]["index"], i);
+        assert_eq!(r["choices"][i]["message"]["content"], prompt);
+    }
+    let len = prompt.len();
+    assert_eq!(r["usage"]["prompt_tokens"], len, "one prompt, counted once");
+    assert_eq!(r["usage"]["completion_tokens"], 3 * len);
+
+    let batch = json!({"model": "echo", "prompt": ["ab", "cde"], "max_tokens": 2});
+    let (_, r) = c.post("/v1/completions", batch.clone()).await?;
+    let got: Vec<(&str, &str)> = (0..2)
+        .map(|i| {
+            (
+                r["choices"][i]["text"].as_str().unwrap(),
+                r["choices"][i]["finish_reason"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(got, [("ab", "stop"), ("cd", "length")]);
+    assert_eq!(
+        (
+            r["usage"]["prompt_tokens"].as_u64(),
+            r["usage"]["completion_tokens"].as_u64()
+        ),
+        (Some(5), Some(4))
+    );
+
+    let mut streamed = batch;
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let data = c.sse("/v1/completions", streamed).await?;
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d))
+        .collect::<Result<_, _>>()?;
+    let mut texts = [String::new(), String::new()];
+    for chunk in &chunks {
+        for choice in chunk["choices"].as_array().unwrap() {
+            texts[choice["index"].as_u64().unwrap() as usize].push_str(choice["text"].as_str().unwrap());
+        }
+    }
+    assert_eq!(texts, ["ab", "cd"]);
+    let usage = chunks.last().unwrap();
+    assert_eq!(
+        (usage["choices"].clone(), usage["usage"]["total_tokens"].as_u64()),
+        (json!([]), Some(9))
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_liveness_and_openapi() -> Result<()> {
+    let c = cluster(Plane::Local, 1, Duration::ZERO).await?;
+    let (status, live) = c.get("/live").await?;
+    assert_eq!((status, &live["status"]), (200, &json!("live")));
+    let (status, spec) = c.get("/openapi.json").await?;
+    assert_eq!(status, 200);
+    assert!(spec["paths"]["/v1/chat/completions"]["post"].is_object());
+    c.post("/v1/completions", json!({"model": "echo", "prompt": "abc"}))
+        .await?;
+    c.post(
+        "/v1/completions",
+        json!({"model": "echo", "prompt": "abc", "temperature": 9}),
+    )
+    .await?;
+    c.post("/v1/completions", json!({"model": "nope", "prompt": "abc"}))
+        .await?;
+    let r = c.http.get(format!("{}/metrics", c.url)).send().await?;
+    assert!(r.headers()["content-type"].to_str()?.starts_with("text/plain"));
+    let text = r.text().await?;
+    for line in [
+        r#"turbine_frontend_requests_total{endpoint="completions",model="echo",status="200"} 1"#,
+        r#"turbine_frontend_requests_total{endpoint="completions",model="echo",status="400"} 1"#,
+        // An unknown model name never becomes a label.
+        r#"turbine_frontend_requests_total{endpoint="completions",model="",status="404"} 1"#,
+        r#"turbine_frontend_input_tokens_total{model="echo"} 3"#,
+        r#"turbine_frontend_output_tokens_total{model="echo"} 3"#,
+        r#"turbine_frontend_inflight_requests{model="echo"} 0"#,
+        r#"turbine_frontend_router_decision_seconds_count 1"#,
+        r#"turbine_frontend_inter_token_latency_seconds_count{model="echo"} 2"#,
+    ] {
+        assert!(text.contains(line), "missing {line} in\n{text}");
+    }
+    assert!(!text.contains("nope"));
     Ok(())
 }

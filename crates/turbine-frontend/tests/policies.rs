@@ -95,7 +95,7 @@ async fn session_requests_stay_on_one_worker() -> Result<()> {
         .await?;
     assert_eq!(r.status(), 400);
     let body: Value = r.json().await?;
-    assert_eq!(body["error"]["param"], "kv_temperature");
+    assert_eq!(body["error"]["param"], "turbine.kv_temperature");
     Ok(())
 }
 

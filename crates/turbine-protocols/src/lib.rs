@@ -8,4 +8,6 @@ pub mod kv;
 pub mod llm;
 pub mod openai;
 
-pub use llm::{EngineOutput, FinishReason, ModelCard, PreprocessedRequest, StopConditions, TokenizerKind};
+pub use llm::{
+    EngineOutput, FinishReason, ModelCard, PreprocessedRequest, SamplingOptions, StopConditions, TokenizerKind,
+};

@@ -11,6 +11,28 @@ pub struct PreprocessedRequest {
     pub token_ids: Vec<u32>,
     #[serde(default)]
     pub stop: StopConditions,
+    #[serde(default)]
+    pub sampling: SamplingOptions,
+}
+
+/// How an engine picks each token. All unset means greedy; engines that model no
+/// distribution (echo, mocker) ignore it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SamplingOptions {
+    /// 0 means greedy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<u32>,
+    /// Same seed, same prompt, same output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frequency_penalty: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence_penalty: Option<f32>,
 }
 
 /// When an engine must stop generating, whatever the model wants.
@@ -19,7 +41,9 @@ pub struct StopConditions {
     /// Upper bound on generated tokens; `None` lets the engine run to its own limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_tokens: Option<u32>,
-    /// Generation ends, with `FinishReason::Stop`, when one of these is produced.
+    /// Generation ends, with `FinishReason::Stop`, when one of these is produced. The
+    /// frontend puts the model's end-of-sequence tokens here (unless the client asked to
+    /// ignore them), so engines need no tokenizer knowledge of their own.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stop_token_ids: Vec<u32>,
 }
@@ -73,11 +97,14 @@ pub struct ModelCard {
 }
 
 /// How the frontend turns text into the model's token ids.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum TokenizerKind {
     /// One token per UTF-8 byte: for engines that model no vocabulary (echo, tests).
     Bytes,
+    /// A Hugging Face model directory (`tokenizer.json`, `tokenizer_config.json`) or a GGUF
+    /// file, at a path the frontend can read.
+    Files { path: String },
 }
 
 #[cfg(test)]

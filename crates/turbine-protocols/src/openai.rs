@@ -21,6 +21,33 @@ pub struct ChatCompletionRequest {
     pub max_completion_tokens: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub n: Option<u32>,
+    /// Sampling and stopping, shared with completions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    /// Extension (vLLM, SGLang): sample only among the `top_k` likeliest tokens; -1 or 0 is off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frequency_penalty: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence_penalty: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<Stop>,
+    /// Extension (vLLM): token ids that end generation, beside the model's own end tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_token_ids: Option<Vec<u32>>,
+    /// Extension (vLLM): keep generating past the model's end-of-sequence tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ignore_eos: Option<bool>,
+    /// Log probabilities are not computed; asking for them is refused rather than ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub turbine: Option<TurbineExt>,
 }
@@ -38,6 +65,33 @@ pub struct CompletionRequest {
     pub max_tokens: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub n: Option<u32>,
+    /// Sampling and stopping, shared with completions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    /// Extension (vLLM, SGLang): sample only among the `top_k` likeliest tokens; -1 or 0 is off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frequency_penalty: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence_penalty: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<Stop>,
+    /// Extension (vLLM): token ids that end generation, beside the model's own end tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_token_ids: Option<Vec<u32>>,
+    /// Extension (vLLM): keep generating past the model's end-of-sequence tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ignore_eos: Option<bool>,
+    /// Log probabilities are not computed; asking for them is refused rather than ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub turbine: Option<TurbineExt>,
 }
@@ -52,6 +106,61 @@ pub struct TurbineExt {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_temperature: Option<f64>,
 }
+
+/// `stop`: one string or a list of them.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Stop {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            Stop::One(s) => vec![s],
+            Stop::Many(v) => v,
+        }
+    }
+}
+
+/// The fields that chat and completion requests share, borrowed from either.
+#[derive(Debug, Clone, Copy)]
+pub struct SamplingFields<'a> {
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<i64>,
+    pub seed: Option<i64>,
+    pub frequency_penalty: Option<f64>,
+    pub presence_penalty: Option<f64>,
+    pub stop: Option<&'a Stop>,
+    pub stop_token_ids: Option<&'a [u32]>,
+    pub ignore_eos: Option<bool>,
+    pub logprobs: Option<&'a serde_json::Value>,
+}
+
+macro_rules! sampling_fields {
+    ($t:ty) => {
+        impl $t {
+            pub fn sampling(&self) -> SamplingFields<'_> {
+                SamplingFields {
+                    temperature: self.temperature,
+                    top_p: self.top_p,
+                    top_k: self.top_k,
+                    seed: self.seed,
+                    frequency_penalty: self.frequency_penalty,
+                    presence_penalty: self.presence_penalty,
+                    stop: self.stop.as_ref(),
+                    stop_token_ids: self.stop_token_ids.as_deref(),
+                    ignore_eos: self.ignore_eos,
+                    logprobs: self.logprobs.as_ref(),
+                }
+            }
+        }
+    };
+}
+sampling_fields!(ChatCompletionRequest);
+sampling_fields!(CompletionRequest);
 
 /// The shapes OpenAI accepts for a completion prompt.
 #[derive(Debug, Clone, Deserialize, Serialize)]

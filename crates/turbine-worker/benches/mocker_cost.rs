@@ -71,7 +71,7 @@ fn main() {
                     model: "mocker".into(),
                     // Distinct prompts: no prefix sharing, every sequence pays its prefill.
                     token_ids: (0..prompt_len as u32).map(|t| t + (w * seqs + s) as u32 * 1000).collect(),
-                    stop: StopConditions { max_tokens: Some(max_tokens), stop_token_ids: vec![] },
+                    stop: StopConditions { max_tokens: Some(max_tokens), stop_token_ids: vec![] }, sampling: Default::default(),
                 };
                 let mut stream = client.call(worker.instance(), request).await.expect("accepted");
                 let tokens = tokens.clone();

@@ -47,6 +47,7 @@ fn request(tokens: Vec<u32>, max_tokens: u32) -> PreprocessedRequest {
             max_tokens: Some(max_tokens),
             stop_token_ids: vec![],
         },
+        sampling: Default::default(),
     }
 }
 

@@ -280,6 +280,7 @@ fn request(len: usize, max_tokens: u32) -> PreprocessedRequest {
             max_tokens: Some(max_tokens),
             stop_token_ids: vec![],
         },
+        sampling: Default::default(),
     }
 }
 
