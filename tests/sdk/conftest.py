@@ -1,0 +1,56 @@
+"""Starts real `turbine serve` processes for the SDK tests and stops them after."""
+
+import os
+import subprocess
+import time
+
+import openai
+import pytest
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+BINARY = os.environ.get("TURBINE_BIN", os.path.join(ROOT, "target", "debug", "turbine"))
+
+
+class Server:
+    def __init__(self, *args):
+        self.proc = subprocess.Popen(
+            [BINARY, "serve", "--port", "0", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        line = self.proc.stdout.readline()
+        prefix = "turbine: listening on "
+        if not line.startswith(prefix):
+            self.proc.kill()
+            raise RuntimeError(f"turbine serve did not start: {line!r}")
+        self.url = line[len(prefix):].strip()
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+
+
+def start(*args):
+    server = Server(*args)
+    # Workers register asynchronously: wait until the model is listed.
+    deadline = time.monotonic() + 10
+    while not server.client.models.list().data:
+        if time.monotonic() > deadline:
+            server.stop()
+            raise RuntimeError("no model registered within 10 s")
+        time.sleep(0.02)
+    return server
+
+
+@pytest.fixture(scope="session")
+def echo():
+    """Echo workers with the byte-level tokenizer: replies repeat the prompt, one byte per token."""
+    server = start("--engine", "echo", "--echo-delay-ms", "1", "--context-length", "512", "--max-body-bytes", "65536")
+    yield server
+    server.stop()
