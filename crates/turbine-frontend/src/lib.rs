@@ -95,6 +95,14 @@ impl Frontend {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), FrontendError> {
+        use axum::serve::ListenerExt;
+        // SSE writes many small frames: without NODELAY, Nagle's algorithm holds each one
+        // back until the client's delayed ACK, about 40 ms per chunk.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+        });
         axum::serve(listener, self.app)
             .with_graceful_shutdown(shutdown)
             .await

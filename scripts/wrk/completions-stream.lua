@@ -1,0 +1,4 @@
+-- wrk script: one short streaming completion per request.
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '{"model":"echo","prompt":"hello","max_tokens":4,"stream":true}'
