@@ -36,7 +36,10 @@ impl StopMatcher {
         })
     }
 
-    /// Feeds the next delta. After [`StopOutcome::Stopped`] everything is swallowed.
+    /// Feeds the next delta. The first delta that completes a stop string ends the stream,
+    /// cut where the earliest stop string complete by then begins (a longer stop string that
+    /// began earlier but is not complete yet does not win). After [`StopOutcome::Stopped`]
+    /// everything is swallowed.
     pub fn push(&mut self, delta: &str) -> StopOutcome {
         if self.stopped {
             return StopOutcome::Continue { emit: String::new() };
