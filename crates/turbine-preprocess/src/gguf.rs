@@ -261,6 +261,18 @@ impl Gguf {
         self.get(key).and_then(MetadataValue::as_u64)
     }
 
+    /// Sets metadata key `key`, replacing its value if it has one (like llama.cpp's
+    /// `--override-kv`: a fixed chat template, a different pre-tokenizer).
+    pub fn set(&mut self, key: &str, value: MetadataValue) {
+        match self.index.get(key) {
+            Some(&i) => self.metadata[i].1 = value,
+            None => {
+                self.index.insert(key.to_owned(), self.metadata.len());
+                self.metadata.push((key.to_owned(), value));
+            }
+        }
+    }
+
     /// `general.architecture`, which prefixes the model's own keys (`llama.context_length`).
     pub fn architecture(&self) -> Option<&str> {
         self.get_str("general.architecture")
@@ -544,6 +556,16 @@ mod tests {
         let mut b = Builder::header(3, 0, 1);
         b.str("general.alignment").u32(4).u32(24);
         assert!(matches!(Gguf::parse(&b.0), Err(GgufError::BadAlignment(24))));
+    }
+
+    #[test]
+    fn set_overrides_and_adds_keys() {
+        let mut g = Gguf::parse(&sample()).unwrap();
+        g.set("general.architecture", MetadataValue::String("qwen2".into()));
+        g.set("new.key", MetadataValue::U32(7));
+        assert_eq!(g.architecture(), Some("qwen2"));
+        assert_eq!(g.get_u64("new.key"), Some(7));
+        assert_eq!(g.metadata.len(), 6);
     }
 
     #[test]

@@ -9,15 +9,22 @@ use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::processors::template::TemplateProcessing;
-use tokenizers::{AddedToken, PreTokenizerWrapper};
+use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
 
 use crate::gguf::{Gguf, MetadataValue};
 use crate::Error;
 
 /// Values of `tokenizer.ggml.pre` that [`Tokenizer::from_gguf`] knows how to pre-tokenize.
 /// Anything else is an error rather than a guess: a wrong split gives plausible but wrong ids.
-pub const SUPPORTED_GGUF_PRE: &[&str] = &["smollm", "gpt-2", "gpt2"];
+pub const SUPPORTED_GGUF_PRE: &[&str] = &["smollm", "gpt-2", "gpt2", "llama-bpe", "llama3", "qwen2"];
+
+/// Llama 3's split, as in its tokenizer.json and llama.cpp's `llama-bpe`.
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Qwen2's split: Llama 3's with single digits.
+const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// GGUF `token_type` of control tokens (`<|im_start|>`), which are special added tokens.
 const TOKEN_TYPE_CONTROL: i64 = 3;
@@ -85,10 +92,24 @@ impl Tokenizer {
             });
         }
         let pre = gguf.get_str("tokenizer.ggml.pre").unwrap_or("gpt-2");
+        let split = |regex: &str| -> Result<PreTokenizerWrapper, Error> {
+            let split = Split::new(
+                SplitPattern::Regex(regex.to_owned()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|source| Error::TokenizerBuild {
+                path: path.to_owned(),
+                source,
+            })?;
+            Ok(Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into())
+        };
         let pre_tokenizer: PreTokenizerWrapper = match pre {
             // SmolLM's tokenizer.json: single digits, then GPT-2's byte-level split.
             "smollm" => Sequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()]).into(),
             "gpt-2" | "gpt2" => ByteLevel::new(false, true, true).into(),
+            "llama-bpe" | "llama3" => split(LLAMA3_SPLIT)?,
+            "qwen2" => split(QWEN2_SPLIT)?,
             _ => {
                 return Err(Error::UnsupportedPreTokenizer {
                     path: path.to_owned(),
@@ -123,8 +144,11 @@ impl Tokenizer {
                     .ok_or_else(|| meta("tokenizer.ggml.merges", "\"left right\" pairs"))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        // Llama 3's tokenizer.json (and llama.cpp) take a split that is a whole token as is.
+        let ignore_merges = matches!(pre, "llama-bpe" | "llama3");
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
+            .ignore_merges(ignore_merges)
             .build()
             .map_err(|source| Error::TokenizerBuild {
                 path: path.to_owned(),

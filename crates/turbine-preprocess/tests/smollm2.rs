@@ -7,8 +7,8 @@
 use std::path::{Path, PathBuf};
 
 use proptest::prelude::*;
-use turbine_preprocess::gguf::Gguf;
-use turbine_preprocess::{IncrementalDecoder, Preprocessor};
+use turbine_preprocess::gguf::{Gguf, MetadataValue};
+use turbine_preprocess::{IncrementalDecoder, Preprocessor, Tokenizer};
 
 const MODEL: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -107,6 +107,35 @@ fn chat_prompt_tokens() {
     assert_eq!(ids[0], 1, "<|im_start|> is one token");
     // "<|im_end|>\n<|im_start|>assistant\n", as in the tokens fixture.
     assert!(ids.ends_with(&[2, 198, 1, 520, 9531, 198]), "{ids:?}");
+}
+
+#[derive(serde::Deserialize)]
+struct SplitCase {
+    pre: String,
+    text: String,
+    ids: Vec<u32>,
+}
+
+/// The Llama 3 and Qwen2 pre-tokenizers, checked on SmolLM2's vocabulary: transformers
+/// (`fixtures/smollm2-vocab-other-splits.json`) splits the same strings the same way.
+#[test]
+fn other_pre_tokenizers_match_transformers() {
+    let path = model_path();
+    let mut g = Gguf::open(&path).unwrap();
+    let cases: Vec<SplitCase> = serde_json::from_str(&fixture("smollm2-vocab-other-splits.json")).unwrap();
+    for pre in ["llama-bpe", "qwen2"] {
+        g.set("tokenizer.ggml.pre", MetadataValue::String(pre.into()));
+        let t = Tokenizer::from_gguf(&g, &path).unwrap();
+        let mut checked = 0;
+        for c in cases.iter().filter(|c| c.pre == pre) {
+            assert_eq!(t.encode(&c.text, false).unwrap(), c.ids, "{pre} encoding {:?}", c.text);
+            checked += 1;
+        }
+        assert!(checked >= 15, "{pre}: {checked} cases");
+    }
+    g.set("tokenizer.ggml.pre", MetadataValue::String("made-up".into()));
+    let err = Tokenizer::from_gguf(&g, &path).unwrap_err();
+    assert!(err.to_string().contains("\"made-up\" is not supported"), "{err}");
 }
 
 fn stream(decoder: &mut IncrementalDecoder, ids: &[u32], chunk: usize) -> Vec<String> {
