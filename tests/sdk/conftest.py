@@ -54,3 +54,16 @@ def echo():
     server = start("--engine", "echo", "--echo-delay-ms", "1", "--context-length", "512", "--max-body-bytes", "65536")
     yield server
     server.stop()
+
+
+GGUF = os.path.join(ROOT, "target", "test-models", "smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="session")
+def smol():
+    """Echo workers behind SmolLM2-135M-Instruct's own tokenizer and chat template."""
+    if not os.path.exists(GGUF):
+        raise RuntimeError(f"{GGUF} is missing: run scripts/fetch-test-models")
+    server = start("--engine", "echo", "--echo-delay-ms", "0", "--tokenizer", GGUF, "--model-name", "smol")
+    yield server
+    server.stop()

@@ -180,3 +180,19 @@ def test_metrics_pass_promtool(echo):
     promtool = os.environ.get("PROMTOOL", "promtool")
     check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_real_chat_template(smol):
+    r = smol.client.chat.completions.create(
+        model="smol", messages=[{"role": "user", "content": "Bonjour 🦀"}], extra_body={"ignore_eos": True}
+    )
+    # SmolLM2's template adds its default system prompt; special tokens are not shown.
+    assert r.choices[0].message.content == (
+        "system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face\n"
+        "user\nBonjour 🦀\nassistant\n"
+    )
+    assert r.usage.prompt_tokens == r.usage.completion_tokens
+    # Without ignore_eos, the echo ends at the template's first <|im_end|>, an end token.
+    r = smol.client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Bonjour"}])
+    assert r.choices[0].message.content.endswith("trained by Hugging Face")
+    assert r.choices[0].finish_reason == "stop"

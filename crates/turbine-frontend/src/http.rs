@@ -34,7 +34,7 @@ use crate::metrics::{Metrics, RequestMetrics};
 use crate::models::ServedModel;
 use crate::preprocess::ModelText;
 use crate::routing::{Dispatcher, RouteOptions};
-use crate::stop::StopStrings;
+use turbine_preprocess::{StopMatcher, StopOutcome, MAX_STOP_STRINGS};
 
 /// What every handler shares.
 #[derive(Debug)]
@@ -61,9 +61,6 @@ pub(crate) fn app(state: AppState) -> axum::Router {
         .with_state(state)
 }
 
-/// Most stop strings a request may give, as OpenAI's own limit is 4 and vLLM's is none:
-/// enough for real use, and bounded so that matching stays cheap.
-const MAX_STOP_STRINGS: usize = 32;
 /// Most choices one request may ask for (`n` times the number of prompts).
 const MAX_CHOICES: usize = 128;
 
@@ -319,12 +316,9 @@ fn prepare_chat(req: &ChatCompletionRequest, headers: &HeaderMap, served: &Serve
             "`messages` must contain at least one message",
         ));
     }
-    let prompt = text
-        .render_chat(&req.messages)
-        .map_err(|e| ApiError::invalid_param("messages", format!("cannot apply the chat template: {e}")))?;
     let tokens = text
-        .encode(&prompt)
-        .map_err(|e| ApiError::invalid_param("messages", format!("cannot tokenize the prompt: {e}")))?;
+        .encode_chat(&req.messages, req.tools.as_deref())
+        .map_err(|e| ApiError::invalid_param("messages", format!("cannot build the prompt: {e}")))?;
     let max_tokens = match (req.max_completion_tokens, req.max_tokens) {
         (Some(m), _) => Some((m, "max_completion_tokens")),
         (None, Some(m)) => Some((m, "max_tokens")),
@@ -606,7 +600,9 @@ async fn generate(
             .dispatch(served, request, &prepared.route)
             .instrument(span.clone())
             .await?;
-        let stops = StopStrings::new(prepared.stops.clone());
+        // Validation already bounded the count, so this cannot fail.
+        let stops =
+            StopMatcher::new(prepared.stops.clone()).map_err(|e| ApiError::invalid_param("stop", e.to_string()))?;
         let choice = decode_choice(outputs, text.decoder(), stops, span).map(move |item| (index as u32, item));
         streams.push(choice.boxed());
     }
@@ -670,8 +666,8 @@ async fn generate(
 /// cancels the rest of its generation).
 fn decode_choice(
     mut outputs: crate::routing::Outputs,
-    mut decoder: crate::preprocess::IncrementalDecoder,
-    mut stops: StopStrings,
+    mut decoder: turbine_preprocess::IncrementalDecoder,
+    mut stops: StopMatcher,
     span: tracing::Span,
 ) -> impl Stream<Item = Result<ChoiceItem, ApiError>> + Send {
     async_stream::stream! {
@@ -686,26 +682,48 @@ fn decode_choice(
                 }
             };
             yield Ok(ChoiceItem::Tokens { count: output.token_ids.len() as u32, cached: output.cached_tokens });
-            let released = stops.push(&decoder.push(&output.token_ids));
-            if !released.text.is_empty() {
-                yield Ok(ChoiceItem::Text(released.text));
-            }
-            if released.stopped {
-                tracing::debug!(parent: &span, "stop string reached");
-                yield Ok(ChoiceItem::Finish("stop"));
-                return;
+            let text = match decoder.push(&output.token_ids) {
+                Ok(t) => t,
+                Err(e) => {
+                    yield Err(ApiError::internal(format!("cannot decode the model's output: {e}")));
+                    return;
+                }
+            };
+            match stops.push(&text) {
+                StopOutcome::Continue { emit } => {
+                    if !emit.is_empty() {
+                        yield Ok(ChoiceItem::Text(emit));
+                    }
+                }
+                StopOutcome::Stopped { emit, .. } => {
+                    if !emit.is_empty() {
+                        yield Ok(ChoiceItem::Text(emit));
+                    }
+                    tracing::debug!(parent: &span, "stop string reached");
+                    yield Ok(ChoiceItem::Finish("stop"));
+                    return;
+                }
             }
             if output.finish_reason.is_some() {
                 finish = output.finish_reason;
                 break;
             }
         }
-        let released = stops.push(&decoder.finish());
-        let rest = if released.stopped { released.text } else { released.text + &stops.finish() };
+        let rest = match decoder.finish() {
+            Ok(t) => t,
+            Err(e) => {
+                yield Err(ApiError::internal(format!("cannot decode the model's output: {e}")));
+                return;
+            }
+        };
+        let (rest, stopped) = match stops.push(&rest) {
+            StopOutcome::Continue { emit } => (emit + &stops.finish(), false),
+            StopOutcome::Stopped { emit, .. } => (emit, true),
+        };
         if !rest.is_empty() {
             yield Ok(ChoiceItem::Text(rest));
         }
-        if released.stopped {
+        if stopped {
             yield Ok(ChoiceItem::Finish("stop"));
             return;
         }
@@ -753,8 +771,9 @@ async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
         .models
         .snapshot()
         .models
-        .keys()
-        .map(|name| ModelObject {
+        .iter()
+        .filter(|(_, m)| !m.instances.is_empty())
+        .map(|(name, _)| ModelObject {
             id: name.clone(),
             object: "model".into(),
             created,

@@ -11,7 +11,6 @@ mod metrics;
 mod models;
 mod preprocess;
 mod routing;
-mod stop;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -64,9 +64,16 @@ impl ModelManager {
         let mut changes =
             futures::stream::select(models.events.map(Change::Model), instances.events.map(Change::Instance));
         tokio::spawn(async move {
+            // Forgets departed models even when discovery is quiet.
+            let mut expiry = tokio::time::interval(DEPARTED_MODEL_TTL / 10);
             loop {
                 tokio::select! {
                     _ = tx.closed() => return,
+                    _ = expiry.tick() => {
+                        if state.recent.len() > tx.borrow().models.values().filter(|m| !m.instances.is_empty()).count() {
+                            tx.send_replace(Arc::new(state.snapshot()));
+                        }
+                    }
                     change = changes.next() => match change {
                         Some(change) => {
                             state.apply(change);
@@ -107,7 +114,13 @@ struct State {
     instances: HashMap<String, Instance>,
     /// Loaded once per tokenizer, not per snapshot: loading a real one takes a while.
     texts: HashMap<TokenizerKind, LoadedText>,
+    /// Every model served recently, and when it last had an entry: a model whose workers are
+    /// all gone (a restart, a crash) answers 503, which clients retry, rather than 404.
+    recent: HashMap<String, (ServedModel, std::time::Instant)>,
 }
+
+/// How long a model with no workers left is still known.
+const DEPARTED_MODEL_TTL: std::time::Duration = std::time::Duration::from_secs(10 * 60);
 
 impl State {
     fn apply(&mut self, change: Change) {
@@ -188,6 +201,17 @@ impl State {
         }
         for served in models.values_mut() {
             served.instances.sort_by_key(|i| i.id);
+        }
+        let now = std::time::Instant::now();
+        self.recent
+            .retain(|_, (_, seen)| now.duration_since(*seen) < DEPARTED_MODEL_TTL);
+        for (name, served) in &models {
+            let mut departed = served.clone();
+            departed.instances.clear();
+            self.recent.insert(name.clone(), (departed, now));
+        }
+        for (name, (departed, _)) in &self.recent {
+            models.entry(name.clone()).or_insert_with(|| departed.clone());
         }
         let instances = self
             .instances

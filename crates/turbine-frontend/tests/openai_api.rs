@@ -100,7 +100,7 @@ impl Cluster {
         Ok((status, r.json().await?))
     }
 
-    /// Waits until `/health` reports `want` instances of the echo model (`None`: no such model).
+    /// Waits until `/health` reports `want` instances of the echo model (`None`: not known).
     async fn wait_for_instances(&self, want: Option<usize>) -> Result<()> {
         let start = Instant::now();
         loop {
@@ -442,13 +442,15 @@ async fn round_robin_spreads_requests_and_follows_workers_leaving() -> Result<()
         w.run(async {}).await;
     }
     // Discovery changes reach the frontend asynchronously.
-    c.wait_for_instances(None).await?;
+    c.wait_for_instances(Some(0)).await?;
     let (status, health) = c.get("/health").await?;
     assert_eq!(status, 503, "{health}");
     let (status, r) = c
         .post("/v1/completions", json!({"model": "echo", "prompt": "x"}))
         .await?;
-    assert_eq!(status, 404, "the model left with its last worker: {r}");
+    assert_eq!(status, 503, "the model's workers are gone, for now: {r}");
+    let (_, models) = c.get("/v1/models").await?;
+    assert_eq!(models["data"], json!([]), "only served models are listed");
     Ok(())
 }
 

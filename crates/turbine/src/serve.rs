@@ -2,6 +2,7 @@
 //! and events; workers are reached in-process or over loopback TCP.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,9 +32,13 @@ pub struct ServeArgs {
     /// Name clients put in the request's `model` field [default: the engine's name].
     #[arg(long)]
     model_name: Option<String>,
-    /// Longest prompt plus completion, in tokens.
-    #[arg(long, default_value_t = 8192)]
-    context_length: u32,
+    /// Tokenizer and chat template for the echo and mocker engines: a GGUF file or a Hugging
+    /// Face model directory [default: one token per byte, `role: content` chat lines].
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Longest prompt plus completion, in tokens [default: the tokenizer's model's, else 8192].
+    #[arg(long)]
+    context_length: Option<u32>,
     /// Echo engine: milliseconds before each token, standing in for decode time.
     #[arg(long, default_value_t = 5)]
     echo_delay_ms: u64,
@@ -149,9 +154,32 @@ impl TryFrom<ServeArgs> for ServeConfig {
         if !(a.kv_temperature.is_finite() && a.kv_temperature >= 0.0) {
             bail!("--kv-temperature must be a number >= 0, got {}", a.kv_temperature);
         }
-        if a.context_length < 2 {
-            bail!("--context-length must be at least 2, got {}", a.context_length);
+        // Loaded here once to fail fast on a bad path; the frontend loads it again from the
+        // model card, as a frontend in another process would.
+        let (tokenizer, loaded) = match &a.tokenizer {
+            None => (TokenizerKind::Bytes, None),
+            Some(path) => {
+                let loaded = turbine_preprocess::Preprocessor::load(path)
+                    .with_context(|| format!("--tokenizer {}", path.display()))?;
+                let path = path
+                    .to_str()
+                    .with_context(|| format!("--tokenizer path is not UTF-8: {}", path.display()))?;
+                (TokenizerKind::Files { path: path.to_owned() }, Some(loaded))
+            }
+        };
+        let model_context = loaded
+            .as_ref()
+            .and_then(|l| l.context_length())
+            .map(|c| c.min(u64::from(u32::MAX)) as u32);
+        let context_length = a.context_length.or(model_context).unwrap_or(8192);
+        if context_length < 2 {
+            bail!("--context-length must be at least 2, got {context_length}");
         }
+        let vocab = match &loaded {
+            Some(l) => 0..u32::try_from(l.tokenizer().vocab_size()).unwrap_or(u32::MAX),
+            // The byte-level stand-in tokenizer decodes these as printable ASCII.
+            None => 32..127,
+        };
         let mocker = MockerConfig {
             block_size: a.mocker.block_size,
             num_blocks: a.mocker.num_blocks,
@@ -160,8 +188,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             speedup: a.mocker.speedup,
             seed: a.mocker.seed,
             enable_prefix_caching: a.mocker.prefix_caching,
-            // The byte-level stand-in tokenizer decodes these as printable ASCII.
-            vocab: 32..127,
+            vocab,
         };
         mocker
             .validate()
@@ -179,8 +206,8 @@ impl TryFrom<ServeArgs> for ServeConfig {
             engine: a.engine,
             model: ModelCard {
                 name: model_name,
-                context_length: a.context_length,
-                tokenizer: TokenizerKind::Bytes,
+                context_length,
+                tokenizer,
                 kv_block_size: matches!(a.engine, EngineKind::Mocker).then_some(a.mocker.block_size as u32),
             },
             echo: EchoConfig {
