@@ -1,6 +1,7 @@
 //! The `turbine` command line: parses configuration once, builds the pieces, and runs them
 //! until a signal asks it to stop.
 
+mod args;
 mod serve;
 
 use clap::{Parser, Subcommand};

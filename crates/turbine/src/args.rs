@@ -1,0 +1,260 @@
+//! Command-line settings shared by the subcommands, each group parsed once into the typed
+//! configuration that the crates below take.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use tokio_util::sync::CancellationToken;
+use turbine_engine::{EchoConfig, EchoEngine, Engine, MockerConfig, MockerEngine};
+use turbine_frontend::FrontendConfig;
+use turbine_protocols::{ModelCard, TokenizerKind};
+
+/// Which engine a worker runs and the model it presents.
+#[derive(Debug, Args)]
+pub struct EngineArgs {
+    /// Inference engine every worker runs.
+    #[arg(long, value_enum, default_value_t = EngineKind::Echo)]
+    engine: EngineKind,
+    /// Name clients put in the request's `model` field [default: the engine's name].
+    #[arg(long)]
+    model_name: Option<String>,
+    /// Tokenizer and chat template for the echo and mocker engines: a GGUF file or a Hugging
+    /// Face model directory [default: one token per byte, `role: content` chat lines].
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Longest prompt plus completion, in tokens [default: the tokenizer's model's, else 8192].
+    #[arg(long)]
+    context_length: Option<u32>,
+    /// Echo engine: milliseconds before each token, standing in for decode time.
+    #[arg(long, default_value_t = 5)]
+    echo_delay_ms: u64,
+    #[command(flatten)]
+    mocker: MockerArgs,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum EngineKind {
+    /// Streams the prompt back, token by token.
+    Echo,
+    /// Simulates a vLLM-like engine: real KV block pool, scheduler and KV events, timed by a model of a GPU.
+    Mocker,
+}
+
+/// Settings of the mocker engine (`--engine mocker`).
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Mocker engine")]
+struct MockerArgs {
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = 16)]
+    block_size: usize,
+    /// KV blocks per worker.
+    #[arg(long, default_value_t = 16384)]
+    num_blocks: usize,
+    /// Token budget of one scheduler step.
+    #[arg(long, default_value_t = 8192)]
+    max_num_batched_tokens: usize,
+    /// Most sequences running at once per worker.
+    #[arg(long, default_value_t = 256)]
+    max_num_seqs: usize,
+    /// Divides every simulated step's duration.
+    #[arg(long, default_value_t = 1.0)]
+    speedup: f64,
+    /// Seeds the generated tokens (worker i uses seed + i).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Reuse cached KV blocks of shared prompt prefixes.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    prefix_caching: bool,
+}
+
+/// A validated engine choice: builds engines and describes their model.
+#[derive(Debug, Clone)]
+pub struct EngineSetup {
+    kind: EngineKind,
+    pub model: ModelCard,
+    echo: EchoConfig,
+    mocker: MockerConfig,
+}
+
+impl TryFrom<EngineArgs> for EngineSetup {
+    type Error = anyhow::Error;
+
+    fn try_from(a: EngineArgs) -> anyhow::Result<Self> {
+        let model_name = a.model_name.unwrap_or_else(|| {
+            match a.engine {
+                EngineKind::Echo => "echo",
+                EngineKind::Mocker => "mocker",
+            }
+            .to_owned()
+        });
+        if model_name.trim().is_empty() || model_name.contains(char::is_whitespace) {
+            bail!("--model-name must be non-empty without whitespace, got {model_name:?}");
+        }
+        // Loaded here once to fail fast on a bad path; the frontend loads it again from the
+        // model card, as a frontend in another process would.
+        let (tokenizer, loaded) = match &a.tokenizer {
+            None => (TokenizerKind::Bytes, None),
+            Some(path) => {
+                let loaded = turbine_preprocess::Preprocessor::load(path)
+                    .with_context(|| format!("--tokenizer {}", path.display()))?;
+                let absolute = std::path::absolute(path).with_context(|| format!("--tokenizer {}", path.display()))?;
+                let absolute = absolute
+                    .to_str()
+                    .with_context(|| format!("--tokenizer path is not UTF-8: {}", path.display()))?;
+                (
+                    TokenizerKind::Files {
+                        path: absolute.to_owned(),
+                    },
+                    Some(loaded),
+                )
+            }
+        };
+        let model_context = loaded
+            .as_ref()
+            .and_then(|l| l.context_length())
+            .map(|c| c.min(u64::from(u32::MAX)) as u32);
+        let context_length = a.context_length.or(model_context).unwrap_or(8192);
+        if context_length < 2 {
+            bail!("--context-length must be at least 2, got {context_length}");
+        }
+        let vocab = match &loaded {
+            Some(l) => 0..u32::try_from(l.tokenizer().vocab_size()).unwrap_or(u32::MAX),
+            // The byte-level stand-in tokenizer decodes these as printable ASCII.
+            None => 32..127,
+        };
+        let mocker = MockerConfig {
+            block_size: a.mocker.block_size,
+            num_blocks: a.mocker.num_blocks,
+            max_num_batched_tokens: a.mocker.max_num_batched_tokens,
+            max_num_seqs: a.mocker.max_num_seqs,
+            speedup: a.mocker.speedup,
+            seed: a.mocker.seed,
+            enable_prefix_caching: a.mocker.prefix_caching,
+            vocab,
+        };
+        mocker
+            .validate()
+            .map_err(|e| anyhow::anyhow!("--{}", e.to_string().replace('_', "-")))?;
+        Ok(Self {
+            kind: a.engine,
+            model: ModelCard {
+                name: model_name,
+                context_length,
+                tokenizer,
+                kv_block_size: matches!(a.engine, EngineKind::Mocker).then_some(a.mocker.block_size as u32),
+            },
+            echo: EchoConfig {
+                delay_per_token: Duration::from_millis(a.echo_delay_ms),
+            },
+            mocker,
+        })
+    }
+}
+
+impl EngineSetup {
+    /// The engine of worker number `i` (mockers get distinct seeds).
+    pub fn engine(&self, i: usize) -> anyhow::Result<Arc<dyn Engine>> {
+        Ok(match self.kind {
+            EngineKind::Echo => Arc::new(EchoEngine::new(self.echo.clone())),
+            EngineKind::Mocker => {
+                let mocker = MockerConfig {
+                    seed: self.mocker.seed.wrapping_add(i as u64),
+                    ..self.mocker.clone()
+                };
+                Arc::new(MockerEngine::start(mocker).context("starting a mocker")?)
+            }
+        })
+    }
+}
+
+/// The HTTP frontend's settings.
+#[derive(Debug, Args)]
+pub struct FrontendArgs {
+    /// Address the HTTP server listens on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: IpAddr,
+    /// HTTP port; 0 picks a free one (the chosen address is printed on stdout).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// How the frontend picks a worker for each request.
+    #[arg(long, value_enum, default_value_t = RouterModeArg::RoundRobin)]
+    router_mode: RouterModeArg,
+    /// `kv` router: how much prefill work counts against decode load (higher favours cache hits).
+    #[arg(long, default_value_t = 1.0)]
+    kv_overlap_weight: f64,
+    /// `kv` router: 0 always picks the cheapest worker; higher spreads requests over near-cheapest ones.
+    #[arg(long, default_value_t = 0.0)]
+    kv_temperature: f64,
+    /// Request bodies above this many bytes are refused with 413.
+    #[arg(long, default_value_t = 32 * 1024 * 1024)]
+    max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum RouterModeArg {
+    RoundRobin,
+    Random,
+    /// By KV cache overlap and load, from the workers' KV events (engines that publish them).
+    Kv,
+    /// To the worker with the fewest requests in flight.
+    LeastLoaded,
+    /// Requests with the same `x-session-id` header to the same worker; new sessions by `kv`.
+    Session,
+}
+
+impl FrontendArgs {
+    /// Where to listen, and the frontend's configuration.
+    pub fn parse(self) -> anyhow::Result<(SocketAddr, FrontendConfig)> {
+        if !(self.kv_overlap_weight.is_finite() && self.kv_overlap_weight >= 0.0) {
+            bail!(
+                "--kv-overlap-weight must be a number >= 0, got {}",
+                self.kv_overlap_weight
+            );
+        }
+        if !(self.kv_temperature.is_finite() && self.kv_temperature >= 0.0) {
+            bail!("--kv-temperature must be a number >= 0, got {}", self.kv_temperature);
+        }
+        let config = FrontendConfig {
+            router_mode: match self.router_mode {
+                RouterModeArg::RoundRobin => turbine_router::RouterMode::RoundRobin,
+                RouterModeArg::Random => turbine_router::RouterMode::Random,
+                RouterModeArg::Kv => turbine_router::RouterMode::Kv,
+                RouterModeArg::LeastLoaded => turbine_router::RouterMode::LeastLoaded,
+                RouterModeArg::Session => turbine_router::RouterMode::Session,
+            },
+            max_body_bytes: self.max_body_bytes,
+            kv_overlap_weight: self.kv_overlap_weight,
+            kv_temperature: self.kv_temperature,
+            ..FrontendConfig::default()
+        };
+        Ok((SocketAddr::new(self.host, self.port), config))
+    }
+}
+
+/// Cancels `token` on the first SIGINT or SIGTERM.
+pub async fn signal_to(token: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT received"),
+        _ = term => tracing::info!("SIGTERM received"),
+    }
+    token.cancel();
+}
