@@ -3,7 +3,8 @@
 //! - [`EndpointId`] names a served endpoint (`namespace/component/endpoint`); each process
 //!   serving it is an [`Instance`] with a random [`InstanceId`].
 //! - [`Discovery`] is a key-value store with leases and watches (etcd-shaped) where
-//!   instances and model cards are registered; [`MemoryDiscovery`] serves one process.
+//!   instances and model cards are registered; [`MemoryDiscovery`] serves one process,
+//!   [`EtcdDiscovery`] a cluster.
 //! - [`EventPlane`] is publish/subscribe by subject (NATS-shaped); [`MemoryEventPlane`]
 //!   serves one process.
 //! - The request plane carries a request to an instance and streams responses back, either
@@ -22,7 +23,8 @@ mod server;
 mod transport;
 
 pub use discovery::{
-    instance_key, instance_prefix, Discovery, DiscoveryError, KeyValue, LeaseId, MemoryDiscovery, Watch, WatchEvent,
+    instance_key, instance_prefix, Discovery, DiscoveryError, EtcdDiscovery, EtcdOptions, KeyValue, LeaseId,
+    MemoryDiscovery, Watch, WatchEvent,
 };
 pub use events::{Event, EventPlane, EventPlaneError, MemoryEventPlane, Subscription};
 pub use ids::{EndpointId, Instance, InstanceAddress, InstanceId, ParseEndpointError};

@@ -4,6 +4,7 @@
 //! Instances register under [`instance_key`] bound to a lease; when the lease is revoked or
 //! expires, every key bound to it disappears and watchers see the deletions.
 
+mod etcd;
 mod memory;
 
 use std::time::Duration;
@@ -13,6 +14,7 @@ use futures::stream::BoxStream;
 
 use crate::ids::{EndpointId, InstanceId};
 
+pub use etcd::{EtcdDiscovery, EtcdOptions};
 pub use memory::MemoryDiscovery;
 
 /// A lease: keys bound to it live as long as it is kept alive.
