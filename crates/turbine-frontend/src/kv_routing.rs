@@ -40,6 +40,9 @@ pub(crate) struct KvRouter {
     selector: SelectorConfig,
     client: Client<KvStateRequest, KvStateResponse>,
     models: ModelManager,
+    /// False when this frontend's event plane does not reach the workers (no shared event
+    /// bus between processes): every model is then routed on predictions.
+    events_reach_workers: bool,
 }
 
 #[derive(Debug, Default)]
@@ -56,6 +59,7 @@ impl KvRouter {
         namespace: &str,
         models: ModelManager,
         selector: SelectorConfig,
+        events_reach_workers: bool,
     ) -> Result<Arc<Self>, EventPlaneError> {
         let mut events = runtime.events().subscribe(&kv_events_pattern(namespace)).await?;
         let router = Arc::new(Self {
@@ -64,6 +68,7 @@ impl KvRouter {
             selector,
             client: runtime.client(),
             models,
+            events_reach_workers,
         });
         let weak = Arc::downgrade(&router);
         let mut changes = router.models.subscribe();
@@ -148,7 +153,7 @@ impl KvRouter {
         overrides: &SelectorOverrides,
     ) -> Option<(Decision, u32)> {
         // Without KV events, predictions stand in for them, at whatever granularity.
-        let approximate = served.kv_state_endpoint.is_none();
+        let approximate = !self.events_reach_workers || served.kv_state_endpoint.is_none();
         let block_size = served.card.kv_block_size.unwrap_or(APPROX_BLOCK_SIZE);
         let hashes: Vec<u64> = turbine_tokens::block_hashes(tokens, block_size as usize)
             .iter()

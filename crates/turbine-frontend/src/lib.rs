@@ -30,6 +30,10 @@ pub struct FrontendConfig {
     /// `kv` mode: weight of prefill work against decode load, and sampling temperature.
     pub kv_overlap_weight: f64,
     pub kv_temperature: f64,
+    /// Whether the runtime's event plane carries the workers' KV events to this frontend. When
+    /// it does not (separate processes without a shared event bus), `kv` routing predicts
+    /// what each worker caches from its own decisions.
+    pub kv_events: bool,
 }
 
 impl Default for FrontendConfig {
@@ -40,6 +44,7 @@ impl Default for FrontendConfig {
             max_body_bytes: 32 * 1024 * 1024,
             kv_overlap_weight: 1.0,
             kv_temperature: 0.0,
+            kv_events: true,
         }
     }
 }
@@ -71,7 +76,10 @@ impl Frontend {
                     temperature: config.kv_temperature,
                     ..Default::default()
                 };
-                Some(kv_routing::KvRouter::start(runtime, &config.namespace, models.clone(), selector).await?)
+                Some(
+                    kv_routing::KvRouter::start(runtime, &config.namespace, models.clone(), selector, config.kv_events)
+                        .await?,
+                )
             }
             _ => None,
         };

@@ -2,6 +2,7 @@
 //! until a signal asks it to stop.
 
 mod args;
+mod distributed;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -26,6 +27,10 @@ struct Cli {
 enum Command {
     /// Run a frontend and workers in one process, with in-memory discovery and no external services.
     Serve(serve::ServeArgs),
+    /// Run an HTTP frontend that finds its workers through etcd.
+    Frontend(distributed::FrontendCmdArgs),
+    /// Run one worker that registers in etcd and serves frontends over TCP.
+    Worker(distributed::WorkerCmdArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -41,6 +46,8 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve::run(args.try_into()?).await,
+            Command::Frontend(args) => distributed::frontend(args).await,
+            Command::Worker(args) => distributed::worker(args).await,
         }
     });
     match result {

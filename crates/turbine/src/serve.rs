@@ -103,22 +103,35 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let frontend = Frontend::start(&runtime, config.frontend.clone())
         .await
         .context("starting the frontend")?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
+    tracing::info!(workers = config.workers, model = %config.engine.model.name, "starting");
+    serve_http(frontend, config.listen, shutdown, config.grace_period, workers).await
+}
+
+/// Serves `frontend` on `listen` until `shutdown`, then drains it and `workers` together
+/// within `grace_period`.
+pub async fn serve_http(
+    frontend: Frontend,
+    listen: SocketAddr,
+    shutdown: CancellationToken,
+    grace_period: Duration,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
+        .with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr().context("reading the listening address")?;
-    tracing::info!(%addr, workers = config.workers, model = %config.engine.model.name, "serving");
+    tracing::info!(%addr, "serving");
     // A machine-readable line for scripts and tests that start us on port 0.
     println!("turbine: listening on http://{addr}");
 
     let stop = shutdown.clone();
     let http = tokio::spawn(frontend.run(listener, async move { stop.cancelled().await }));
     shutdown.cancelled().await;
-    tracing::info!(grace_period = ?config.grace_period, "shutting down: draining in-flight requests");
+    tracing::info!(?grace_period, "shutting down: draining in-flight requests");
 
     // Workers and the frontend drain together; the frontend waits for its open responses,
     // which the workers finish within their own grace period.
-    let drained = tokio::time::timeout(config.grace_period + Duration::from_secs(2), async {
+    let drained = tokio::time::timeout(grace_period + Duration::from_secs(2), async {
         for w in workers {
             w.await.context("a worker task failed")?;
         }

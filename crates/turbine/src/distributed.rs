@@ -1,0 +1,164 @@
+//! `turbine frontend` and `turbine worker`: one part of a deployment per process, finding
+//! each other through etcd and talking over the TCP request plane.
+//!
+//! Events (KV cache changes, load reports) stay inside each process until a shared event
+//! plane exists, so a frontend routes `kv` on its own predictions (approximate mode).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use tokio_util::sync::CancellationToken;
+use turbine_frontend::Frontend;
+use turbine_runtime::{
+    Discovery, EndpointId, EtcdDiscovery, EtcdOptions, MemoryEventPlane, Runtime, ServeOptions, TransportOptions,
+};
+use turbine_worker::{Worker, WorkerConfig};
+
+use crate::args::{signal_to, EngineArgs, EngineSetup, FrontendArgs};
+
+/// Where the processes of one deployment meet.
+#[derive(Debug, Args)]
+pub struct ClusterArgs {
+    /// Discovery backend: `etcd://HOST:PORT`, several etcd members separated by commas.
+    #[arg(long)]
+    discovery: String,
+    /// Deployments sharing one etcd are kept apart by namespace.
+    #[arg(long, default_value = "turbine")]
+    namespace: String,
+    /// Seconds in-flight requests may run on after SIGINT or SIGTERM before they are cancelled.
+    #[arg(long, default_value_t = 30)]
+    grace_period_secs: u64,
+}
+
+/// Validated [`ClusterArgs`].
+#[derive(Debug)]
+struct Cluster {
+    etcd: Vec<String>,
+    namespace: String,
+    grace_period: Duration,
+}
+
+impl TryFrom<ClusterArgs> for Cluster {
+    type Error = anyhow::Error;
+
+    fn try_from(a: ClusterArgs) -> anyhow::Result<Self> {
+        let Some(members) = a.discovery.strip_prefix("etcd://") else {
+            bail!(
+                "--discovery must be etcd://HOST:PORT[,HOST:PORT...], got {:?}",
+                a.discovery
+            );
+        };
+        let etcd: Vec<String> = members.split(',').map(|m| format!("http://{m}")).collect();
+        if members.split(',').any(|m| {
+            m.rsplit_once(':')
+                .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+        }) {
+            bail!("--discovery members must be HOST:PORT, got {:?}", a.discovery);
+        }
+        if a.namespace.is_empty() || a.namespace.contains(['/', '.', ' ']) {
+            bail!(
+                "--namespace must be non-empty without '/', '.' or spaces, got {:?}",
+                a.namespace
+            );
+        }
+        Ok(Self {
+            etcd,
+            namespace: a.namespace,
+            grace_period: Duration::from_secs(a.grace_period_secs),
+        })
+    }
+}
+
+impl Cluster {
+    async fn runtime(&self) -> anyhow::Result<Runtime> {
+        let discovery = EtcdDiscovery::connect(&self.etcd, EtcdOptions::default())
+            .await
+            .with_context(|| format!("--discovery {}", self.etcd.join(",")))?;
+        Ok(Runtime::new(
+            Arc::new(discovery) as Arc<dyn Discovery>,
+            Arc::new(MemoryEventPlane::new()),
+        ))
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct FrontendCmdArgs {
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    #[command(flatten)]
+    frontend: FrontendArgs,
+}
+
+pub async fn frontend(args: FrontendCmdArgs) -> anyhow::Result<()> {
+    let cluster = Cluster::try_from(args.cluster)?;
+    let (listen, mut config) = args.frontend.parse()?;
+    config.namespace = cluster.namespace.clone();
+    config.kv_events = false;
+    let runtime = cluster.runtime().await?;
+    let frontend = Frontend::start(&runtime, config)
+        .await
+        .context("starting the frontend")?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signal_to(shutdown.clone()));
+    crate::serve::serve_http(frontend, listen, shutdown, cluster.grace_period, Vec::new()).await
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerCmdArgs {
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    #[command(flatten)]
+    engine: EngineArgs,
+    /// Address the worker's request plane listens on (port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Address frontends reach the worker at [default: the listening address].
+    #[arg(long)]
+    advertise: Option<SocketAddr>,
+    /// Seconds after the worker stops renewing its registration (a crash) before it disappears.
+    #[arg(long, default_value_t = 10)]
+    lease_ttl_secs: u64,
+}
+
+pub async fn worker(args: WorkerCmdArgs) -> anyhow::Result<()> {
+    let cluster = Cluster::try_from(args.cluster)?;
+    let engine = EngineSetup::try_from(args.engine)?;
+    if args.lease_ttl_secs == 0 {
+        bail!("--lease-ttl-secs must be at least 1, got 0");
+    }
+    if args.listen.ip().is_unspecified() && args.advertise.is_none() {
+        bail!(
+            "--listen {} needs --advertise: frontends cannot reach an unspecified address",
+            args.listen
+        );
+    }
+    let runtime = cluster.runtime().await?;
+    let config = WorkerConfig {
+        endpoint: EndpointId::new(cluster.namespace.clone(), "worker", "generate"),
+        model: engine.model.clone(),
+        serve: ServeOptions {
+            transport: TransportOptions::Tcp {
+                bind: args.listen,
+                advertise: args.advertise,
+            },
+            lease_ttl: Duration::from_secs(args.lease_ttl_secs),
+            grace_period: cluster.grace_period,
+            ..ServeOptions::default()
+        },
+        load_report_interval: Duration::from_millis(100),
+    };
+    let worker = Worker::start(&runtime, engine.engine(0)?, config)
+        .await
+        .context("starting the worker")?;
+    tracing::info!(model = %engine.model.name, instance = %worker.instance().id, "worker serving");
+    // A machine-readable line for scripts and tests.
+    println!("turbine: worker {} serving {}", worker.instance().id, engine.model.name);
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signal_to(shutdown.clone()));
+    worker.run(async move { shutdown.cancelled().await }).await;
+    tracing::info!("stopped");
+    Ok(())
+}
