@@ -12,9 +12,9 @@ BINARY = os.environ.get("TURBINE_BIN", os.path.join(ROOT, "target", "debug", "tu
 
 
 class Server:
-    def __init__(self, *args):
+    def __init__(self, *args, command="serve"):
         self.proc = subprocess.Popen(
-            [BINARY, "serve", "--port", "0", *args],
+            [BINARY, command, "--port", "0", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
@@ -36,8 +36,8 @@ class Server:
             raise
 
 
-def start(*args):
-    server = Server(*args)
+def start(*args, command="serve"):
+    server = Server(*args, command=command)
     # Workers register asynchronously: wait until the model is listed.
     deadline = time.monotonic() + 10
     while not server.client.models.list().data:
@@ -67,3 +67,57 @@ def smol():
     server = start("--engine", "echo", "--echo-delay-ms", "0", "--tokenizer", GGUF, "--model-name", "smol")
     yield server
     server.stop()
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def orphaned(tmp_path_factory):
+    """A frontend process whose only worker process (found through etcd) has stopped."""
+    etcd_bin = os.path.join(ROOT, "target", "tools", "etcd")
+    if not os.path.exists(etcd_bin):
+        raise RuntimeError(f"{etcd_bin} is missing: run scripts/install-etcd")
+    client, peer = free_port(), free_port()
+    client_url, peer_url = f"http://127.0.0.1:{client}", f"http://127.0.0.1:{peer}"
+    etcd = subprocess.Popen(
+        [etcd_bin, "--data-dir", str(tmp_path_factory.mktemp("etcd")),
+         "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
+         "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
+         "--initial-cluster", f"default={peer_url}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    discovery = f"etcd://127.0.0.1:{client}"
+    worker = None
+    try:
+        import socket
+
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", client), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("etcd did not start")
+                time.sleep(0.02)
+        worker = subprocess.Popen(
+            [BINARY, "worker", "--discovery", discovery], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        )
+        if not worker.stdout.readline().startswith("turbine: worker "):
+            raise RuntimeError("worker did not start")
+        frontend = start("--discovery", discovery, command="frontend")
+        worker.terminate()
+        worker.wait(timeout=10)
+        yield frontend
+        frontend.stop()
+    finally:
+        if worker and worker.poll() is None:
+            worker.kill()
+        etcd.kill()
+        etcd.wait()

@@ -196,3 +196,16 @@ def test_real_chat_template(smol):
     r = smol.client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Bonjour"}])
     assert r.choices[0].message.content.endswith("trained by Hugging Face")
     assert r.choices[0].finish_reason == "stop"
+
+
+def test_no_workers_is_service_unavailable(orphaned):
+    # The model is known but its last worker has gone: 503, which clients may retry.
+    for _ in range(100):
+        try:
+            orphaned.client.completions.create(model="echo", prompt="x")
+        except openai.InternalServerError as e:
+            assert e.status_code == 503
+            assert "no worker" in e.body["message"]
+            return
+        time.sleep(0.05)
+    raise AssertionError("requests still succeed after the worker stopped")

@@ -1,0 +1,191 @@
+//! `turbine frontend` and `turbine worker` as separate processes around a real etcd
+//! (`scripts/install-etcd` puts one in target/tools): discovery, routing over TCP, a worker
+//! killed without warning, and one stopped gracefully.
+
+use std::io::{BufRead, BufReader};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_turbine");
+const ETCD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/tools/etcd");
+
+/// A child process, killed when the test ends however it ends.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn start_etcd(dir: &Path) -> Result<(Proc, String)> {
+    anyhow::ensure!(Path::new(ETCD).exists(), "no etcd at {ETCD}: run scripts/install-etcd");
+    let (client, peer) = (free_port()?, free_port()?);
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let client_url = format!("http://127.0.0.1:{client}");
+    let child = Command::new(ETCD)
+        .args(["--name", "default", "--data-dir"])
+        .arg(dir)
+        .args([
+            "--listen-client-urls",
+            &client_url,
+            "--advertise-client-urls",
+            &client_url,
+        ])
+        .args([
+            "--listen-peer-urls",
+            &peer_url,
+            "--initial-advertise-peer-urls",
+            &peer_url,
+        ])
+        .args(["--initial-cluster", &format!("default={peer_url}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let etcd = Proc(child);
+    let start = Instant::now();
+    while TcpStream::connect(("127.0.0.1", client)).is_err() {
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(10), "etcd did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok((etcd, format!("etcd://127.0.0.1:{client}")))
+}
+
+/// Starts `turbine ARGS` and waits for the stdout line starting with `ready`; returns the
+/// rest of that line.
+fn start(args: &[&str], ready: &str) -> Result<(Proc, String)> {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let proc = Proc(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let ready = ready.to_owned();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(rest) = line.strip_prefix(&ready) {
+                let _ = tx.send(rest.to_owned());
+            }
+        }
+    });
+    let rest = rx
+        .recv_timeout(Duration::from_secs(30))
+        .with_context(|| format!("turbine {args:?} did not start"))?;
+    Ok((proc, rest))
+}
+
+async fn instances(http: &reqwest::Client, url: &str) -> Result<usize> {
+    let health: Value = http.get(format!("{url}/health")).send().await?.json().await?;
+    Ok(health["models"]["echo"]["instances"].as_array().map_or(0, Vec::len))
+}
+
+async fn wait_for_instances(http: &reqwest::Client, url: &str, want: usize, within: Duration) -> Result<Duration> {
+    let start = Instant::now();
+    while instances(http, url).await? != want {
+        if start.elapsed() > within {
+            bail!(
+                "still {} instances after {within:?}, want {want}",
+                instances(http, url).await?
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(start.elapsed())
+}
+
+async fn complete(http: &reqwest::Client, url: &str, prompt: &str) -> Result<(u16, Value)> {
+    let r = http
+        .post(format!("{url}/v1/completions"))
+        .json(&json!({"model": "echo", "prompt": prompt}))
+        .send()
+        .await?;
+    Ok((r.status().as_u16(), r.json().await?))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frontend_and_workers_in_separate_processes() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (_etcd, discovery) = start_etcd(dir.path())?;
+    let worker_args = [
+        "worker",
+        "--discovery",
+        &discovery,
+        "--echo-delay-ms",
+        "0",
+        "--lease-ttl-secs",
+        "2",
+    ];
+    let (mut doomed, _) = start(&worker_args, "turbine: worker ")?;
+    let (mut graceful, _) = start(&worker_args, "turbine: worker ")?;
+    let (_frontend, url) = start(
+        &["frontend", "--discovery", &discovery, "--port", "0"],
+        "turbine: listening on ",
+    )?;
+    let http = reqwest::Client::new();
+    wait_for_instances(&http, &url, 2, Duration::from_secs(10)).await?;
+    for i in 0..20 {
+        let (status, r) = complete(&http, &url, &format!("p{i}")).await?;
+        assert_eq!(
+            (status, r["choices"][0]["text"].as_str()),
+            (200, Some(format!("p{i}").as_str()))
+        );
+    }
+
+    // Killed without warning: its connection is refused at once, so requests go to the
+    // other worker; its registration goes when its lease expires.
+    doomed.0.kill()?;
+    doomed.0.wait()?;
+    for i in 0..20 {
+        let (status, r) = complete(&http, &url, &format!("q{i}")).await?;
+        assert_eq!(status, 200, "{r}");
+    }
+    let gone = wait_for_instances(&http, &url, 1, Duration::from_secs(5)).await?;
+    assert!(gone < Duration::from_secs(4), "lease of 2 s took {gone:?}");
+
+    // Stopped gracefully: it deregisters at once and exits cleanly.
+    let status = Command::new("kill")
+        .args(["-TERM", &graceful.0.id().to_string()])
+        .status()?;
+    assert!(status.success());
+    let start = Instant::now();
+    let code = loop {
+        if let Some(s) = graceful.0.try_wait()? {
+            break s.code();
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(10), "worker still running");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(code, Some(0));
+    wait_for_instances(&http, &url, 0, Duration::from_secs(2)).await?;
+    let (status, r) = complete(&http, &url, "x").await?;
+    assert_eq!(status, 503, "a known model with no workers: {r}");
+    Ok(())
+}
+
+#[test]
+fn bad_discovery_fails_with_one_line_naming_it() -> Result<()> {
+    for (args, needle) in [
+        (&["frontend", "--discovery", "consul://x:1"][..], "consul://x:1"),
+        (&["worker", "--discovery", "etcd://nohost"], "etcd://nohost"),
+        (&["worker", "--discovery", "etcd://127.0.0.1:1"], "127.0.0.1:1"),
+    ] {
+        let out = Command::new(BIN).args(args).output()?;
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8(out.stderr)?;
+        let last = err.lines().last().unwrap_or_default();
+        assert!(last.contains(needle), "{args:?}: {err}");
+    }
+    Ok(())
+}
