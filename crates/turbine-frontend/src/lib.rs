@@ -10,6 +10,7 @@ mod kv_routing;
 mod metrics;
 mod models;
 mod preprocess;
+mod replica;
 mod routing;
 
 use std::future::Future;
@@ -84,7 +85,15 @@ impl Frontend {
             _ => None,
         };
         let metrics = metrics::Metrics::new();
-        let dispatcher = routing::Dispatcher::new(runtime, models, config.router_mode, kv, metrics.decision.clone());
+        let active = replica::Replicated::start(runtime, &config.namespace).await?;
+        let dispatcher = routing::Dispatcher::new(
+            runtime,
+            models,
+            config.router_mode,
+            kv,
+            active,
+            metrics.decision.clone(),
+        );
         let app = http::App {
             dispatcher: Arc::new(dispatcher),
             metrics,

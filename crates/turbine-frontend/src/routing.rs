@@ -11,13 +11,13 @@ use std::time::{Duration, Instant};
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 use turbine_protocols::{EngineOutput, PreprocessedRequest};
-use turbine_router::active::ActiveSequences;
 use turbine_router::{Router, RouterMode, WorkerId};
 use turbine_runtime::{Client, Instance, RequestError, ResponseStream, Runtime};
 
 use crate::error::ApiError;
 use crate::kv_routing::{KvRouter, SelectorOverrides};
 use crate::models::{ModelManager, ServedModel};
+use crate::replica::Replicated;
 
 pub(crate) type Outputs = BoxStream<'static, Result<EngineOutput, RequestError>>;
 
@@ -39,7 +39,7 @@ pub(crate) struct Dispatcher {
     client: Client<PreprocessedRequest, EngineOutput>,
     mode: RouterMode,
     kv: Option<Arc<KvRouter>>,
-    active: Mutex<ActiveSequences>,
+    active: Replicated,
     sessions: Mutex<HashMap<String, (WorkerId, Instant)>>,
     /// One router per model, so that round-robin takes turns among that model's workers.
     routers: Mutex<HashMap<String, Arc<Router>>>,
@@ -57,6 +57,7 @@ impl Dispatcher {
         models: ModelManager,
         mode: RouterMode,
         kv: Option<Arc<KvRouter>>,
+        active: Replicated,
         decision_latency: prometheus::Histogram,
     ) -> Self {
         Self {
@@ -65,7 +66,7 @@ impl Dispatcher {
             client: runtime.client(),
             mode,
             kv,
-            active: Mutex::default(),
+            active,
             sessions: Mutex::default(),
             routers: Mutex::default(),
         }
@@ -116,15 +117,21 @@ impl Dispatcher {
         let chosen = match (pinned, self.mode) {
             (Some(w), _) => Some(w),
             (None, RouterMode::LeastLoaded) => {
-                let active = lock(&self.active);
-                let least = ids.iter().map(|&w| active.active(w)).min()?;
-                let tied: Vec<WorkerId> = ids.iter().copied().filter(|&w| active.active(w) == least).collect();
+                let active = self.active.lock();
+                let now = Instant::now();
+                let least = ids.iter().map(|&w| active.active(w, now)).min()?;
+                let tied: Vec<WorkerId> = ids
+                    .iter()
+                    .copied()
+                    .filter(|&w| active.active(w, now) == least)
+                    .collect();
                 Some(tied[rand::random::<usize>() % tied.len()])
             }
             (None, RouterMode::Kv | RouterMode::Session) if self.kv.is_some() => {
                 let loads: Vec<_> = {
-                    let active = lock(&self.active);
-                    ids.iter().map(|&w| (w, active.load(w))).collect()
+                    let active = self.active.lock();
+                    let now = Instant::now();
+                    ids.iter().map(|&w| (w, active.load(w, now))).collect()
                 };
                 let (decision, bs) =
                     self.kv
@@ -145,7 +152,7 @@ impl Dispatcher {
         if let (RouterMode::Session, Some(session)) = (self.mode, &options.session) {
             self.pin_session(session, chosen);
         }
-        lock(&self.active).routed(&request.request_id, chosen, prefill, blocks);
+        self.active.routed(&request.request_id, chosen, prefill, blocks);
         ids.iter().position(|&w| w == chosen)
     }
 
@@ -208,7 +215,7 @@ impl Dispatcher {
                     return Ok(tracked.boxed());
                 }
                 Err(e) => {
-                    lock(&self.active).ended(&request.request_id);
+                    self.active.ended(&request.request_id);
                     if !e.is_retryable_elsewhere() {
                         return Err(e.into());
                     }
@@ -240,7 +247,7 @@ impl Stream for Tracked {
         let item = futures::ready!(self.inner.poll_next_unpin(cx));
         if self.first && matches!(item, Some(Ok(_))) {
             self.first = false;
-            lock(&self.dispatcher.active).first_token(&self.request_id);
+            self.dispatcher.active.first_token(&self.request_id);
         }
         Poll::Ready(item)
     }
@@ -248,6 +255,6 @@ impl Stream for Tracked {
 
 impl Drop for Tracked {
     fn drop(&mut self) {
-        lock(&self.dispatcher.active).ended(&self.request_id);
+        self.dispatcher.active.ended(&self.request_id);
     }
 }

@@ -14,6 +14,10 @@ use turbine_router::RouterMode;
 
 /// Three echo workers (5 ms a token) behind a frontend in `mode`.
 async fn cluster(mode: RouterMode) -> Result<Cluster> {
+    replicas(mode, 1).await
+}
+
+async fn replicas(mode: RouterMode, frontends: usize) -> Result<Cluster> {
     let card = ModelCard {
         name: "echo".into(),
         context_length: 4096,
@@ -27,7 +31,34 @@ async fn cluster(mode: RouterMode) -> Result<Cluster> {
             })
         })
         .collect();
-    Cluster::start(card, engines, mode).await
+    Cluster::start_frontends(card, engines, mode, frontends).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_frontends_agree_on_load() -> Result<()> {
+    let c = replicas(RouterMode::LeastLoaded, 2).await?;
+    let http = reqwest::Client::new();
+    let long = json!({"model": "echo", "prompt": "x".repeat(1000), "stream": true});
+    // Each round, frontend A starts one long request, then B two. B spreads its two over the
+    // other workers only if it counts A's request: alone, it would pick A's worker with
+    // probability 2/3 per round.
+    for round in 0..4 {
+        let before = c.served();
+        let mut held = Vec::new();
+        for url in [&c.urls[0], &c.urls[1], &c.urls[1]] {
+            let mut stream = http.post(url).json(&long).send().await?.bytes_stream();
+            stream.next().await.ok_or_else(|| anyhow::anyhow!("no first chunk"))??;
+            held.push(stream);
+            // Sync is asynchronous (microseconds in one process): leave it ample time.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let added: Vec<usize> = c.served().iter().zip(&before).map(|(a, b)| a - b).collect();
+        assert_eq!(added, [1, 1, 1], "round {round}");
+        drop(held);
+        // Cancellations reach both routers before the next round.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -57,6 +57,16 @@ pub fn load_subject(namespace: &str, model: &str) -> String {
     format!("turbine.{}.load.{}", subject_token(namespace), subject_token(model))
 }
 
+/// Event-plane subject where the routers of a namespace share their active-request changes.
+pub fn router_sync_subject(namespace: &str) -> String {
+    format!("turbine.{}.router_sync", subject_token(namespace))
+}
+
+/// Subject pattern matching every model's load reports in `namespace`.
+pub fn load_pattern(namespace: &str) -> String {
+    format!("turbine.{}.load.>", subject_token(namespace))
+}
+
 /// A name made safe as one subject token: dots, wildcards and whitespace become `_`.
 fn subject_token(name: &str) -> String {
     name.chars()

@@ -75,6 +75,34 @@ pub struct LoadMessage {
     pub load: WorkerLoad,
 }
 
+/// One change to a router's account of what it sent where, shared with the routers of the
+/// other frontends so that they all see the same load.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "change", rename_all = "snake_case")]
+pub enum ActiveChange {
+    Routed {
+        request: String,
+        worker: u64,
+        prefill_tokens: u64,
+        blocks: u64,
+    },
+    FirstToken {
+        request: String,
+    },
+    Ended {
+        request: String,
+    },
+}
+
+/// Published by each frontend's router on the namespace's router-sync subject, batched;
+/// an empty batch says the router is alive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActiveSyncMessage {
+    /// A random id per router, fixed for its life.
+    pub router: u64,
+    pub changes: Vec<ActiveChange>,
+}
+
 /// A router's question to a worker's KV state endpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvStateRequest {

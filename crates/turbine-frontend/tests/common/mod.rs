@@ -41,8 +41,10 @@ impl<E: Engine> Engine for Counting<E> {
 // Each test crate compiles this module on its own, and not every one uses the cluster.
 #[allow(dead_code)]
 pub struct Cluster {
-    /// `/v1/completions` of the frontend.
+    /// `/v1/completions` of the (first) frontend.
     pub url: String,
+    /// `/v1/completions` of every frontend, all routing over the same workers.
+    pub urls: Vec<String>,
     pub counts: Vec<Arc<AtomicUsize>>,
     _workers: Vec<turbine_worker::Worker>,
     _stop: tokio_util::sync::DropGuard,
@@ -54,6 +56,16 @@ impl Cluster {
         card: turbine_protocols::ModelCard,
         engines: Vec<E>,
         mode: turbine_router::RouterMode,
+    ) -> anyhow::Result<Self> {
+        Self::start_frontends(card, engines, mode, 1).await
+    }
+
+    /// The same with `frontends` frontends sharing discovery and events, as replicas do.
+    pub async fn start_frontends<E: Engine>(
+        card: turbine_protocols::ModelCard,
+        engines: Vec<E>,
+        mode: turbine_router::RouterMode,
+        frontends: usize,
     ) -> anyhow::Result<Self> {
         use turbine_runtime::{EndpointId, MemoryDiscovery, MemoryEventPlane, Runtime, ServeOptions};
         let runtime = Runtime::new(Arc::new(MemoryDiscovery::new()), Arc::new(MemoryEventPlane::new()));
@@ -69,18 +81,22 @@ impl Cluster {
             workers.push(turbine_worker::Worker::start(&runtime, Arc::new(engine), config).await?);
             counts.push(served);
         }
-        let config = turbine_frontend::FrontendConfig {
-            router_mode: mode,
-            ..Default::default()
-        };
-        let frontend = turbine_frontend::Frontend::start(&runtime, config).await?;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let url = format!("http://{}/v1/completions", listener.local_addr()?);
         let stop = CancellationToken::new();
-        let s = stop.clone();
-        tokio::spawn(frontend.run(listener, async move { s.cancelled().await }));
+        let mut urls = Vec::new();
+        for _ in 0..frontends {
+            let config = turbine_frontend::FrontendConfig {
+                router_mode: mode,
+                ..Default::default()
+            };
+            let frontend = turbine_frontend::Frontend::start(&runtime, config).await?;
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            urls.push(format!("http://{}/v1/completions", listener.local_addr()?));
+            let s = stop.clone();
+            tokio::spawn(frontend.run(listener, async move { s.cancelled().await }));
+        }
         Ok(Self {
-            url,
+            url: urls[0].clone(),
+            urls,
             counts,
             _workers: workers,
             _stop: stop.drop_guard(),
