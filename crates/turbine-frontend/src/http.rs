@@ -156,6 +156,41 @@ fn with<T>(metrics: &mut Option<RequestMetrics>, r: Result<T, ApiError>) -> Resu
     r.map_err(|e| Box::new((e, metrics.take())))
 }
 
+/// A generation under way: the parsed request and its merged pieces.
+struct Started<R> {
+    req: R,
+    pieces: BoxStream<'static, Result<Piece, ApiError>>,
+    choices: usize,
+    usage_wanted: bool,
+}
+
+/// What chat and completions share up to the first token: parse, find the model, prepare
+/// the choices, route them.
+async fn start<R: DeserializeOwned>(
+    s: &App,
+    m: &mut Option<RequestMetrics>,
+    body: Result<Bytes, BytesRejection>,
+    headers: &HeaderMap,
+    model: impl Fn(&R) -> &String,
+    prepare: impl Fn(&R, &HeaderMap, &ServedModel) -> Result<Prepared, ApiError>,
+) -> Result<Started<R>, Failed> {
+    let req: R = with(m, parse_body(body, s.max_body_bytes))?;
+    let served = with(m, s.dispatcher.model(model(&req)))?;
+    if let Some(metrics) = m.as_mut() {
+        metrics.set_model(model(&req));
+    }
+    let prepared = with(m, prepare(&req, headers, &served))?;
+    let (choices, usage_wanted) = (prepared.choices.len(), prepared.include_usage);
+    let pieces = generate(&s.dispatcher, &served, prepared, m).await;
+    let pieces = with(m, pieces)?;
+    Ok(Started {
+        req,
+        pieces,
+        choices,
+        usage_wanted,
+    })
+}
+
 async fn chat_completions(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -163,15 +198,12 @@ async fn chat_completions(
 ) -> Response {
     let s = state.clone();
     measured(&state, "chat", move |mut m| async move {
-        let req: ChatCompletionRequest = with(&mut m, parse_body(body, s.max_body_bytes))?;
-        let served = with(&mut m, s.dispatcher.model(&req.model))?;
-        if let Some(metrics) = m.as_mut() {
-            metrics.set_model(&req.model);
-        }
-        let prepared = with(&mut m, prepare_chat(&req, &headers, &served))?;
-        let (choices, usage_wanted) = (prepared.choices.len(), prepared.include_usage);
-        let pieces = generate(&s.dispatcher, &served, prepared, &mut m).await;
-        let pieces = with(&mut m, pieces)?;
+        let Started {
+            req,
+            pieces,
+            choices,
+            usage_wanted,
+        } = start::<ChatCompletionRequest>(&s, &mut m, body, &headers, |r| &r.model, prepare_chat).await?;
         let (id, created, model) = (new_id("chatcmpl"), now_secs(), req.model);
         if !req.stream {
             let (texts, usage) = collect(pieces, choices).await.map_err(|e| Box::new((e, None)))?;
@@ -246,15 +278,12 @@ async fn completions(
 ) -> Response {
     let s = state.clone();
     measured(&state, "completions", move |mut m| async move {
-        let req: CompletionRequest = with(&mut m, parse_body(body, s.max_body_bytes))?;
-        let served = with(&mut m, s.dispatcher.model(&req.model))?;
-        if let Some(metrics) = m.as_mut() {
-            metrics.set_model(&req.model);
-        }
-        let prepared = with(&mut m, prepare_completion(&req, &headers, &served))?;
-        let (choices, usage_wanted) = (prepared.choices.len(), prepared.include_usage);
-        let pieces = generate(&s.dispatcher, &served, prepared, &mut m).await;
-        let pieces = with(&mut m, pieces)?;
+        let Started {
+            req,
+            pieces,
+            choices,
+            usage_wanted,
+        } = start::<CompletionRequest>(&s, &mut m, body, &headers, |r| &r.model, prepare_completion).await?;
         let (id, created, model) = (new_id("cmpl"), now_secs(), req.model);
         let response = move |choices: Vec<CompletionChoice>, usage: Option<Usage>| CompletionResponse {
             id: id.clone(),

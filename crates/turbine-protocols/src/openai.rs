@@ -5,6 +5,64 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Declares a generation request: its own fields, then the sampling and stopping fields
+/// that chat and completions share (flattening them into a nested struct would hide a bad
+/// field's name from error messages), and a [`SamplingFields`] view of those.
+macro_rules! generation_request {
+    ($(#[$meta:meta])* pub struct $name:ident { $($own:tt)* }) => {
+        $(#[$meta])*
+        pub struct $name {
+            $($own)*
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub temperature: Option<f64>,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub top_p: Option<f64>,
+            /// Extension (vLLM, SGLang): sample only among the `top_k` likeliest tokens; -1 or 0 is off.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub top_k: Option<i64>,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub seed: Option<i64>,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub frequency_penalty: Option<f64>,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub presence_penalty: Option<f64>,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub stop: Option<Stop>,
+            /// Extension (vLLM): token ids that end generation, beside the model's own end tokens.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub stop_token_ids: Option<Vec<u32>>,
+            /// Extension (vLLM): keep generating past the model's end-of-sequence tokens.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub ignore_eos: Option<bool>,
+            /// Log probabilities are not computed; asking for them is refused rather than ignored.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub logprobs: Option<serde_json::Value>,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub user: Option<String>,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub turbine: Option<TurbineExt>,
+        }
+
+        impl $name {
+            pub fn sampling(&self) -> SamplingFields<'_> {
+                SamplingFields {
+                    temperature: self.temperature,
+                    top_p: self.top_p,
+                    top_k: self.top_k,
+                    seed: self.seed,
+                    frequency_penalty: self.frequency_penalty,
+                    presence_penalty: self.presence_penalty,
+                    stop: self.stop.as_ref(),
+                    stop_token_ids: self.stop_token_ids.as_deref(),
+                    ignore_eos: self.ignore_eos,
+                    logprobs: self.logprobs.as_ref(),
+                }
+            }
+        }
+    };
+}
+
+generation_request! {
 /// `POST /v1/chat/completions` body.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct ChatCompletionRequest {
@@ -24,37 +82,11 @@ pub struct ChatCompletionRequest {
     pub max_completion_tokens: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub n: Option<u32>,
-    /// Sampling and stopping, shared with completions.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub temperature: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub top_p: Option<f64>,
-    /// Extension (vLLM, SGLang): sample only among the `top_k` likeliest tokens; -1 or 0 is off.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub top_k: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub seed: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub frequency_penalty: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub presence_penalty: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stop: Option<Stop>,
-    /// Extension (vLLM): token ids that end generation, beside the model's own end tokens.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stop_token_ids: Option<Vec<u32>>,
-    /// Extension (vLLM): keep generating past the model's end-of-sequence tokens.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ignore_eos: Option<bool>,
-    /// Log probabilities are not computed; asking for them is refused rather than ignored.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub logprobs: Option<serde_json::Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub user: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub turbine: Option<TurbineExt>,
 }
 
+}
+
+generation_request! {
 /// `POST /v1/completions` body.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct CompletionRequest {
@@ -68,35 +100,7 @@ pub struct CompletionRequest {
     pub max_tokens: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub n: Option<u32>,
-    /// Sampling and stopping, shared with completions.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub temperature: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub top_p: Option<f64>,
-    /// Extension (vLLM, SGLang): sample only among the `top_k` likeliest tokens; -1 or 0 is off.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub top_k: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub seed: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub frequency_penalty: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub presence_penalty: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stop: Option<Stop>,
-    /// Extension (vLLM): token ids that end generation, beside the model's own end tokens.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stop_token_ids: Option<Vec<u32>>,
-    /// Extension (vLLM): keep generating past the model's end-of-sequence tokens.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ignore_eos: Option<bool>,
-    /// Log probabilities are not computed; asking for them is refused rather than ignored.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub logprobs: Option<serde_json::Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub user: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub turbine: Option<TurbineExt>,
+}
 }
 
 /// Turbine's extension of a request (the `turbine` field), beyond what OpenAI defines.
@@ -141,29 +145,6 @@ pub struct SamplingFields<'a> {
     pub ignore_eos: Option<bool>,
     pub logprobs: Option<&'a serde_json::Value>,
 }
-
-macro_rules! sampling_fields {
-    ($t:ty) => {
-        impl $t {
-            pub fn sampling(&self) -> SamplingFields<'_> {
-                SamplingFields {
-                    temperature: self.temperature,
-                    top_p: self.top_p,
-                    top_k: self.top_k,
-                    seed: self.seed,
-                    frequency_penalty: self.frequency_penalty,
-                    presence_penalty: self.presence_penalty,
-                    stop: self.stop.as_ref(),
-                    stop_token_ids: self.stop_token_ids.as_deref(),
-                    ignore_eos: self.ignore_eos,
-                    logprobs: self.logprobs.as_ref(),
-                }
-            }
-        }
-    };
-}
-sampling_fields!(ChatCompletionRequest);
-sampling_fields!(CompletionRequest);
 
 /// The shapes OpenAI accepts for a completion prompt.
 #[derive(Debug, Clone, Deserialize, Serialize)]
