@@ -83,7 +83,6 @@ pub struct ChatCompletionRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub n: Option<u32>,
 }
-
 }
 
 generation_request! {
