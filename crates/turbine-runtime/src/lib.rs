@@ -6,7 +6,7 @@
 //!   instances and model cards are registered; [`MemoryDiscovery`] serves one process,
 //!   [`EtcdDiscovery`] a cluster.
 //! - [`EventPlane`] is publish/subscribe by subject (NATS-shaped); [`MemoryEventPlane`]
-//!   serves one process.
+//!   serves one process, [`NatsEventPlane`] a cluster.
 //! - The request plane carries a request to an instance and streams responses back, either
 //!   in-process (no serialization) or over TCP (length-delimited frames, one multiplexed
 //!   connection per peer). Dropping a [`ResponseStream`] cancels the request where it runs.
@@ -26,7 +26,7 @@ pub use discovery::{
     instance_key, instance_prefix, Discovery, DiscoveryError, EtcdDiscovery, EtcdOptions, KeyValue, LeaseId,
     MemoryDiscovery, Watch, WatchEvent,
 };
-pub use events::{Event, EventPlane, EventPlaneError, MemoryEventPlane, Subscription};
+pub use events::{Event, EventPlane, EventPlaneError, MemoryEventPlane, NatsEventPlane, NatsOptions, Subscription};
 pub use ids::{EndpointId, Instance, InstanceAddress, InstanceId, ParseEndpointError};
 pub use runtime::{Client, Runtime};
 pub use server::{EndpointServer, ServeError, ServeOptions, TransportOptions};

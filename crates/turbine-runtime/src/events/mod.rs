@@ -1,14 +1,15 @@
 //! The event plane: publish/subscribe by subject, shaped like NATS (dot-separated tokens,
 //! `*` matches one token, `>` matches the rest) so the NATS backend drops in behind it.
 
-use std::sync::{Arc, Mutex};
+mod memory;
+mod nats;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
-use futures::StreamExt;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
+
+pub use memory::MemoryEventPlane;
+pub use nats::{NatsEventPlane, NatsOptions};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
@@ -23,6 +24,8 @@ pub type Subscription = BoxStream<'static, Event>;
 pub enum EventPlaneError {
     #[error("invalid subject {0:?}")]
     InvalidSubject(String),
+    #[error("payload of {size} bytes exceeds the event plane's limit of {max}")]
+    PayloadTooLarge { size: usize, max: usize },
     #[error("event plane unavailable")]
     Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
@@ -35,51 +38,13 @@ pub trait EventPlane: Send + Sync + std::fmt::Debug + 'static {
     async fn subscribe(&self, pattern: &str) -> Result<Subscription, EventPlaneError>;
 }
 
-/// The event plane within one process. Subscribers are never dropped events: a slow one
-/// buffers, because in one process the publisher and subscriber share fate anyway.
-#[derive(Debug, Clone, Default)]
-pub struct MemoryEventPlane {
-    subscribers: Arc<Mutex<Vec<Subscriber>>>,
-}
-
-/// A subscription's pattern and where its events go.
-type Subscriber = (String, mpsc::UnboundedSender<Event>);
-
-impl MemoryEventPlane {
-    pub fn new() -> Self {
-        Self::default()
-    }
-}
-
-#[async_trait]
-impl EventPlane for MemoryEventPlane {
-    async fn publish(&self, subject: &str, payload: Bytes) -> Result<(), EventPlaneError> {
-        if !valid_subject(subject, false) {
-            return Err(EventPlaneError::InvalidSubject(subject.to_owned()));
-        }
-        let mut subs = self.subscribers.lock().unwrap_or_else(|e| e.into_inner());
-        subs.retain(|(pattern, tx)| {
-            !subject_matches(pattern, subject)
-                || tx
-                    .send(Event {
-                        subject: subject.to_owned(),
-                        payload: payload.clone(),
-                    })
-                    .is_ok()
-        });
+/// `Ok` when `subject` is a concrete subject, or with `wildcards` a pattern; every backend
+/// checks the same way so that a subject one accepts is never refused by another.
+fn check_subject(subject: &str, wildcards: bool) -> Result<(), EventPlaneError> {
+    if valid_subject(subject, wildcards) {
         Ok(())
-    }
-
-    async fn subscribe(&self, pattern: &str) -> Result<Subscription, EventPlaneError> {
-        if !valid_subject(pattern, true) {
-            return Err(EventPlaneError::InvalidSubject(pattern.to_owned()));
-        }
-        let (tx, rx) = mpsc::unbounded_channel();
-        self.subscribers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((pattern.to_owned(), tx));
-        Ok(UnboundedReceiverStream::new(rx).boxed())
+    } else {
+        Err(EventPlaneError::InvalidSubject(subject.to_owned()))
     }
 }
 
@@ -130,20 +95,5 @@ mod tests {
         assert!(!valid_subject("a.>.b", true));
         assert!(!valid_subject("a.*", false));
         assert!(!valid_subject("a..b", true));
-    }
-
-    #[tokio::test]
-    async fn subscribers_get_matching_events_in_order() {
-        let plane = MemoryEventPlane::new();
-        let mut all = plane.subscribe("kv.>").await.unwrap();
-        let mut one = plane.subscribe("kv.m1").await.unwrap();
-        for (subject, p) in [("kv.m1", "1"), ("kv.m2", "2"), ("load.m1", "3"), ("kv.m1", "4")] {
-            plane.publish(subject, Bytes::from(p)).await.unwrap();
-        }
-        let got: Vec<_> = (&mut all).take(3).map(|e| e.payload).collect().await;
-        assert_eq!(got, ["1", "2", "4"]);
-        let got: Vec<_> = (&mut one).take(2).map(|e| e.payload).collect().await;
-        assert_eq!(got, ["1", "4"]);
-        assert!(plane.publish("kv.*", Bytes::new()).await.is_err());
     }
 }
