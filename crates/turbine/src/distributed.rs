@@ -1,8 +1,9 @@
 //! `turbine frontend` and `turbine worker`: one part of a deployment per process, finding
 //! each other through etcd and talking over the TCP request plane.
 //!
-//! Events (KV cache changes, load reports) stay inside each process until a shared event
-//! plane exists, so a frontend routes `kv` on its own predictions (approximate mode).
+//! Events (KV cache changes, load reports, router sync) travel over NATS when `--events` names
+//! a server; without one they stay inside each process, and a frontend routes `kv` on its
+//! own predictions (approximate mode).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,7 +14,8 @@ use clap::Args;
 use tokio_util::sync::CancellationToken;
 use turbine_frontend::Frontend;
 use turbine_runtime::{
-    Discovery, EndpointId, EtcdDiscovery, EtcdOptions, MemoryEventPlane, Runtime, ServeOptions, TransportOptions,
+    Discovery, EndpointId, EtcdDiscovery, EtcdOptions, EventPlane, MemoryEventPlane, NatsEventPlane, NatsOptions,
+    Runtime, ServeOptions, TransportOptions,
 };
 use turbine_worker::{Worker, WorkerConfig};
 
@@ -25,6 +27,10 @@ pub struct ClusterArgs {
     /// Discovery backend: `etcd://HOST:PORT`, several etcd members separated by commas.
     #[arg(long)]
     discovery: String,
+    /// Event plane for KV events, load reports and router sync: `nats://HOST:PORT`
+    /// [default: none; events stay in the process and `kv` routing predicts caches].
+    #[arg(long)]
+    events: Option<String>,
     /// Deployments sharing one etcd are kept apart by namespace.
     #[arg(long, default_value = "turbine")]
     namespace: String,
@@ -37,6 +43,7 @@ pub struct ClusterArgs {
 #[derive(Debug)]
 struct Cluster {
     etcd: Vec<String>,
+    nats: Option<String>,
     namespace: String,
     grace_period: Duration,
 }
@@ -58,6 +65,15 @@ impl TryFrom<ClusterArgs> for Cluster {
         }) {
             bail!("--discovery members must be HOST:PORT, got {:?}", a.discovery);
         }
+        if let Some(events) = &a.events {
+            let valid = events
+                .strip_prefix("nats://")
+                .and_then(|m| m.rsplit_once(':'))
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+            if !valid {
+                bail!("--events must be nats://HOST:PORT, got {events:?}");
+            }
+        }
         if a.namespace.is_empty() || a.namespace.contains(['/', '.', ' ']) {
             bail!(
                 "--namespace must be non-empty without '/', '.' or spaces, got {:?}",
@@ -66,6 +82,7 @@ impl TryFrom<ClusterArgs> for Cluster {
         }
         Ok(Self {
             etcd,
+            nats: a.events,
             namespace: a.namespace,
             grace_period: Duration::from_secs(a.grace_period_secs),
         })
@@ -77,10 +94,15 @@ impl Cluster {
         let discovery = EtcdDiscovery::connect(&self.etcd, EtcdOptions::default())
             .await
             .with_context(|| format!("--discovery {}", self.etcd.join(",")))?;
-        Ok(Runtime::new(
-            Arc::new(discovery) as Arc<dyn Discovery>,
-            Arc::new(MemoryEventPlane::new()),
-        ))
+        let events: Arc<dyn EventPlane> = match &self.nats {
+            Some(url) => Arc::new(
+                NatsEventPlane::connect(url, NatsOptions::default())
+                    .await
+                    .with_context(|| format!("--events {url}"))?,
+            ),
+            None => Arc::new(MemoryEventPlane::new()),
+        };
+        Ok(Runtime::new(Arc::new(discovery) as Arc<dyn Discovery>, events))
     }
 }
 
@@ -96,7 +118,7 @@ pub async fn frontend(args: FrontendCmdArgs) -> anyhow::Result<()> {
     let cluster = Cluster::try_from(args.cluster)?;
     let (listen, mut config) = args.frontend.parse()?;
     config.namespace = cluster.namespace.clone();
-    config.kv_events = false;
+    config.kv_events = cluster.nats.is_some();
     let runtime = cluster.runtime().await?;
     let frontend = Frontend::start(&runtime, config)
         .await

@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_turbine");
 const ETCD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/tools/etcd");
+const NATS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/tools/nats-server");
 
 /// A child process, killed when the test ends however it ends.
 struct Proc(Child);
@@ -59,6 +60,26 @@ fn start_etcd(dir: &Path) -> Result<(Proc, String)> {
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok((etcd, format!("etcd://127.0.0.1:{client}")))
+}
+
+fn start_nats() -> Result<(Proc, String)> {
+    anyhow::ensure!(
+        Path::new(NATS).exists(),
+        "no nats-server at {NATS}: run scripts/install-nats"
+    );
+    let port = free_port()?;
+    let child = Command::new(NATS)
+        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let nats = Proc(child);
+    let start = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(10), "nats-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok((nats, format!("nats://127.0.0.1:{port}")))
 }
 
 /// Starts `turbine ARGS` and waits for the stdout line starting with `ready`; returns the
@@ -186,6 +207,78 @@ fn bad_discovery_fails_with_one_line_naming_it() -> Result<()> {
         let err = String::from_utf8(out.stderr)?;
         let last = err.lines().last().unwrap_or_default();
         assert!(last.contains(needle), "{args:?}: {err}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_events_cross_processes_over_nats() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (_etcd, discovery) = start_etcd(dir.path())?;
+    let (_nats, events) = start_nats()?;
+    let cluster = ["--discovery", discovery.as_str(), "--events", events.as_str()];
+    let worker = |seed: &'static str| {
+        let mut args = vec!["worker", "--engine", "mocker", "--speedup", "100", "--seed", seed];
+        args.extend(cluster);
+        start(&args, "turbine: worker ")
+    };
+    let (_w1, _) = worker("1")?;
+    let (_w2, _) = worker("2")?;
+    let frontend = || {
+        let mut args = vec!["frontend", "--port", "0", "--router-mode", "kv"];
+        args.extend(cluster);
+        start(&args, "turbine: listening on ")
+    };
+    let (_a, url_a) = frontend()?;
+    let (_b, url_b) = frontend()?;
+    let http = reqwest::Client::new();
+    for url in [&url_a, &url_b] {
+        let start = Instant::now();
+        loop {
+            let health: Value = http.get(format!("{url}/health")).send().await?.json().await?;
+            if health["models"]["mocker"]["instances"].as_array().map_or(0, Vec::len) == 2 {
+                break;
+            }
+            anyhow::ensure!(start.elapsed() < Duration::from_secs(10), "workers not seen: {health}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // Frontend A places six prompt families; frontend B has routed nothing, so only the
+    // workers' KV events, over NATS, can tell it where each family's blocks are cached.
+    let family = |f: usize| format!("family {f} ").repeat(40);
+    let cached = |r: &Value| {
+        r["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    for f in 0..6 {
+        let body = json!({"model": "mocker", "prompt": family(f) + "first", "max_tokens": 2});
+        let r: Value = http
+            .post(format!("{url_a}/v1/completions"))
+            .json(&body)
+            .send()
+            .await?
+            .json()
+            .await?;
+        assert_eq!(r["choices"][0]["finish_reason"], "length", "{r}");
+    }
+    // Events are asynchronous: give them a moment to arrive.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for f in 0..6 {
+        let body = json!({"model": "mocker", "prompt": family(f) + "second", "max_tokens": 2});
+        let r: Value = http
+            .post(format!("{url_b}/v1/completions"))
+            .json(&body)
+            .send()
+            .await?
+            .json()
+            .await?;
+        let prompt_len = family(f).len() as u64;
+        assert!(
+            cached(&r) >= prompt_len - 16,
+            "family {f}: {} of {prompt_len} cached: {r}",
+            cached(&r)
+        );
     }
     Ok(())
 }
