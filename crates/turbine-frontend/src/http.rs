@@ -626,7 +626,7 @@ async fn generate(
         };
         let span = tracing::info_span!("request", request_id = %request.request_id, model = %served.card.name);
         let outputs = d
-            .dispatch(served, request, &prepared.route)
+            .generate(served, request, &prepared.route)
             .instrument(span.clone())
             .await?;
         // Validation already bounded the count, so this cannot fail.

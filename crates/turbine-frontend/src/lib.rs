@@ -35,6 +35,9 @@ pub struct FrontendConfig {
     /// it does not (separate processes without a shared event bus), `kv` routing predicts
     /// what each worker caches from its own decisions.
     pub kv_events: bool,
+    /// How many times a request may move to another worker when its worker is lost
+    /// mid-stream (0: never; the client sees the error).
+    pub migration_limit: u32,
 }
 
 impl Default for FrontendConfig {
@@ -46,6 +49,7 @@ impl Default for FrontendConfig {
             kv_overlap_weight: 1.0,
             kv_temperature: 0.0,
             kv_events: true,
+            migration_limit: 3,
         }
     }
 }
@@ -92,7 +96,8 @@ impl Frontend {
             config.router_mode,
             kv,
             active,
-            metrics.decision.clone(),
+            &metrics,
+            config.migration_limit,
         );
         let app = http::App {
             dispatcher: Arc::new(dispatcher),

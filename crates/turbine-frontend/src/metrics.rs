@@ -37,6 +37,7 @@ pub(crate) struct Metrics {
     cached_tokens: IntCounterVec,
     disconnects: IntCounterVec,
     pub(crate) decision: Histogram,
+    pub(crate) migrations: IntCounterVec,
 }
 
 /// Only fails on a duplicate or malformed name, which is a programming error caught by the
@@ -126,6 +127,12 @@ impl Metrics {
                 "client_disconnects_total",
                 "Requests whose client went away before the response was complete.",
                 &["model", "endpoint"],
+            ),
+            migrations: counter(
+                &r,
+                "migrations_total",
+                "Requests moved to another worker after theirs was lost mid-stream.",
+                &["model"],
             ),
             decision: register(
                 &r,

@@ -45,6 +45,9 @@ pub(crate) struct Dispatcher {
     routers: Mutex<HashMap<String, Arc<Router>>>,
     /// Time spent choosing a worker, per decision.
     decision_latency: prometheus::Histogram,
+    /// How many times one request may move to another worker when its worker is lost.
+    migration_limit: u32,
+    migrations: prometheus::IntCounterVec,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -58,10 +61,13 @@ impl Dispatcher {
         mode: RouterMode,
         kv: Option<Arc<KvRouter>>,
         active: Replicated,
-        decision_latency: prometheus::Histogram,
+        metrics: &crate::metrics::Metrics,
+        migration_limit: u32,
     ) -> Self {
         Self {
-            decision_latency,
+            decision_latency: metrics.decision.clone(),
+            migration_limit,
+            migrations: metrics.migrations.clone(),
             models,
             client: runtime.client(),
             mode,
@@ -184,6 +190,69 @@ impl Dispatcher {
             }
         }
         sessions.insert(session.to_owned(), (worker, Instant::now()));
+    }
+
+    /// Starts `request` and keeps its outputs coming across worker failures: when a worker's
+    /// connection is lost mid-stream, the prompt plus the tokens generated so far go to
+    /// another worker, at most `migration_limit` times, and the caller sees one stream.
+    pub(crate) async fn generate(
+        self: &Arc<Self>,
+        served: &ServedModel,
+        request: PreprocessedRequest,
+        options: &RouteOptions,
+    ) -> Result<Outputs, ApiError> {
+        let mut outputs = self.dispatch(served, request.clone(), options).await?;
+        if self.migration_limit == 0 {
+            return Ok(outputs);
+        }
+        let (d, options, model) = (self.clone(), options.clone(), served.card.name.clone());
+        let stale = served.clone();
+        let stream = async_stream::stream! {
+            let mut request = request;
+            let mut migrations = 0;
+            let mut reported_cached = false;
+            loop {
+                match outputs.next().await {
+                    Some(Ok(mut output)) => {
+                        // The prompt tokens of a migrated request are the new worker's cache
+                        // business: the client saw the first worker's figure already.
+                        if std::mem::replace(&mut reported_cached, true) {
+                            output.cached_tokens = None;
+                        }
+                        request.token_ids.extend_from_slice(&output.token_ids);
+                        if let Some(m) = request.stop.max_tokens.as_mut() {
+                            *m = m.saturating_sub(output.token_ids.len() as u32);
+                        }
+                        let done = output.finish_reason.is_some();
+                        yield Ok(output);
+                        if done {
+                            return;
+                        }
+                    }
+                    Some(Err(e)) if e.is_retryable_elsewhere() && migrations < d.migration_limit => {
+                        migrations += 1;
+                        d.migrations.with_label_values(&[model.as_str()]).inc();
+                        tracing::warn!(request_id = %request.request_id, error = %e, migrations, "worker lost mid-stream; migrating the request");
+                        request.request_id = format!("{}-m{migrations}", request.request_id);
+                        let served = d.model(&model).unwrap_or_else(|_| stale.clone());
+                        match d.dispatch(&served, request.clone(), &options).await {
+                            Ok(next) => outputs = next,
+                            Err(api) => {
+                                tracing::warn!(error = ?api, "migration found no worker");
+                                yield Err(e);
+                                return;
+                            }
+                        }
+                    }
+                    Some(Err(e)) => {
+                        yield Err(e);
+                        return;
+                    }
+                    None => return,
+                }
+            }
+        };
+        Ok(stream.boxed())
     }
 
     /// Starts `request` on one of `served`'s workers.

@@ -192,6 +192,10 @@ pub struct FrontendArgs {
     /// Request bodies above this many bytes are refused with 413.
     #[arg(long, default_value_t = 32 * 1024 * 1024)]
     max_body_bytes: usize,
+    /// How many times a request may move to another worker when its worker is lost
+    /// mid-stream (the prompt and the tokens so far are sent again); 0 turns migration off.
+    #[arg(long, default_value_t = 3)]
+    migration_limit: u32,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -229,6 +233,7 @@ impl FrontendArgs {
             max_body_bytes: self.max_body_bytes,
             kv_overlap_weight: self.kv_overlap_weight,
             kv_temperature: self.kv_temperature,
+            migration_limit: self.migration_limit,
             ..FrontendConfig::default()
         };
         Ok((SocketAddr::new(self.host, self.port), config))

@@ -282,3 +282,85 @@ async fn kv_events_cross_processes_over_nats() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_migrate_when_their_worker_is_killed() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (_etcd, discovery) = start_etcd(dir.path())?;
+    let worker = [
+        "worker",
+        "--discovery",
+        &discovery,
+        "--engine",
+        "mocker",
+        "--speedup",
+        "2",
+    ];
+    let (mut doomed, _) = start(&worker, "turbine: worker ")?;
+    let (_survivor, _) = start(&worker, "turbine: worker ")?;
+    let (_frontend, url) = start(
+        &["frontend", "--discovery", &discovery, "--port", "0"],
+        "turbine: listening on ",
+    )?;
+    let http = reqwest::Client::new();
+    let start_wait = Instant::now();
+    loop {
+        let health: Value = http.get(format!("{url}/health")).send().await?.json().await?;
+        if health["models"]["mocker"]["instances"].as_array().map_or(0, Vec::len) == 2 {
+            break;
+        }
+        anyhow::ensure!(start_wait.elapsed() < Duration::from_secs(10), "workers not seen");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    const REQUESTS: usize = 200;
+    const MAX_TOKENS: u64 = 60;
+    let mut clients = Vec::new();
+    for i in 0..REQUESTS {
+        let (http, url) = (http.clone(), url.clone());
+        clients.push(tokio::spawn(async move {
+            let body = json!({
+                "model": "mocker", "prompt": format!("request {i}"), "max_tokens": MAX_TOKENS,
+                "stream": true, "stream_options": {"include_usage": true},
+            });
+            let text = http
+                .post(format!("{url}/v1/completions"))
+                .json(&body)
+                .send()
+                .await?
+                .text()
+                .await?;
+            anyhow::Ok(text)
+        }));
+    }
+    // Half the streams are on the doomed worker, mid-generation, when it dies.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    doomed.0.kill()?;
+    doomed.0.wait()?;
+    for (i, client) in clients.into_iter().enumerate() {
+        let text = client.await??;
+        let chunks: Vec<Value> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter(|d| *d != "[DONE]")
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()?;
+        assert!(chunks.iter().all(|c| c.get("error").is_none()), "request {i}: {text}");
+        let finish: Vec<&Value> = chunks
+            .iter()
+            .map(|c| &c["choices"][0]["finish_reason"])
+            .filter(|f| !f.is_null())
+            .collect();
+        assert_eq!(finish, [&json!("length")], "request {i}: {text}");
+        let usage = chunks.last().map(|c| c["usage"]["completion_tokens"].as_u64());
+        assert_eq!(usage, Some(Some(MAX_TOKENS)), "request {i}: {text}");
+        assert!(text.ends_with("data: [DONE]\n\n"), "request {i}");
+    }
+    let metrics = http.get(format!("{url}/metrics")).send().await?.text().await?;
+    let migrated: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("turbine_frontend_migrations_total{model=\"mocker\"} "))
+        .context("no migrations counted")?
+        .parse()?;
+    assert!(migrated >= 1.0, "{metrics}");
+    Ok(())
+}
