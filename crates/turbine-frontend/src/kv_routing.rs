@@ -43,6 +43,11 @@ pub(crate) struct KvRouter {
     /// False when this frontend's event plane does not reach the workers (no shared event
     /// bus between processes): every model is then routed on predictions.
     events_reach_workers: bool,
+    /// Asked before each decision: while it is disconnected, events are being missed, and
+    /// decisions fall back to predictions until it is back (gaps then trigger resyncs).
+    events: Arc<dyn turbine_runtime::EventPlane>,
+    events_lost: std::sync::atomic::AtomicBool,
+    fallback_decisions: prometheus::IntCounter,
 }
 
 #[derive(Debug, Default)]
@@ -60,6 +65,7 @@ impl KvRouter {
         models: ModelManager,
         selector: SelectorConfig,
         events_reach_workers: bool,
+        fallback_decisions: prometheus::IntCounter,
     ) -> Result<Arc<Self>, EventPlaneError> {
         let mut events = runtime.events().subscribe(&kv_events_pattern(namespace)).await?;
         let router = Arc::new(Self {
@@ -69,6 +75,9 @@ impl KvRouter {
             client: runtime.client(),
             models,
             events_reach_workers,
+            events: runtime.events().clone(),
+            events_lost: std::sync::atomic::AtomicBool::new(false),
+            fallback_decisions,
         });
         let weak = Arc::downgrade(&router);
         let mut changes = router.models.subscribe();
@@ -94,6 +103,24 @@ impl KvRouter {
             }
         });
         Ok(router)
+    }
+
+    /// Whether the event plane is disconnected now; says so in the log when that changes,
+    /// and counts each decision made meanwhile.
+    fn events_down(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let down = self.events_reach_workers && !self.events.is_connected();
+        if self.events_lost.swap(down, Ordering::Relaxed) != down {
+            if down {
+                tracing::warn!("event plane disconnected: kv routing falls back to predictions");
+            } else {
+                tracing::info!("event plane reconnected: kv routing follows KV events again");
+            }
+        }
+        if down {
+            self.fallback_decisions.inc();
+        }
+        down
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -153,7 +180,7 @@ impl KvRouter {
         overrides: &SelectorOverrides,
     ) -> Option<(Decision, u32)> {
         // Without KV events, predictions stand in for them, at whatever granularity.
-        let approximate = !self.events_reach_workers || served.kv_state_endpoint.is_none();
+        let approximate = !self.events_reach_workers || served.kv_state_endpoint.is_none() || self.events_down();
         let block_size = served.card.kv_block_size.unwrap_or(APPROX_BLOCK_SIZE);
         let hashes: Vec<u64> = turbine_tokens::block_hashes(tokens, block_size as usize)
             .iter()

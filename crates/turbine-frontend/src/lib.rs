@@ -74,6 +74,7 @@ impl Frontend {
     /// Starts following discovery; models already registered are routable on return.
     pub async fn start(runtime: &Runtime, config: FrontendConfig) -> Result<Self, FrontendError> {
         let models = models::ModelManager::start(runtime, &config.namespace).await?;
+        let metrics = metrics::Metrics::new();
         let kv = match config.router_mode {
             RouterMode::Kv | RouterMode::Session => {
                 let selector = turbine_router::selector::SelectorConfig {
@@ -82,13 +83,19 @@ impl Frontend {
                     ..Default::default()
                 };
                 Some(
-                    kv_routing::KvRouter::start(runtime, &config.namespace, models.clone(), selector, config.kv_events)
-                        .await?,
+                    kv_routing::KvRouter::start(
+                        runtime,
+                        &config.namespace,
+                        models.clone(),
+                        selector,
+                        config.kv_events,
+                        metrics.kv_fallback.clone(),
+                    )
+                    .await?,
                 )
             }
             _ => None,
         };
-        let metrics = metrics::Metrics::new();
         let active = replica::Replicated::start(runtime, &config.namespace).await?;
         let dispatcher = routing::Dispatcher::new(
             runtime,

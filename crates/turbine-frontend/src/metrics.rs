@@ -38,6 +38,7 @@ pub(crate) struct Metrics {
     disconnects: IntCounterVec,
     pub(crate) decision: Histogram,
     pub(crate) migrations: IntCounterVec,
+    pub(crate) kv_fallback: prometheus::IntCounter,
 }
 
 /// Only fails on a duplicate or malformed name, which is a programming error caught by the
@@ -127,6 +128,14 @@ impl Metrics {
                 "client_disconnects_total",
                 "Requests whose client went away before the response was complete.",
                 &["model", "endpoint"],
+            ),
+            kv_fallback: register(
+                &r,
+                prometheus::IntCounter::new(
+                    "turbine_frontend_kv_fallback_decisions_total",
+                    "kv routing decisions made on predictions because the event plane was disconnected.",
+                )
+                .unwrap_or_else(|e| invalid("kv_fallback", e)),
             ),
             migrations: counter(
                 &r,

@@ -78,8 +78,14 @@ async fn subscription_survives_a_server_restart() -> anyhow::Result<()> {
     let mut sub = plane.subscribe("restart.>").await?;
     plane.publish("restart.before", Bytes::from("0")).await?;
     assert_eq!(next(&mut sub).await?, event("restart.before", "0"));
+    assert!(plane.is_connected());
 
     server.stop();
+    let deadline = Instant::now() + DEADLINE;
+    while plane.is_connected() {
+        ensure!(Instant::now() < deadline, "still connected to a stopped server");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     server.restart().await?;
     // A separate client, so that what reaches the subscriber cannot be a publish `plane` held
     // back while it was cut off. Until `plane` has reconnected and subscribed again, the server
@@ -97,6 +103,7 @@ async fn subscription_survives_a_server_restart() -> anyhow::Result<()> {
         );
     };
     assert_eq!(received, event("restart.after", "1"));
+    assert!(plane.is_connected(), "connected again once events flow");
 
     // The reconnected client publishes too, and its own subscription hears it.
     plane.publish("restart.again", Bytes::from("2")).await?;

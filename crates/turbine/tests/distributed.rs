@@ -215,7 +215,7 @@ fn bad_discovery_fails_with_one_line_naming_it() -> Result<()> {
 async fn kv_events_cross_processes_over_nats() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let (_etcd, discovery) = start_etcd(dir.path())?;
-    let (_nats, events) = start_nats()?;
+    let (nats, events) = start_nats()?;
     let cluster = ["--discovery", discovery.as_str(), "--events", events.as_str()];
     let worker = |seed: &'static str| {
         let mut args = vec!["worker", "--engine", "mocker", "--speedup", "100", "--seed", seed];
@@ -279,6 +279,26 @@ async fn kv_events_cross_processes_over_nats() -> Result<()> {
             "family {f}: {} of {prompt_len} cached: {r}",
             cached(&r)
         );
+    }
+
+    // NATS goes away: routing falls back to predictions, says so, and loses no request.
+    drop(nats);
+    let start_wait = Instant::now();
+    loop {
+        let body = json!({"model": "mocker", "prompt": family(0) + "third", "max_tokens": 2});
+        let r = http.post(format!("{url_b}/v1/completions")).json(&body).send().await?;
+        assert_eq!(r.status(), 200);
+        let metrics = http.get(format!("{url_b}/metrics")).send().await?.text().await?;
+        let fallback = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("turbine_frontend_kv_fallback_decisions_total "))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if fallback >= 1.0 {
+            break;
+        }
+        anyhow::ensure!(start_wait.elapsed() < Duration::from_secs(10), "no fallback counted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Ok(())
 }

@@ -36,6 +36,11 @@ pub trait EventPlane: Send + Sync + std::fmt::Debug + 'static {
     async fn publish(&self, subject: &str, payload: Bytes) -> Result<(), EventPlaneError>;
     /// `pattern` may use `*` and a trailing `>`.
     async fn subscribe(&self, pattern: &str) -> Result<Subscription, EventPlaneError>;
+    /// False while events cannot flow (a lost connection being re-established): what
+    /// subscribers see meanwhile may have gaps.
+    fn is_connected(&self) -> bool {
+        true
+    }
 }
 
 /// `Ok` when `subject` is a concrete subject, or with `wildcards` a pattern; every backend

@@ -94,6 +94,10 @@ impl NatsEventPlane {
 
 #[async_trait]
 impl EventPlane for NatsEventPlane {
+    fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
     /// Returns once the event is written to the server's connection. After a timeout the event
     /// may still go out when the client reconnects.
     async fn publish(&self, subject: &str, payload: Bytes) -> Result<(), EventPlaneError> {
