@@ -4,7 +4,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use turbine_protocols::openai::{ErrorBody, ErrorResponse};
-use turbine_runtime::{ErrorKind, RequestError};
+use turbine_runtime::{error_chain, ErrorKind, RequestError};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ApiError {
@@ -100,16 +100,4 @@ impl From<RequestError> for ApiError {
             _ => ApiError::internal(error_chain(&e)),
         }
     }
-}
-
-/// `outer: inner: root`, so that the client sees why and not only what.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    s
 }

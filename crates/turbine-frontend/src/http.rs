@@ -40,7 +40,7 @@ use turbine_preprocess::{StopMatcher, StopOutcome, MAX_STOP_STRINGS};
 #[derive(Debug)]
 pub(crate) struct App {
     pub(crate) dispatcher: Arc<Dispatcher>,
-    pub(crate) metrics: Metrics,
+    pub(crate) metrics: Arc<Metrics>,
     pub(crate) max_body_bytes: usize,
 }
 

@@ -74,7 +74,7 @@ impl Frontend {
     /// Starts following discovery; models already registered are routable on return.
     pub async fn start(runtime: &Runtime, config: FrontendConfig) -> Result<Self, FrontendError> {
         let models = models::ModelManager::start(runtime, &config.namespace).await?;
-        let metrics = metrics::Metrics::new();
+        let metrics = Arc::new(metrics::Metrics::new());
         let kv = match config.router_mode {
             RouterMode::Kv | RouterMode::Session => {
                 let selector = turbine_router::selector::SelectorConfig {

@@ -4,6 +4,7 @@
 //! Labels are bounded: `model` is only ever a served model's name (a request for an unknown
 //! model is counted under `model=""`), so a client cannot grow the label space.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prometheus::{
@@ -160,10 +161,21 @@ impl Metrics {
         String::from_utf8(out).unwrap_or_default()
     }
 
+    fn per_output(&self, model: &str) -> PerOutput {
+        let model = [model];
+        PerOutput {
+            ttft: self.ttft.with_label_values(&model),
+            itl: self.itl.with_label_values(&model),
+            output_tokens: self.output_tokens.with_label_values(&model),
+            cached_tokens: self.cached_tokens.with_label_values(&model),
+        }
+    }
+
     /// Starts accounting for one request; whatever happens to it is recorded once.
-    pub(crate) fn request(&self, endpoint: &'static str) -> RequestMetrics {
+    pub(crate) fn request(self: &Arc<Self>, endpoint: &'static str) -> RequestMetrics {
         RequestMetrics {
             metrics: self.clone(),
+            per_output: None,
             endpoint,
             model: String::new(),
             start: Instant::now(),
@@ -180,7 +192,9 @@ impl Metrics {
 /// Dropped without [`RequestMetrics::finish`] means the client went away mid-response.
 #[derive(Debug)]
 pub(crate) struct RequestMetrics {
-    metrics: Metrics,
+    metrics: Arc<Metrics>,
+    /// The model's series that every output updates, looked up once by label.
+    per_output: Option<PerOutput>,
     endpoint: &'static str,
     model: String,
     start: Instant,
@@ -191,10 +205,19 @@ pub(crate) struct RequestMetrics {
     done: bool,
 }
 
+#[derive(Debug)]
+struct PerOutput {
+    ttft: Histogram,
+    itl: Histogram,
+    output_tokens: prometheus::IntCounter,
+    cached_tokens: prometheus::IntCounter,
+}
+
 impl RequestMetrics {
     /// The request is for a served model: from here on it is counted under its name.
     pub(crate) fn set_model(&mut self, model: &str) {
         self.model = model.to_owned();
+        self.per_output = Some(self.metrics.per_output(model));
         self.metrics.inflight.with_label_values(&[model]).inc();
         self.inflight = true;
     }
@@ -209,34 +232,26 @@ impl RequestMetrics {
     /// An output of `tokens` generated tokens arrived for choice `choice`.
     pub(crate) fn output(&mut self, choice: usize, tokens: usize, cached: Option<u32>) {
         let now = Instant::now();
-        let model = [self.model.as_str()];
+        let m = self
+            .per_output
+            .get_or_insert_with(|| self.metrics.per_output(&self.model));
         if !self.first_output {
             self.first_output = true;
-            self.metrics
-                .ttft
-                .with_label_values(&model)
-                .observe(secs(now - self.start));
+            m.ttft.observe(secs(now - self.start));
         }
         if self.last_output.len() <= choice {
             self.last_output.resize(choice + 1, None);
         }
         if let (Some(last), true) = (self.last_output[choice], tokens > 0) {
-            let itl = self.metrics.itl.with_label_values(&model);
             let gap = secs(now - last) / tokens as f64;
             for _ in 0..tokens {
-                itl.observe(gap);
+                m.itl.observe(gap);
             }
         }
         self.last_output[choice] = Some(now);
-        self.metrics
-            .output_tokens
-            .with_label_values(&model)
-            .inc_by(tokens as u64);
+        m.output_tokens.inc_by(tokens as u64);
         if let Some(c) = cached {
-            self.metrics
-                .cached_tokens
-                .with_label_values(&model)
-                .inc_by(u64::from(c));
+            m.cached_tokens.inc_by(u64::from(c));
         }
     }
 
@@ -289,7 +304,7 @@ mod tests {
 
     #[test]
     fn a_request_is_counted_once_with_its_outcome() {
-        let m = Metrics::new();
+        let m = Arc::new(Metrics::new());
         let mut r = m.request("chat");
         r.set_model("m");
         r.prompt(5);

@@ -29,6 +29,18 @@ pub use discovery::{
 pub use events::{Event, EventPlane, EventPlaneError, MemoryEventPlane, NatsEventPlane, NatsOptions, Subscription};
 pub use ids::{EndpointId, Instance, InstanceAddress, InstanceId, ParseEndpointError};
 pub use runtime::{Client, Runtime};
+
+/// `outer: inner: root`: an error with every source it keeps, for messages a person reads.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
 pub use server::{EndpointServer, ServeError, ServeOptions, TransportOptions};
 pub use transport::{
     ErrorKind, Handler, HandlerError, RequestContext, RequestError, ResponseStream, DEFAULT_MAX_FRAME_LEN,

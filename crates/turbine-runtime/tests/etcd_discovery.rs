@@ -13,7 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use turbine_runtime::{
-    Discovery, DiscoveryError, EtcdDiscovery, EtcdOptions, KeyValue, MemoryDiscovery, Watch, WatchEvent,
+    error_chain, Discovery, DiscoveryError, EtcdDiscovery, EtcdOptions, KeyValue, MemoryDiscovery, Watch, WatchEvent,
 };
 
 const ETCD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/tools/etcd");
@@ -403,15 +403,4 @@ fn kv(key: &str, value: &str) -> KeyValue {
 
 fn put(key: &str, value: &str) -> WatchEvent {
     WatchEvent::Put(kv(key, value))
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }

@@ -14,7 +14,7 @@ use futures::StreamExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use turbine_runtime::{
-    Event, EventPlane, EventPlaneError, MemoryEventPlane, NatsEventPlane, NatsOptions, Subscription,
+    error_chain, Event, EventPlane, EventPlaneError, MemoryEventPlane, NatsEventPlane, NatsOptions, Subscription,
 };
 
 const NATS_SERVER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/tools/nats-server");
@@ -418,15 +418,4 @@ fn event(subject: &str, payload: &str) -> Event {
         subject: subject.to_owned(),
         payload: Bytes::copy_from_slice(payload.as_bytes()),
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }

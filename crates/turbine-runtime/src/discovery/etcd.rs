@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::{Discovery, DiscoveryError, KeyValue, LeaseId, Watch, WatchEvent};
+use crate::error_chain;
 
 /// How an [`EtcdDiscovery`] talks to etcd.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -409,15 +410,4 @@ fn classify(lease: Option<LeaseId>, e: etcd_client::Error) -> DiscoveryError {
         }
         _ => unavailable(e),
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
