@@ -107,7 +107,7 @@ def orphaned(tmp_path_factory):
                     raise RuntimeError("etcd did not start")
                 time.sleep(0.02)
         worker = subprocess.Popen(
-            [BINARY, "worker", "--discovery", discovery], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+            [BINARY, "worker", "--engine", "echo", "--discovery", discovery], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
         )
         if not worker.stdout.readline().startswith("turbine: worker "):
             raise RuntimeError("worker did not start")

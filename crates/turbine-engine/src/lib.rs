@@ -19,7 +19,7 @@ use turbine_protocols::kv::{KvEvent, KvSnapshot, WorkerLoad};
 use turbine_protocols::{EngineOutput, PreprocessedRequest};
 
 pub use echo::{EchoConfig, EchoEngine};
-pub use mocker::{MockerConfig, MockerConfigError, MockerEngine};
+pub use mocker::{output, scheduler, MockerConfig, MockerConfigError, MockerEngine};
 
 /// What an engine streams: outputs, the last of which carries a `finish_reason`.
 pub type EngineStream = BoxStream<'static, Result<EngineOutput, EngineError>>;

@@ -15,8 +15,9 @@ pub struct PreprocessedRequest {
     pub sampling: SamplingOptions,
 }
 
-/// How an engine picks each token. All unset means greedy; engines that model no
-/// distribution (echo, mocker) ignore it.
+/// How an engine picks each token. Unset fields take OpenAI's defaults (temperature 1,
+/// top_p 1, no top_k, no penalties); engines that model no distribution (echo, mocker)
+/// ignore it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SamplingOptions {
     /// 0 means greedy.

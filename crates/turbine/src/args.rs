@@ -11,19 +11,28 @@ use clap::{Args, ValueEnum};
 use tokio_util::sync::CancellationToken;
 use turbine_engine::{EchoConfig, EchoEngine, Engine, MockerConfig, MockerEngine};
 use turbine_frontend::FrontendConfig;
+use turbine_native::{NativeConfig, NativeEngine};
 use turbine_protocols::{ModelCard, TokenizerKind};
 
 /// Which engine a worker runs and the model it presents.
 #[derive(Debug, Args)]
 pub struct EngineArgs {
     /// Inference engine every worker runs.
-    #[arg(long, value_enum, default_value_t = EngineKind::Echo)]
+    #[arg(long, value_enum, default_value_t = EngineKind::Native)]
     engine: EngineKind,
-    /// Name clients put in the request's `model` field [default: the engine's name].
+    /// Native engine: the model, a GGUF file or a Hugging Face directory (config.json,
+    /// *.safetensors, tokenizer.json) [default: SmolLM2-135M-Instruct, fetched on first use].
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Where the default model is cached [default: $XDG_CACHE_HOME/turbine or ~/.cache/turbine].
+    #[arg(long)]
+    model_cache_dir: Option<PathBuf>,
+    /// Name clients put in the request's `model` field [default: the model's, or the engine's name].
     #[arg(long)]
     model_name: Option<String>,
-    /// Tokenizer and chat template for the echo and mocker engines: a GGUF file or a Hugging
-    /// Face model directory [default: one token per byte, `role: content` chat lines].
+    /// Tokenizer and chat template: a GGUF file or a Hugging Face model directory [default:
+    /// the native engine's model; for echo and mocker, one token per byte and `role: content`
+    /// chat lines].
     #[arg(long)]
     tokenizer: Option<PathBuf>,
     /// Longest prompt plus completion, in tokens [default: the tokenizer's model's, else 8192].
@@ -34,36 +43,42 @@ pub struct EngineArgs {
     echo_delay_ms: u64,
     #[command(flatten)]
     mocker: MockerArgs,
+    /// Native engine: memory for KV tensors per worker, in MiB.
+    #[arg(long, default_value_t = 512)]
+    kv_cache_mib: usize,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum EngineKind {
+    /// Runs the model on this machine's CPU: paged KV cache, continuous batching, prefix reuse.
+    Native,
     /// Streams the prompt back, token by token.
     Echo,
     /// Simulates a vLLM-like engine: real KV block pool, scheduler and KV events, timed by a model of a GPU.
     Mocker,
 }
 
-/// Settings of the mocker engine (`--engine mocker`).
+/// Settings of the engines with a KV cache (`--engine native` and `--engine mocker`).
 #[derive(Debug, Args)]
-#[command(next_help_heading = "Mocker engine")]
+#[command(next_help_heading = "KV cache and scheduling (native and mocker engines)")]
 struct MockerArgs {
     /// Tokens per KV block.
     #[arg(long, default_value_t = 16)]
     block_size: usize,
-    /// KV blocks per worker.
+    /// Mocker: KV blocks per worker (the native engine sizes its pool by --kv-cache-mib).
     #[arg(long, default_value_t = 16384)]
     num_blocks: usize,
-    /// Token budget of one scheduler step.
-    #[arg(long, default_value_t = 8192)]
-    max_num_batched_tokens: usize,
-    /// Most sequences running at once per worker.
-    #[arg(long, default_value_t = 256)]
-    max_num_seqs: usize,
-    /// Divides every simulated step's duration.
+    /// Token budget of one scheduler step [default: 8192 mocker, 512 native].
+    #[arg(long)]
+    max_num_batched_tokens: Option<usize>,
+    /// Most sequences running at once per worker [default: 256 mocker, 64 native].
+    #[arg(long)]
+    max_num_seqs: Option<usize>,
+    /// Mocker: divides every simulated step's duration.
     #[arg(long, default_value_t = 1.0)]
     speedup: f64,
-    /// Seeds the generated tokens (worker i uses seed + i).
+    /// Seeds the generated tokens (worker i uses seed + i); native requests with a `seed`
+    /// of their own use theirs.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Reuse cached KV blocks of shared prompt prefixes.
@@ -78,14 +93,40 @@ pub struct EngineSetup {
     pub model: ModelCard,
     echo: EchoConfig,
     mocker: MockerConfig,
+    native: NativeConfig,
+    /// The native engine's weights.
+    model_path: Option<PathBuf>,
 }
 
 impl TryFrom<EngineArgs> for EngineSetup {
     type Error = anyhow::Error;
 
     fn try_from(a: EngineArgs) -> anyhow::Result<Self> {
-        let model_name = a.model_name.unwrap_or_else(|| {
+        let native = matches!(a.engine, EngineKind::Native);
+        if a.model.is_some() && !native {
+            bail!("--model is for --engine native; echo and mocker take --tokenizer");
+        }
+        let (model_path, default_name) = match (native, &a.model) {
+            (false, _) => (None, None),
+            (true, Some(path)) => {
+                if !path.exists() {
+                    bail!("--model {}: no such file or directory", path.display());
+                }
+                let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+                (Some(path.clone()), stem)
+            }
+            (true, None) => {
+                let cache = a
+                    .model_cache_dir
+                    .clone()
+                    .unwrap_or_else(crate::fetch::default_cache_dir);
+                let path = crate::fetch::default_model(&cache).context("fetching the default model")?;
+                (Some(path), Some(crate::fetch::DEFAULT_MODEL_NAME.to_owned()))
+            }
+        };
+        let model_name = a.model_name.or(default_name).unwrap_or_else(|| {
             match a.engine {
+                EngineKind::Native => "native",
                 EngineKind::Echo => "echo",
                 EngineKind::Mocker => "mocker",
             }
@@ -96,15 +137,20 @@ impl TryFrom<EngineArgs> for EngineSetup {
         }
         // Loaded here once to fail fast on a bad path; the frontend loads it again from the
         // model card, as a frontend in another process would.
-        let (tokenizer, loaded) = match &a.tokenizer {
+        let (tokenizer, loaded) = match a.tokenizer.as_ref().or(model_path.as_ref()) {
             None => (TokenizerKind::Bytes, None),
             Some(path) => {
+                let flag = if a.tokenizer.is_some() {
+                    "--tokenizer"
+                } else {
+                    "--model"
+                };
                 let loaded = turbine_preprocess::Preprocessor::load(path)
-                    .with_context(|| format!("--tokenizer {}", path.display()))?;
-                let absolute = std::path::absolute(path).with_context(|| format!("--tokenizer {}", path.display()))?;
+                    .with_context(|| format!("{flag} {}", path.display()))?;
+                let absolute = std::path::absolute(path).with_context(|| format!("{flag} {}", path.display()))?;
                 let absolute = absolute
                     .to_str()
-                    .with_context(|| format!("--tokenizer path is not UTF-8: {}", path.display()))?;
+                    .with_context(|| format!("{flag} path is not UTF-8: {}", path.display()))?;
                 (
                     TokenizerKind::Files {
                         path: absolute.to_owned(),
@@ -126,37 +172,52 @@ impl TryFrom<EngineArgs> for EngineSetup {
             // The byte-level stand-in tokenizer decodes these as printable ASCII.
             None => 32..127,
         };
+        let m = &a.mocker;
         let mocker = MockerConfig {
-            block_size: a.mocker.block_size,
-            num_blocks: a.mocker.num_blocks,
-            max_num_batched_tokens: a.mocker.max_num_batched_tokens,
-            max_num_seqs: a.mocker.max_num_seqs,
-            speedup: a.mocker.speedup,
-            seed: a.mocker.seed,
-            enable_prefix_caching: a.mocker.prefix_caching,
+            block_size: m.block_size,
+            num_blocks: m.num_blocks,
+            max_num_batched_tokens: m.max_num_batched_tokens.unwrap_or(8192),
+            max_num_seqs: m.max_num_seqs.unwrap_or(256),
+            speedup: m.speedup,
+            seed: m.seed,
+            enable_prefix_caching: m.prefix_caching,
             vocab,
         };
         mocker
             .validate()
             .map_err(|e| anyhow::anyhow!("--{}", e.to_string().replace('_', "-")))?;
+        let defaults = NativeConfig::default();
+        let native_config = NativeConfig {
+            block_size: m.block_size,
+            kv_cache_bytes: a.kv_cache_mib.saturating_mul(1 << 20),
+            max_num_batched_tokens: m.max_num_batched_tokens.unwrap_or(defaults.max_num_batched_tokens),
+            max_num_seqs: m.max_num_seqs.unwrap_or(defaults.max_num_seqs),
+            enable_prefix_caching: m.prefix_caching,
+            seed: m.seed,
+            convert_slow_weights: true,
+        };
+        if native && a.kv_cache_mib == 0 {
+            bail!("--kv-cache-mib must be at least 1, got 0");
+        }
         Ok(Self {
             kind: a.engine,
             model: ModelCard {
                 name: model_name,
                 context_length,
                 tokenizer,
-                kv_block_size: matches!(a.engine, EngineKind::Mocker).then_some(a.mocker.block_size as u32),
+                kv_block_size: (!matches!(a.engine, EngineKind::Echo)).then_some(m.block_size as u32),
             },
             echo: EchoConfig {
                 delay_per_token: Duration::from_millis(a.echo_delay_ms),
             },
             mocker,
+            native: native_config,
+            model_path,
         })
     }
 }
 
 impl EngineSetup {
-    /// The engine of worker number `i` (mockers get distinct seeds).
     pub fn engine(&self, i: usize) -> anyhow::Result<Arc<dyn Engine>> {
         Ok(match self.kind {
             EngineKind::Echo => Arc::new(EchoEngine::new(self.echo.clone())),
@@ -166,6 +227,23 @@ impl EngineSetup {
                     ..self.mocker.clone()
                 };
                 Arc::new(MockerEngine::start(mocker).context("starting a mocker")?)
+            }
+            EngineKind::Native => {
+                let path = self.model_path.as_deref().context("the native engine has no model")?;
+                let config = NativeConfig {
+                    seed: self.native.seed.wrapping_add(i as u64),
+                    ..self.native.clone()
+                };
+                let started = std::time::Instant::now();
+                let (engine, report) = NativeEngine::load(path, &candle_core::Device::Cpu, config)
+                    .with_context(|| format!("loading {}", path.display()))?;
+                for (from, n, to) in &report.converted {
+                    tracing::warn!(
+                        "converted {n} {from} tensors to {to} at load: candle has no fast {from} kernel on this CPU"
+                    );
+                }
+                tracing::info!(model = %path.display(), secs = started.elapsed().as_secs_f64(), "model loaded");
+                Arc::new(engine)
             }
         })
     }

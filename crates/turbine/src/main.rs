@@ -3,6 +3,7 @@
 
 mod args;
 mod distributed;
+mod fetch;
 mod serve;
 
 use clap::{Parser, Subcommand};

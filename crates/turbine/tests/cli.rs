@@ -129,7 +129,7 @@ fn bad_arguments_fail_with_one_line_naming_the_value() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_answers_models_and_chat_over_both_request_planes() -> Result<()> {
     for plane in ["local", "tcp"] {
-        let server = Server::start(&["--request-plane", plane, "--echo-delay-ms", "0"])?;
+        let server = Server::start(&["--engine", "echo", "--request-plane", plane, "--echo-delay-ms", "0"])?;
         let http = reqwest::Client::new();
         let models: Value = http
             .get(format!("{}/v1/models", server.url))
@@ -158,7 +158,16 @@ async fn serve_answers_models_and_chat_over_both_request_planes() -> Result<()> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() -> Result<()> {
     for plane in ["local", "tcp"] {
-        let mut server = Server::start(&["--request-plane", plane, "--echo-delay-ms", "20", "--workers", "2"])?;
+        let mut server = Server::start(&[
+            "--engine",
+            "echo",
+            "--request-plane",
+            plane,
+            "--echo-delay-ms",
+            "20",
+            "--workers",
+            "2",
+        ])?;
         let http = reqwest::Client::new();
         let content = "q".repeat(30);
         let expected = format!("user: {content}\nassistant: ");
@@ -238,5 +247,116 @@ async fn mocker_serves_and_reports_cached_prompt_tokens() -> Result<()> {
     }
     // The 221-token prompt's 13 full blocks of 16 are cached after the first request.
     assert_eq!(cached, [Some(0), Some(208)]);
+    Ok(())
+}
+
+const SMOLLM2: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../target/test-models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+);
+
+async fn chat(http: &reqwest::Client, url: &str, body: Value) -> Result<Value> {
+    let r = http
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await?;
+    let status = r.status();
+    let v: Value = r.json().await?;
+    anyhow::ensure!(status.is_success(), "{status}: {v}");
+    Ok(v)
+}
+
+/// The default engine on a real model: SmolLM2's Q4_1 weights are converted at load (and the
+/// log says so), and greedy decoding answers a question the model knows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_engine_answers_with_smollm2() -> Result<()> {
+    anyhow::ensure!(
+        std::path::Path::new(SMOLLM2).exists(),
+        "no model at {SMOLLM2}: run scripts/fetch-test-models"
+    );
+    let server = Server::start(&["--model", SMOLLM2, "--workers", "1"])?;
+    let http = reqwest::Client::new();
+    let question = json!({
+        "model": "SmolLM2-135M-Instruct.Q4_1",
+        "temperature": 0,
+        "max_tokens": 24,
+        "messages": [{"role": "user", "content": "What is the capital of Germany?"}],
+    });
+    let first = chat(&http, &server.url, question.clone()).await?;
+    let answer = first["choices"][0]["message"]["content"].as_str().unwrap_or_default();
+    assert!(answer.contains("Berlin"), "{first}");
+    let again = chat(&http, &server.url, question).await?;
+    assert_eq!(
+        again["choices"][0]["message"]["content"],
+        first["choices"][0]["message"]["content"]
+    );
+    let cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap_or_default();
+    assert!(
+        cached >= 16,
+        "the repeated prompt's full blocks come from the cache: {again}"
+    );
+    let log = server.log();
+    assert!(log.contains("Q4_1 tensors to Q8_0"), "{log}");
+    Ok(())
+}
+
+/// A generated model through the whole stack: streaming, seeds, and concurrent requests
+/// batched together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_engine_serves_a_safetensors_model() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    turbine_native::tiny::write_tiny_model(dir.path(), &turbine_native::tiny::TinySpec::default())?;
+    let path = dir.path().to_str().context("utf-8")?;
+    let server = Server::start(&["--model", path, "--model-name", "tiny"])?;
+    let http = reqwest::Client::new();
+    let body = |seed: u64| {
+        json!({"model": "tiny", "seed": seed, "max_tokens": 12, "ignore_eos": true,
+               "messages": [{"role": "user", "content": "hello there"}]})
+    };
+    let runs = futures::future::try_join_all((0..6).map(|i| chat(&http, &server.url, body(i % 2)))).await?;
+    let text = |v: &Value| {
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    for (i, r) in runs.iter().enumerate() {
+        assert_eq!(r["usage"]["completion_tokens"], 12, "{r}");
+        assert_eq!(text(r), text(&runs[i % 2]), "same seed, same text");
+    }
+    assert_ne!(text(&runs[0]), text(&runs[1]), "another seed, another text");
+
+    let sse = http
+        .post(format!("{}/v1/chat/completions", server.url))
+        .json(
+            &json!({"model": "tiny", "stream": true, "seed": 0, "max_tokens": 12, "ignore_eos": true,
+                      "messages": [{"role": "user", "content": "hello there"}]}),
+        )
+        .send()
+        .await?
+        .text()
+        .await?;
+    let streamed: String = sse
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|v| v["choices"][0]["delta"]["content"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(streamed, text(&runs[0]));
+    Ok(())
+}
+
+#[test]
+fn a_missing_model_fails_with_one_line_naming_it() -> Result<()> {
+    let out = Command::new(BIN)
+        .args(["serve", "--model", "/nonexistent/model.gguf"])
+        .output()?;
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr)?;
+    assert!(err.contains("/nonexistent/model.gguf"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
     Ok(())
 }

@@ -141,6 +141,8 @@ async fn frontend_and_workers_in_separate_processes() -> Result<()> {
     let (_etcd, discovery) = start_etcd(dir.path())?;
     let worker_args = [
         "worker",
+        "--engine",
+        "echo",
         "--discovery",
         &discovery,
         "--echo-delay-ms",

@@ -6,8 +6,8 @@
 //! plan a step, wait out its duration (still taking cancellations, which free blocks at
 //! once), apply it, deliver tokens, publish KV events and load.
 
-mod output;
-mod scheduler;
+pub mod output;
+pub mod scheduler;
 pub mod timing;
 
 use std::sync::atomic::{AtomicU64, Ordering};

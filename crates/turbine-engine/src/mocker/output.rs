@@ -30,16 +30,16 @@ struct Slot {
 
 /// The engine's end.
 #[derive(Debug)]
-pub(crate) struct OutputWriter(Arc<Mutex<Slot>>);
+pub struct OutputWriter(Arc<Mutex<Slot>>);
 
 /// The reader's end: a stream of [`EngineOutput`]s.
 #[derive(Debug)]
-pub(crate) struct OutputReader {
+pub struct OutputReader {
     slot: Arc<Mutex<Slot>>,
     done: bool,
 }
 
-pub(crate) fn output_slot() -> (OutputWriter, OutputReader) {
+pub fn output_slot() -> (OutputWriter, OutputReader) {
     let slot = Arc::new(Mutex::new(Slot::default()));
     (OutputWriter(slot.clone()), OutputReader { slot, done: false })
 }
@@ -50,7 +50,7 @@ fn lock(slot: &Mutex<Slot>) -> MutexGuard<'_, Slot> {
 
 impl OutputWriter {
     /// Adds a token; false once the reader is gone.
-    pub(crate) fn push(&self, token: u32, cached_tokens: Option<u32>, finish: Option<FinishReason>) -> bool {
+    pub fn push(&self, token: u32, cached_tokens: Option<u32>, finish: Option<FinishReason>) -> bool {
         let mut s = lock(&self.0);
         if s.reader_gone {
             return false;

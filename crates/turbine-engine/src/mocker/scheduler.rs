@@ -18,14 +18,14 @@ use super::timing;
 use super::MockerConfig;
 use crate::pool::{BlockId, BlockPool};
 
-pub(crate) type SeqId = u64;
+pub type SeqId = u64;
 
 /// What a request asks of the scheduler.
 #[derive(Debug, Clone)]
-pub(crate) struct SeqSpec {
-    pub(crate) prompt: Vec<u32>,
-    pub(crate) max_tokens: u32,
-    pub(crate) stop_token_ids: Vec<u32>,
+pub struct SeqSpec {
+    pub prompt: Vec<u32>,
+    pub max_tokens: u32,
+    pub stop_token_ids: Vec<u32>,
 }
 
 #[derive(Debug)]
@@ -76,37 +76,49 @@ impl<T> Seq<T> {
 
 /// The plan of one step: which sequences compute how many tokens.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub(crate) struct Step {
+pub struct Step {
     /// (slot, sequence, tokens to compute).
-    pub(crate) entries: Vec<(usize, SeqId, usize)>,
-    pub(crate) prefill_tokens: usize,
-    pub(crate) decodes: usize,
-    pub(crate) preempted: Vec<SeqId>,
+    pub entries: Vec<(usize, SeqId, usize)>,
+    pub prefill_tokens: usize,
+    pub decodes: usize,
+    pub preempted: Vec<SeqId>,
 }
 
 impl Step {
-    pub(crate) fn is_empty(&self) -> bool {
+    pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
 
     #[cfg(test)]
-    pub(crate) fn tokens(&self) -> usize {
+    pub fn tokens(&self) -> usize {
         self.entries.iter().map(|(_, _, n)| n).sum()
     }
 }
 
+/// One entry of a step, as the engine that computes it sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct StepInput<'a> {
+    pub tokens: &'a [u32],
+    /// Position of `tokens[0]` in the sequence.
+    pub start: usize,
+    /// The sequence's blocks, covering at least every position up to the last of `tokens`.
+    pub blocks: &'a [BlockId],
+    /// Whether the sequence's next token follows this entry.
+    pub completes: bool,
+}
+
 /// A token produced for a sequence by a completed step.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Produced {
-    pub(crate) seq: SeqId,
-    pub(crate) token: u32,
+pub struct Produced {
+    pub seq: SeqId,
+    pub token: u32,
     /// Set on the sequence's first token.
-    pub(crate) cached_tokens: Option<u32>,
-    pub(crate) finish: Option<FinishReason>,
+    pub cached_tokens: Option<u32>,
+    pub finish: Option<FinishReason>,
 }
 
 #[derive(Debug)]
-pub(crate) struct Scheduler<T> {
+pub struct Scheduler<T> {
     config: MockerConfig,
     pool: BlockPool,
     slots: Vec<Option<Seq<T>>>,
@@ -118,7 +130,7 @@ pub(crate) struct Scheduler<T> {
 }
 
 impl<T> Scheduler<T> {
-    pub(crate) fn new(config: MockerConfig) -> Self {
+    pub fn new(config: MockerConfig) -> Self {
         let pool = BlockPool::new(config.num_blocks, config.block_size);
         Self {
             config,
@@ -134,7 +146,7 @@ impl<T> Scheduler<T> {
     /// Queues a sequence whose tokens go to `sink`; its prompt must fit in the pool. Its
     /// output is drawn from an RNG seeded by the engine's seed and `id`, so the same
     /// requests in the same order give the same tokens.
-    pub(crate) fn add(&mut self, id: SeqId, spec: SeqSpec, sink: T) {
+    pub fn add(&mut self, id: SeqId, spec: SeqSpec, sink: T) {
         let bs = self.config.block_size;
         let hashes = turbine_tokens::block_hashes(&spec.prompt, bs);
         // A sequence longer than the whole pool would preempt itself forever: it ends,
@@ -170,7 +182,7 @@ impl<T> Scheduler<T> {
     }
 
     /// Drops a sequence wherever it is, freeing its blocks at once. False if unknown.
-    pub(crate) fn cancel(&mut self, id: SeqId) -> bool {
+    pub fn cancel(&mut self, id: SeqId) -> bool {
         let Some(slot) = self.index.remove(&id) else {
             return false;
         };
@@ -196,7 +208,7 @@ impl<T> Scheduler<T> {
     }
 
     #[cfg(test)]
-    pub(crate) fn is_idle(&self) -> bool {
+    pub fn is_idle(&self) -> bool {
         self.index.is_empty()
     }
 
@@ -205,7 +217,7 @@ impl<T> Scheduler<T> {
     /// the sequence cap. A running sequence that cannot get a block preempts the most
     /// recently admitted one (possibly itself), whose blocks are freed and which waits
     /// again at the front of the queue.
-    pub(crate) fn schedule(&mut self) -> Step {
+    pub fn schedule(&mut self) -> Step {
         let bs = self.config.block_size;
         let mut budget = self.config.max_num_batched_tokens;
         let mut step = Step::default();
@@ -294,19 +306,54 @@ impl<T> Scheduler<T> {
     }
 
     /// How long `step` takes under the timing model.
-    pub(crate) fn duration(&self, step: &Step) -> std::time::Duration {
+    pub fn duration(&self, step: &Step) -> std::time::Duration {
         let usage = self.pool.num_in_use() as f64 / self.pool.num_blocks() as f64;
         timing::step_duration(step.prefill_tokens, step.decodes, usage, self.config.speedup)
     }
 
     /// Applies a finished step, handing each token produced to `emit` with its sequence's
     /// sink; a sequence whose sink refuses it (`false`: nobody reads) is dropped.
-    /// Sequences cancelled meanwhile are skipped.
-    pub(crate) fn complete(&mut self, step: &Step, mut emit: impl FnMut(&T, Produced) -> bool) {
+    /// Sequences cancelled meanwhile are skipped. Tokens are drawn from each sequence's
+    /// seeded generator, as the mocker's are.
+    pub fn complete(&mut self, step: &Step, emit: impl FnMut(&T, Produced) -> bool) {
+        let vocab = self.config.vocab.clone();
+        let span = u64::from(vocab.end - vocab.start);
+        self.complete_inner(step, |seq, _| vocab.start + (seq.rng.next() % span) as u32, emit);
+    }
+
+    /// [`Scheduler::complete`] for an engine that computes its tokens: `next` is asked, for
+    /// the step's entry at that index, the token that follows once its sequence caught up.
+    pub fn complete_with(
+        &mut self,
+        step: &Step,
+        mut next: impl FnMut(usize, &mut T) -> u32,
+        emit: impl FnMut(&T, Produced) -> bool,
+    ) {
+        self.complete_inner(step, |seq, i| next(i, &mut seq.sink), emit);
+    }
+
+    /// What the step's entry computes: its tokens, the position of the first, and the
+    /// sequence's blocks. `None` for a sequence cancelled since the step was planned.
+    pub fn input(&self, entry: &(usize, SeqId, usize)) -> Option<StepInput<'_>> {
+        let &(slot, id, n) = entry;
+        let seq = self.slots.get(slot)?.as_ref().filter(|s| s.id == id)?;
+        Some(StepInput {
+            tokens: &seq.tokens[seq.computed..seq.computed + n],
+            start: seq.computed,
+            blocks: &seq.blocks,
+            completes: seq.computed + n == seq.tokens.len(),
+        })
+    }
+
+    fn complete_inner(
+        &mut self,
+        step: &Step,
+        mut next: impl FnMut(&mut Seq<T>, usize) -> u32,
+        mut emit: impl FnMut(&T, Produced) -> bool,
+    ) {
         let bs = self.config.block_size;
         let caching = self.config.enable_prefix_caching;
-        let vocab = self.config.vocab.clone();
-        for &(slot, id, n) in &step.entries {
+        for (i, &(slot, id, n)) in step.entries.iter().enumerate() {
             let Some(seq) = self.slots[slot].as_mut().filter(|s| s.id == id) else {
                 continue;
             };
@@ -324,7 +371,7 @@ impl<T> Scheduler<T> {
             if seq.computed < seq.tokens.len() {
                 continue;
             }
-            let token = vocab.start + (seq.rng.next() % u64::from(vocab.end - vocab.start)) as u32;
+            let token = next(seq, i);
             seq.push_token(token, bs);
             let finish = if seq.stop_token_ids.contains(&token) {
                 Some(FinishReason::Stop)
@@ -350,7 +397,7 @@ impl<T> Scheduler<T> {
         }
     }
 
-    pub(crate) fn load(&self) -> WorkerLoad {
+    pub fn load(&self) -> WorkerLoad {
         let prefill = |s: &Seq<T>| if s.is_decoding() { 0 } else { s.pending() as u64 };
         WorkerLoad {
             active_seqs: self.running.len() as u32,
@@ -361,26 +408,26 @@ impl<T> Scheduler<T> {
         }
     }
 
-    pub(crate) fn take_events(&mut self) -> Vec<KvEvent> {
+    pub fn take_events(&mut self) -> Vec<KvEvent> {
         self.pool.take_events()
     }
 
-    pub(crate) fn snapshot(&self) -> KvSnapshot {
+    pub fn snapshot(&self) -> KvSnapshot {
         self.pool.snapshot()
     }
 
     #[cfg(test)]
-    pub(crate) fn config(&self) -> &MockerConfig {
+    pub fn config(&self) -> &MockerConfig {
         &self.config
     }
 
     #[cfg(test)]
-    pub(crate) fn pool(&self) -> &BlockPool {
+    pub fn pool(&self) -> &BlockPool {
         &self.pool
     }
 
     #[cfg(test)]
-    pub(crate) fn running(&self) -> usize {
+    pub fn running(&self) -> usize {
         self.running.len()
     }
 }

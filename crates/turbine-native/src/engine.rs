@@ -1,0 +1,331 @@
+//! The native engine: the scheduler the mocker uses, driving a real forward pass.
+//!
+//! One OS thread owns the model, the KV tensors and the scheduler, and loops: take new
+//! requests and cancellations, plan a step (continuous batching: new sequences join between
+//! steps, prefills are chunked to the token budget, decodes of every running sequence share
+//! the step), run it through the model, sample each sequence that caught up, deliver tokens,
+//! publish KV events and load. Compute blocks that thread, never the async runtime.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use candle_core::Device;
+use futures::StreamExt;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use turbine_engine::output::{output_slot, OutputWriter};
+use turbine_engine::scheduler::{Scheduler, SeqId, SeqSpec, Step};
+use turbine_engine::{Engine, EngineError, EngineStream, KvCache, KvCacheSource, MockerConfig};
+use turbine_protocols::kv::{KvEvent, KvSnapshot, WorkerLoad};
+use turbine_protocols::llm::SamplingOptions;
+use turbine_protocols::PreprocessedRequest;
+
+use crate::model::{LoadReport, Model, SeqInput};
+use crate::{NativeError, PagedKv, Sampler};
+
+/// The engine's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NativeConfig {
+    /// Tokens per KV block: the same setting, and the same hashes, as the mocker's.
+    pub block_size: usize,
+    /// Memory for KV tensors; the pool gets as many blocks as fit.
+    pub kv_cache_bytes: usize,
+    /// Tokens per step, prefill chunks and decodes together. On a CPU a step of this many
+    /// prompt tokens takes about a second, which bounds how long decodes wait behind a prefill.
+    pub max_num_batched_tokens: usize,
+    pub max_num_seqs: usize,
+    pub enable_prefix_caching: bool,
+    /// Seeds requests that name no seed of their own (each request draws a different one).
+    pub seed: u64,
+    /// Convert weights with no fast CPU kernel (Q4_1, Q5_0, Q5_1) to Q8_0 at load.
+    pub convert_slow_weights: bool,
+}
+
+impl Default for NativeConfig {
+    fn default() -> Self {
+        Self {
+            block_size: 16,
+            kv_cache_bytes: 512 << 20,
+            max_num_batched_tokens: 512,
+            max_num_seqs: 64,
+            enable_prefix_caching: true,
+            seed: 0,
+            convert_slow_weights: true,
+        }
+    }
+}
+
+enum Msg {
+    Add {
+        id: SeqId,
+        spec: SeqSpec,
+        sampling: SamplingOptions,
+        out: OutputWriter,
+        done: oneshot::Sender<()>,
+    },
+    Cancel(SeqId),
+    Subscribe(mpsc::UnboundedSender<Vec<KvEvent>>),
+    Snapshot(oneshot::Sender<KvSnapshot>),
+}
+
+/// A running native engine. Cloning shares it; the thread ends when every clone is gone.
+#[derive(Debug, Clone)]
+pub struct NativeEngine {
+    tx: mpsc::UnboundedSender<Msg>,
+    load: watch::Receiver<WorkerLoad>,
+    next_id: Arc<AtomicU64>,
+    /// The longest sequence, prompt and output: the model's context or the pool, if smaller.
+    max_len: usize,
+    vocab_size: usize,
+}
+
+impl NativeEngine {
+    /// Loads a model (a `.gguf` file or a Hugging Face directory) on `device` and starts it.
+    pub fn load(path: &Path, device: &Device, config: NativeConfig) -> Result<(Self, LoadReport), NativeError> {
+        let (model, report) = if path.is_dir() {
+            (Model::from_safetensors_dir(path, device)?, LoadReport::default())
+        } else {
+            Model::from_gguf(path, device, config.convert_slow_weights)?
+        };
+        Ok((Self::start(model, config)?, report))
+    }
+
+    pub fn start(model: Model, config: NativeConfig) -> Result<Self, NativeError> {
+        let c = model.config().clone();
+        let per_block = PagedKv::bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim) * config.block_size;
+        let num_blocks = config.kv_cache_bytes / per_block.max(1);
+        if num_blocks == 0 || config.block_size == 0 || config.max_num_batched_tokens == 0 || config.max_num_seqs == 0 {
+            return Err(NativeError::Config(format!(
+                "{} bytes of KV cache hold no block of {} tokens ({per_block} bytes), or a limit is zero",
+                config.kv_cache_bytes, config.block_size
+            )));
+        }
+        let scheduling = MockerConfig {
+            block_size: config.block_size,
+            num_blocks,
+            max_num_batched_tokens: config.max_num_batched_tokens,
+            max_num_seqs: config.max_num_seqs,
+            enable_prefix_caching: config.enable_prefix_caching,
+            ..MockerConfig::default()
+        };
+        scheduling.validate().map_err(|e| NativeError::Config(e.to_string()))?;
+        let kv = PagedKv::new(c.num_layers, num_blocks, config.block_size, c.num_kv_heads, c.head_dim);
+        let scheduler = Scheduler::new(scheduling);
+        let (load_tx, load) = watch::channel(scheduler.load());
+        let (tx, rx) = mpsc::unbounded_channel();
+        tracing::info!(
+            blocks = num_blocks,
+            block_size = config.block_size,
+            kv_mib = num_blocks * per_block >> 20,
+            "native engine KV cache"
+        );
+        let max_len = c.max_position_embeddings.min(num_blocks * config.block_size);
+        let vocab_size = c.vocab_size;
+        let looper = Loop {
+            model,
+            kv,
+            scheduler,
+            subscribers: Vec::new(),
+            load: load_tx,
+            seed: config.seed,
+        };
+        std::thread::Builder::new()
+            .name("turbine-native".into())
+            .spawn(move || looper.run(rx))
+            .map_err(|source| NativeError::Io {
+                path: "thread".into(),
+                source,
+            })?;
+        Ok(Self {
+            tx,
+            load,
+            next_id: Arc::default(),
+            max_len,
+            vocab_size,
+        })
+    }
+}
+
+impl Engine for NativeEngine {
+    fn generate(&self, request: PreprocessedRequest, cancel: CancellationToken) -> Result<EngineStream, EngineError> {
+        let n = request.token_ids.len();
+        if n == 0 {
+            return Err(EngineError::InvalidRequest("the prompt is empty".into()));
+        }
+        if n >= self.max_len {
+            return Err(EngineError::InvalidRequest(format!(
+                "a prompt of {n} tokens leaves no room in this engine's {} tokens of context",
+                self.max_len
+            )));
+        }
+        if let Some(bad) = request.token_ids.iter().find(|&&t| t as usize >= self.vocab_size) {
+            return Err(EngineError::InvalidRequest(format!(
+                "token id {bad} is outside the model's vocabulary of {}",
+                self.vocab_size
+            )));
+        }
+        let room = (self.max_len - n) as u32;
+        let spec = SeqSpec {
+            prompt: request.token_ids,
+            max_tokens: request.stop.max_tokens.unwrap_or(room).min(room),
+            stop_token_ids: request.stop.stop_token_ids,
+        };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (out, out_rx) = output_slot();
+        let (done, done_rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Add {
+                id,
+                spec,
+                sampling: request.sampling,
+                out,
+                done,
+            })
+            .map_err(|_| EngineError::Stopped)?;
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = cancel.cancelled() => { let _ = tx.send(Msg::Cancel(id)); }
+                _ = done_rx => {}
+            }
+        });
+        Ok(out_rx.boxed())
+    }
+
+    fn kv_cache(&self) -> Option<KvCache> {
+        Some(KvCache::new(self.clone()))
+    }
+}
+
+impl KvCacheSource for NativeEngine {
+    fn subscribe(&self) -> mpsc::UnboundedReceiver<Vec<KvEvent>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = self.tx.send(Msg::Subscribe(tx));
+        rx
+    }
+
+    fn load(&self) -> watch::Receiver<WorkerLoad> {
+        self.load.clone()
+    }
+
+    fn snapshot(&self) -> futures::future::BoxFuture<'static, Result<KvSnapshot, EngineError>> {
+        let (tx, rx) = oneshot::channel();
+        let sent = self.tx.send(Msg::Snapshot(tx));
+        Box::pin(async move {
+            sent.map_err(|_| EngineError::Stopped)?;
+            rx.await.map_err(|_| EngineError::Stopped)
+        })
+    }
+}
+
+/// Where a sequence's tokens go, how they are picked, and what ends its cancellation
+/// watcher when dropped.
+struct Sink {
+    out: OutputWriter,
+    sampler: Sampler,
+    _done: oneshot::Sender<()>,
+}
+
+struct Loop {
+    model: Model,
+    kv: PagedKv,
+    scheduler: Scheduler<Sink>,
+    subscribers: Vec<mpsc::UnboundedSender<Vec<KvEvent>>>,
+    load: watch::Sender<WorkerLoad>,
+    seed: u64,
+}
+
+impl Loop {
+    fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::Add {
+                id,
+                spec,
+                sampling,
+                out,
+                done,
+            } => {
+                let fallback = self.seed ^ id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                let sink = Sink {
+                    out,
+                    sampler: Sampler::new(&sampling, fallback),
+                    _done: done,
+                };
+                self.scheduler.add(id, spec, sink);
+            }
+            Msg::Cancel(id) => {
+                self.scheduler.cancel(id);
+            }
+            Msg::Subscribe(tx) => self.subscribers.push(tx),
+            Msg::Snapshot(reply) => {
+                let _ = reply.send(self.scheduler.snapshot());
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        let events = self.scheduler.take_events();
+        if !events.is_empty() {
+            self.subscribers.retain(|s| s.send(events.clone()).is_ok());
+        }
+        self.load.send_replace(self.scheduler.load());
+    }
+
+    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
+        loop {
+            loop {
+                match rx.try_recv() {
+                    Ok(msg) => self.handle(msg),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => return,
+                }
+            }
+            let step = self.scheduler.schedule();
+            self.flush();
+            if step.is_empty() {
+                match rx.blocking_recv() {
+                    Some(msg) => self.handle(msg),
+                    None => return,
+                }
+                continue;
+            }
+            if let Err(e) = self.step(&step) {
+                // Nothing a request did should get here (inputs are checked on arrival), so
+                // this is a bug or a resource failure: end the step's requests, keep serving.
+                tracing::error!(error = %e, "native engine step failed; its requests end");
+                for &(_, id, _) in &step.entries {
+                    self.scheduler.cancel(id);
+                }
+            }
+            self.flush();
+        }
+    }
+
+    fn step(&mut self, step: &Step) -> Result<(), NativeError> {
+        // Row of the logits for each entry that is still live.
+        let mut rows = vec![usize::MAX; step.entries.len()];
+        let mut inputs = Vec::with_capacity(step.entries.len());
+        for (i, entry) in step.entries.iter().enumerate() {
+            if let Some(input) = self.scheduler.input(entry) {
+                rows[i] = inputs.len();
+                inputs.push(SeqInput {
+                    tokens: input.tokens,
+                    start: input.start,
+                    table: input.blocks,
+                });
+            }
+        }
+        if inputs.is_empty() {
+            return Ok(());
+        }
+        let logits = self.model.forward(&inputs, &mut self.kv)?.to_vec2::<f32>()?;
+        let mut logits = logits;
+        self.scheduler.complete_with(
+            step,
+            |i, sink| sink.sampler.sample(&mut logits[rows[i]]),
+            |sink, p| sink.out.push(p.token, p.cached_tokens, p.finish),
+        );
+        Ok(())
+    }
+}
