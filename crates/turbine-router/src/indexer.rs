@@ -114,7 +114,7 @@ type BlockMap = HashMap<u64, Loc, BuildHasherDefault<PassThrough>>;
 #[derive(Debug, Default)]
 struct Run {
     /// The live hashes are `hashes[start..]`. Blocks leave from the front as workers extend
-    /// their coverage along a chain; the dead front is dropped once it outgrows the rest.
+    /// their coverage along a chain; the dead front is dropped once it is as long as the rest.
     hashes: Vec<u64>,
     start: u32,
     /// The logical offset of `hashes[0]`.
@@ -223,7 +223,7 @@ impl Blocks {
         } else if i == start {
             run.start += 1;
             self.compact(id);
-        } else if i - start <= end - i - 1 {
+        } else if i - start < end - i {
             let left = run.hashes[start..i].to_vec();
             run.start = i as u32 + 1;
             let set = run.set;
@@ -509,7 +509,7 @@ impl KvIndexer {
                     let mut hints = [None; LOOKAHEAD];
                     for (hint, b) in hints.iter_mut().zip(chunk) {
                         let h = b.sequence_hash;
-                        *hint = self.blocks.map.get(&h).copied().filter(|&l| self.blocks.hash_at(l) == Some(h));
+                        *hint = self.blocks.map.get(&h).copied();
                     }
                     for (b, hint) in chunk.iter().zip(hints) {
                         let (at, added) = self.blocks.store(slot, b.sequence_hash, prev, hint);
@@ -565,7 +565,9 @@ impl KvIndexer {
         let mut scores = Vec::new();
         let mut active = WorkerSet::default();
         let mut depth = 0;
-        while let Some(loc) = hashes.get(depth).and_then(|h| self.blocks.map.get(h)) {
+        let lookup = |depth: usize| hashes.get(depth).and_then(|h| self.blocks.map.get(h)).copied();
+        let mut at = lookup(0);
+        while let Some(loc) = at {
             let run = &self.blocks.runs[loc.run as usize];
             let next = if depth == 0 { run.set } else { active.and(run.set) };
             if next != active {
@@ -578,7 +580,13 @@ impl KvIndexer {
                 active = next;
             }
             // Every hash of the run has its set: follow the run while the request does.
-            depth += 1 + common_prefix(&run.hashes[run.index(loc.off) + 1..], &hashes[depth + 1..]);
+            let rest = &run.hashes[run.index(loc.off) + 1..];
+            let end = depth + 1 + rest.len();
+            // Where a request that follows the run to its end goes on: looked up before the
+            // scan so that the lookup's cache misses overlap it.
+            let after = lookup(end);
+            depth += 1 + common_prefix(rest, &hashes[depth + 1..]);
+            at = if depth == end { after } else { lookup(depth) };
         }
         for slot in active.slots() {
             scores.extend(self.by_slot[slot].map(|w| (w, depth as u32)));
@@ -639,9 +647,19 @@ impl KvIndexer {
     }
 }
 
-/// How many leading elements `a` and `b` share.
+/// How many leading elements `a` and `b` share. Four at a time, with one branch for the
+/// four: long matches are the common case.
 fn common_prefix(a: &[u64], b: &[u64]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut i = 0;
+    for (x, y) in a.chunks_exact(4).zip(b.chunks_exact(4)) {
+        if (x[0] ^ y[0]) | (x[1] ^ y[1]) | (x[2] ^ y[2]) | (x[3] ^ y[3]) != 0 {
+            break;
+        }
+        i += 4;
+    }
+    i + a[i..].iter().zip(&b[i..]).take_while(|(x, y)| x == y).count()
 }
 
 /// The indices of `snapshot`'s blocks with each block after its parent, and a child right
@@ -661,9 +679,7 @@ fn chain_order(snapshot: &KvSnapshot) -> Vec<usize> {
             .filter(|&p| p != i)
     };
     // Children grouped by parent: (parent, child) pairs sorted, and where each group starts.
-    let mut edges: Vec<(usize, usize)> = (0..blocks.len())
-        .filter_map(|i| Some((parent(i)?, i)))
-        .collect();
+    let mut edges: Vec<(usize, usize)> = (0..blocks.len()).filter_map(|i| Some((parent(i)?, i))).collect();
     edges.sort_unstable();
     let mut order = Vec::with_capacity(blocks.len());
     let mut seen = vec![false; blocks.len()];
@@ -838,7 +854,10 @@ mod tests {
                     continue;
                 }
                 let start = run.start as usize;
-                assert!(start < run.hashes.len() - start, "the dead front is below the live rest");
+                assert!(
+                    start < run.hashes.len() - start,
+                    "the dead front is below the live rest"
+                );
                 assert!(!run.set.is_empty(), "a run is held");
                 for (i, h) in run.live().iter().enumerate() {
                     let at = Loc {
