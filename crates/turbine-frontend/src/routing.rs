@@ -12,7 +12,7 @@ use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 use turbine_protocols::{EngineOutput, PreprocessedRequest};
 use turbine_router::{Router, RouterMode, WorkerId};
-use turbine_runtime::{Client, Instance, RequestError, ResponseStream, Runtime};
+use turbine_runtime::{Client, Instance, InstanceId, RequestError, ResponseStream, Runtime};
 
 use crate::error::ApiError;
 use crate::kv_routing::{KvRouter, SelectorOverrides};
@@ -195,15 +195,16 @@ impl Dispatcher {
     /// Starts `request` and keeps its outputs coming across worker failures: when a worker's
     /// connection is lost mid-stream, the prompt plus the tokens generated so far go to
     /// another worker, at most `migration_limit` times, and the caller sees one stream.
+    /// Also returns the worker that took the request first.
     pub(crate) async fn generate(
         self: &Arc<Self>,
         served: &ServedModel,
         request: PreprocessedRequest,
         options: &RouteOptions,
-    ) -> Result<Outputs, ApiError> {
-        let mut outputs = self.dispatch(served, request.clone(), options).await?;
+    ) -> Result<(Outputs, InstanceId), ApiError> {
+        let (mut outputs, worker) = self.dispatch(served, request.clone(), options).await?;
         if self.migration_limit == 0 {
-            return Ok(outputs);
+            return Ok((outputs, worker));
         }
         let (d, options, model) = (self.clone(), options.clone(), served.card.name.clone());
         let stale = served.clone();
@@ -236,7 +237,7 @@ impl Dispatcher {
                         request.request_id = format!("{}-m{migrations}", request.request_id);
                         let served = d.model(&model).unwrap_or_else(|_| stale.clone());
                         match d.dispatch(&served, request.clone(), &options).await {
-                            Ok(next) => outputs = next,
+                            Ok((next, _)) => outputs = next,
                             Err(api) => {
                                 tracing::warn!(error = ?api, "migration found no worker");
                                 yield Err(e);
@@ -252,16 +253,16 @@ impl Dispatcher {
                 }
             }
         };
-        Ok(stream.boxed())
+        Ok((stream.boxed(), worker))
     }
 
-    /// Starts `request` on one of `served`'s workers.
+    /// Starts `request` on one of `served`'s workers; returns its outputs and that worker.
     pub(crate) async fn dispatch(
         self: &Arc<Self>,
         served: &ServedModel,
         request: PreprocessedRequest,
         options: &RouteOptions,
-    ) -> Result<Outputs, ApiError> {
+    ) -> Result<(Outputs, InstanceId), ApiError> {
         let mut candidates: Vec<&Instance> = served.instances.iter().collect();
         let mut last_error = None;
         while !candidates.is_empty() {
@@ -281,7 +282,7 @@ impl Dispatcher {
                         request_id: request.request_id,
                         first: true,
                     };
-                    return Ok(tracked.boxed());
+                    return Ok((tracked.boxed(), instance.id));
                 }
                 Err(e) => {
                     self.active.ended(&request.request_id);
