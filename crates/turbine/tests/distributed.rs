@@ -179,6 +179,37 @@ async fn requests_migrate_when_their_worker_is_killed() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_migrate_off_a_frozen_worker_once_its_lease_expires() -> Result<()> {
+    let etcd = Etcd::start()?;
+    let worker = [
+        "--discovery",
+        &etcd.url,
+        "--engine",
+        "mocker",
+        "--speedup",
+        "2",
+        "--lease-ttl-secs",
+        "2",
+    ];
+    let (frozen, _) = start_worker(&worker)?;
+    let (_survivor, _) = start_worker(&worker)?;
+    let (_frontend, url) = start_frontend(&["--discovery", &etcd.url])?;
+    let http = reqwest::Client::new();
+    wait_for_instances(&http, &url, "mocker", 2, Duration::from_secs(10)).await?;
+    let before = Load::start(&http, &url, "mocker", 200, 150);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Its connections stay open and its streams just stop: only its lease tells.
+    frozen.signal("STOP")?;
+    // Half of these go to the frozen worker while it is still listed, and wait there.
+    let during = Load::start(&http, &url, "mocker", 20, 60);
+    before.finish().await?;
+    during.finish().await?;
+    let migrated = metric(&http, &url, "turbine_frontend_migrations_total{model=\"mocker\"}").await?;
+    assert!(migrated >= 1.0, "no migrations counted");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarting_etcd_during_load_loses_no_request() -> Result<()> {
     let mut etcd = Etcd::start()?;
     let discovery = etcd.url.clone();
