@@ -12,7 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -27,6 +27,7 @@ use turbine_protocols::openai::{
     PromptTokensDetails, SamplingFields, StreamOptions, TurbineExt, Usage,
 };
 use turbine_protocols::{FinishReason, PreprocessedRequest, SamplingOptions, StopConditions};
+use turbine_runtime::InstanceId;
 
 use crate::error::ApiError;
 use crate::kv_routing::SelectorOverrides;
@@ -162,6 +163,8 @@ struct Started<R> {
     pieces: BoxStream<'static, Result<Piece, ApiError>>,
     choices: usize,
     usage_wanted: bool,
+    /// The worker that took each choice, in choice order.
+    workers: Vec<InstanceId>,
 }
 
 /// What chat and completions share up to the first token: parse, find the model, prepare
@@ -181,13 +184,14 @@ async fn start<R: DeserializeOwned>(
     }
     let prepared = with(m, prepare(&req, headers, &served))?;
     let (choices, usage_wanted) = (prepared.choices.len(), prepared.include_usage);
-    let pieces = generate(&s.dispatcher, &served, prepared, m).await;
-    let pieces = with(m, pieces)?;
+    let generated = generate(&s.dispatcher, &served, prepared, m).await;
+    let (pieces, workers) = with(m, generated)?;
     Ok(Started {
         req,
         pieces,
         choices,
         usage_wanted,
+        workers,
     })
 }
 
@@ -203,6 +207,7 @@ async fn chat_completions(
             pieces,
             choices,
             usage_wanted,
+            workers,
         } = start::<ChatCompletionRequest>(&s, &mut m, body, &headers, |r| &r.model, prepare_chat).await?;
         let (id, created, model) = (new_id("chatcmpl"), now_secs(), req.model);
         if !req.stream {
@@ -226,7 +231,7 @@ async fn chat_completions(
                     .collect(),
                 usage,
             };
-            return Ok(Json(response).into_response());
+            return Ok(routed_to(&workers, Json(response).into_response()));
         }
         let chunk = move |choices: Vec<ChatChunkChoice>, usage: Option<Usage>| ChatCompletionChunk {
             id: id.clone(),
@@ -266,7 +271,7 @@ async fn chat_completions(
             })
         });
         let events = futures::stream::iter(roles).chain(body);
-        Ok(sse(events))
+        Ok(routed_to(&workers, sse(events)))
     })
     .await
 }
@@ -283,6 +288,7 @@ async fn completions(
             pieces,
             choices,
             usage_wanted,
+            workers,
         } = start::<CompletionRequest>(&s, &mut m, body, &headers, |r| &r.model, prepare_completion).await?;
         let (id, created, model) = (new_id("cmpl"), now_secs(), req.model);
         let response = move |choices: Vec<CompletionChoice>, usage: Option<Usage>| CompletionResponse {
@@ -305,7 +311,10 @@ async fn completions(
                 .enumerate()
                 .map(|(i, (text, finish))| choice(i as u32, text, Some(finish)))
                 .collect();
-            return Ok(Json(response(choices, Some(usage))).into_response());
+            return Ok(routed_to(
+                &workers,
+                Json(response(choices, Some(usage))).into_response(),
+            ));
         }
         let body = pieces.filter_map(move |piece| {
             futures::future::ready(match piece {
@@ -315,9 +324,23 @@ async fn completions(
                 Err(e) => Some(sse_json(&e.body())),
             })
         });
-        Ok(sse(body))
+        Ok(routed_to(&workers, sse(body)))
     })
     .await
+}
+
+/// The response header naming the worker instance (hex id, as in `/health`) that took each
+/// choice, comma-separated in choice order: the worker a request started on, for tracing a
+/// routing decision. A request migrated mid-stream keeps the first worker's id here.
+const WORKER_HEADER: &str = "x-turbine-worker";
+
+fn routed_to(workers: &[InstanceId], mut response: Response) -> Response {
+    let ids: Vec<String> = workers.iter().map(ToString::to_string).collect();
+    // Hex digits and commas are always a valid header value.
+    if let Ok(value) = HeaderValue::from_str(&ids.join(",")) {
+        response.headers_mut().insert(WORKER_HEADER, value);
+    }
+    response
 }
 
 /// A request reduced to what generation needs: one token prompt per choice, and how to
@@ -579,16 +602,18 @@ enum ChoiceItem {
     Finish(&'static str),
 }
 
-/// Validates lengths, routes every choice, and merges their decoded text into one stream.
+/// Validates lengths, routes every choice, and merges their decoded text into one stream;
+/// also returns the worker each choice went to.
 async fn generate(
     d: &Arc<Dispatcher>,
     served: &ServedModel,
     prepared: Prepared,
     metrics: &mut Option<RequestMetrics>,
-) -> Result<BoxStream<'static, Result<Piece, ApiError>>, ApiError> {
+) -> Result<(BoxStream<'static, Result<Piece, ApiError>>, Vec<InstanceId>), ApiError> {
     let text = model_text(served)?;
     let context = served.card.context_length;
     let mut streams = Vec::new();
+    let mut workers = Vec::new();
     let mut prompt_tokens = 0u32;
     for (index, tokens) in prepared.choices.iter().enumerate() {
         let prompt_len = u32::try_from(tokens.len()).unwrap_or(u32::MAX);
@@ -625,10 +650,11 @@ async fn generate(
             sampling,
         };
         let span = tracing::info_span!("request", request_id = %request.request_id, model = %served.card.name);
-        let outputs = d
+        let (outputs, worker) = d
             .generate(served, request, &prepared.route)
             .instrument(span.clone())
             .await?;
+        workers.push(worker);
         // Validation already bounded the count, so this cannot fail.
         let stops =
             StopMatcher::new(prepared.stops.clone()).map_err(|e| ApiError::invalid_param("stop", e.to_string()))?;
@@ -687,7 +713,7 @@ async fn generate(
             prompt_tokens_details: cached.map(|cached_tokens| PromptTokensDetails { cached_tokens }),
         }));
     };
-    Ok(stream.boxed())
+    Ok((stream.boxed(), workers))
 }
 
 /// One choice: the worker's tokens decoded into text, held back at possible stop strings,

@@ -12,7 +12,7 @@ use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 use turbine_protocols::{EngineOutput, PreprocessedRequest};
 use turbine_router::{Router, RouterMode, WorkerId};
-use turbine_runtime::{Client, Instance, RequestError, ResponseStream, Runtime};
+use turbine_runtime::{Client, ErrorKind, HandlerError, Instance, InstanceId, RequestError, ResponseStream, Runtime};
 
 use crate::error::ApiError;
 use crate::kv_routing::{KvRouter, SelectorOverrides};
@@ -32,6 +32,20 @@ pub(crate) struct RouteOptions {
 /// Sessions idle longer than this are forgotten, and at most this many are kept.
 const SESSION_TTL: Duration = Duration::from_secs(30 * 60);
 const MAX_SESSIONS: usize = 100_000;
+
+/// How long a request waits on a worker that has left discovery without sending anything
+/// before it counts as lost. A worker that stops gracefully leaves first and goes on
+/// streaming while it drains; a frozen or cut-off one leaves only when its lease expires,
+/// keeps its connection open, and says nothing more.
+const DEPARTED_SILENCE: Duration = Duration::from_secs(1);
+
+/// What a request on a worker that left and went silent fails with: retryable elsewhere.
+fn departed(worker: InstanceId) -> RequestError {
+    RequestError::Handler(HandlerError::new(
+        ErrorKind::Unavailable,
+        format!("worker {worker} left discovery and sent nothing for {DEPARTED_SILENCE:?}"),
+    ))
+}
 
 #[derive(Debug)]
 pub(crate) struct Dispatcher {
@@ -162,6 +176,31 @@ impl Dispatcher {
         ids.iter().position(|&w| w == chosen)
     }
 
+    /// Completes once `worker` has been out of `model`'s instances for [`DEPARTED_SILENCE`];
+    /// never while it is listed.
+    async fn gone_silent(&self, model: &str, worker: InstanceId) {
+        let mut snapshots = self.models.subscribe();
+        loop {
+            let listed = snapshots
+                .borrow_and_update()
+                .models
+                .get(model)
+                .is_some_and(|m| m.instances.iter().any(|i| i.id == worker));
+            let changed = if listed {
+                snapshots.changed().await
+            } else {
+                tokio::select! {
+                    () = tokio::time::sleep(DEPARTED_SILENCE) => return,
+                    changed = snapshots.changed() => changed,
+                }
+            };
+            if changed.is_err() {
+                // The model manager is gone with the frontend: nothing will change.
+                return std::future::pending().await;
+            }
+        }
+    }
+
     /// The worker `session` is pinned to, if it is still among `ids`.
     fn session_worker(&self, session: &str, ids: &[WorkerId]) -> Option<WorkerId> {
         let mut sessions = lock(&self.sessions);
@@ -193,17 +232,19 @@ impl Dispatcher {
     }
 
     /// Starts `request` and keeps its outputs coming across worker failures: when a worker's
-    /// connection is lost mid-stream, the prompt plus the tokens generated so far go to
-    /// another worker, at most `migration_limit` times, and the caller sees one stream.
+    /// connection is lost mid-stream, or it leaves discovery and goes silent (frozen, cut
+    /// off), the prompt plus the tokens generated so far go to another worker, at most
+    /// `migration_limit` times, and the caller sees one stream.
+    /// Also returns the worker that took the request first.
     pub(crate) async fn generate(
         self: &Arc<Self>,
         served: &ServedModel,
         request: PreprocessedRequest,
         options: &RouteOptions,
-    ) -> Result<Outputs, ApiError> {
-        let mut outputs = self.dispatch(served, request.clone(), options).await?;
+    ) -> Result<(Outputs, InstanceId), ApiError> {
+        let (mut outputs, first) = self.dispatch(served, request.clone(), options).await?;
         if self.migration_limit == 0 {
-            return Ok(outputs);
+            return Ok((outputs, first));
         }
         let (d, options, model) = (self.clone(), options.clone(), served.card.name.clone());
         let stale = served.clone();
@@ -211,8 +252,14 @@ impl Dispatcher {
             let mut request = request;
             let mut migrations = 0;
             let mut reported_cached = false;
+            let mut worker = first;
             loop {
-                match outputs.next().await {
+                let next = tokio::select! {
+                    biased;
+                    next = outputs.next() => next,
+                    () = d.gone_silent(&model, worker) => Some(Err(departed(worker))),
+                };
+                match next {
                     Some(Ok(mut output)) => {
                         // The prompt tokens of a migrated request are the new worker's cache
                         // business: the client saw the first worker's figure already.
@@ -236,7 +283,7 @@ impl Dispatcher {
                         request.request_id = format!("{}-m{migrations}", request.request_id);
                         let served = d.model(&model).unwrap_or_else(|_| stale.clone());
                         match d.dispatch(&served, request.clone(), &options).await {
-                            Ok(next) => outputs = next,
+                            Ok((next, to)) => (outputs, worker) = (next, to),
                             Err(api) => {
                                 tracing::warn!(error = ?api, "migration found no worker");
                                 yield Err(e);
@@ -252,16 +299,16 @@ impl Dispatcher {
                 }
             }
         };
-        Ok(stream.boxed())
+        Ok((stream.boxed(), first))
     }
 
-    /// Starts `request` on one of `served`'s workers.
+    /// Starts `request` on one of `served`'s workers; returns its outputs and that worker.
     pub(crate) async fn dispatch(
         self: &Arc<Self>,
         served: &ServedModel,
         request: PreprocessedRequest,
         options: &RouteOptions,
-    ) -> Result<Outputs, ApiError> {
+    ) -> Result<(Outputs, InstanceId), ApiError> {
         let mut candidates: Vec<&Instance> = served.instances.iter().collect();
         let mut last_error = None;
         while !candidates.is_empty() {
@@ -272,7 +319,11 @@ impl Dispatcher {
                 break;
             };
             let instance = candidates.swap_remove(pos);
-            match self.client.call(instance, request.clone()).await {
+            let called = tokio::select! {
+                called = self.client.call(instance, request.clone()) => called,
+                () = self.gone_silent(&served.card.name, instance.id) => Err(departed(instance.id)),
+            };
+            match called {
                 Ok(stream) => {
                     tracing::debug!(request_id = %request.request_id, worker = %instance.id, "routed");
                     let tracked = Tracked {
@@ -281,7 +332,7 @@ impl Dispatcher {
                         request_id: request.request_id,
                         first: true,
                     };
-                    return Ok(tracked.boxed());
+                    return Ok((tracked.boxed(), instance.id));
                 }
                 Err(e) => {
                     self.active.ended(&request.request_id);

@@ -455,6 +455,44 @@ async fn round_robin_spreads_requests_and_follows_workers_leaving() -> Result<()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_header_names_the_worker_of_each_choice() -> Result<()> {
+    let c = cluster(Plane::Tcp, 3, Duration::ZERO).await?;
+    let ids: Vec<String> = c.workers.iter().map(|(w, _)| w.instance().id.to_string()).collect();
+    let header = |r: &reqwest::Response| -> Result<Vec<String>> {
+        let value = r.headers().get("x-turbine-worker").context("no x-turbine-worker")?;
+        Ok(value.to_str()?.split(',').map(str::to_owned).collect())
+    };
+    let post = |body: Value| c.http.post(format!("{}/v1/completions", c.url)).json(&body).send();
+    // Round-robin gives the three choices of one request to three different workers.
+    let r = post(json!({"model": "echo", "prompt": "abc", "n": 3})).await?;
+    let mut workers = header(&r)?;
+    assert_eq!(r.status(), 200);
+    workers.sort();
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(workers, want);
+    let r = post(json!({"model": "echo", "prompt": "abc", "stream": true})).await?;
+    let workers = header(&r)?;
+    assert!(r.text().await?.ends_with("data: [DONE]\n\n"));
+    assert!(
+        workers.len() == 1 && ids.contains(&workers[0]),
+        "{workers:?} not one of {ids:?}"
+    );
+    let r = c
+        .http
+        .post(format!("{}/v1/chat/completions", c.url))
+        .json(&chat("hi"))
+        .send()
+        .await?;
+    let workers = header(&r)?;
+    assert!(
+        workers.len() == 1 && ids.contains(&workers[0]),
+        "{workers:?} not one of {ids:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_disconnect_cancels_on_the_worker() -> Result<()> {
     for plane in [Plane::Local, Plane::Tcp] {
         let c = cluster(plane, 1, Duration::from_millis(20)).await?;

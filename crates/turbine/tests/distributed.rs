@@ -1,163 +1,37 @@
-//! `turbine frontend` and `turbine worker` as separate processes around a real etcd
-//! (`scripts/install-etcd` puts one in target/tools): discovery, routing over TCP, a worker
-//! killed without warning, and one stopped gracefully.
+//! `turbine frontend` and `turbine worker` as separate processes around real etcd and NATS
+//! servers: discovery, routing over TCP, workers killed without warning or stopped
+//! gracefully, etcd and NATS lost under load, and frontends that agree on routing.
 
-use std::io::{BufRead, BufReader};
-use std::net::{TcpListener, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::collections::BTreeSet;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
+use common::{
+    complete, instances, metric, start_frontend, start_nats, start_worker, wait_for_instances, Etcd, Load, BIN,
+};
 use serde_json::{json, Value};
-
-const BIN: &str = env!("CARGO_BIN_EXE_turbine");
-const ETCD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/tools/etcd");
-const NATS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/tools/nats-server");
-
-/// A child process, killed when the test ends however it ends.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn start_etcd(dir: &Path) -> Result<(Proc, String)> {
-    anyhow::ensure!(Path::new(ETCD).exists(), "no etcd at {ETCD}: run scripts/install-etcd");
-    let (client, peer) = (free_port()?, free_port()?);
-    let peer_url = format!("http://127.0.0.1:{peer}");
-    let client_url = format!("http://127.0.0.1:{client}");
-    let child = Command::new(ETCD)
-        .args(["--name", "default", "--data-dir"])
-        .arg(dir)
-        .args([
-            "--listen-client-urls",
-            &client_url,
-            "--advertise-client-urls",
-            &client_url,
-        ])
-        .args([
-            "--listen-peer-urls",
-            &peer_url,
-            "--initial-advertise-peer-urls",
-            &peer_url,
-        ])
-        .args(["--initial-cluster", &format!("default={peer_url}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let etcd = Proc(child);
-    let start = Instant::now();
-    while TcpStream::connect(("127.0.0.1", client)).is_err() {
-        anyhow::ensure!(start.elapsed() < Duration::from_secs(10), "etcd did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok((etcd, format!("etcd://127.0.0.1:{client}")))
-}
-
-fn start_nats() -> Result<(Proc, String)> {
-    anyhow::ensure!(
-        Path::new(NATS).exists(),
-        "no nats-server at {NATS}: run scripts/install-nats"
-    );
-    let port = free_port()?;
-    let child = Command::new(NATS)
-        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let nats = Proc(child);
-    let start = Instant::now();
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        anyhow::ensure!(start.elapsed() < Duration::from_secs(10), "nats-server did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok((nats, format!("nats://127.0.0.1:{port}")))
-}
-
-/// Starts `turbine ARGS` and waits for the stdout line starting with `ready`; returns the
-/// rest of that line.
-fn start(args: &[&str], ready: &str) -> Result<(Proc, String)> {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let stdout = child.stdout.take().context("stdout")?;
-    let proc = Proc(child);
-    let (tx, rx) = std::sync::mpsc::channel();
-    let ready = ready.to_owned();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(rest) = line.strip_prefix(&ready) {
-                let _ = tx.send(rest.to_owned());
-            }
-        }
-    });
-    let rest = rx
-        .recv_timeout(Duration::from_secs(30))
-        .with_context(|| format!("turbine {args:?} did not start"))?;
-    Ok((proc, rest))
-}
-
-async fn instances(http: &reqwest::Client, url: &str) -> Result<usize> {
-    let health: Value = http.get(format!("{url}/health")).send().await?.json().await?;
-    Ok(health["models"]["echo"]["instances"].as_array().map_or(0, Vec::len))
-}
-
-async fn wait_for_instances(http: &reqwest::Client, url: &str, want: usize, within: Duration) -> Result<Duration> {
-    let start = Instant::now();
-    while instances(http, url).await? != want {
-        if start.elapsed() > within {
-            bail!(
-                "still {} instances after {within:?}, want {want}",
-                instances(http, url).await?
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(start.elapsed())
-}
-
-async fn complete(http: &reqwest::Client, url: &str, prompt: &str) -> Result<(u16, Value)> {
-    let r = http
-        .post(format!("{url}/v1/completions"))
-        .json(&json!({"model": "echo", "prompt": prompt}))
-        .send()
-        .await?;
-    Ok((r.status().as_u16(), r.json().await?))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frontend_and_workers_in_separate_processes() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let (_etcd, discovery) = start_etcd(dir.path())?;
+    let etcd = Etcd::start()?;
     let worker_args = [
-        "worker",
         "--engine",
         "echo",
         "--discovery",
-        &discovery,
+        &etcd.url,
         "--echo-delay-ms",
         "0",
         "--lease-ttl-secs",
         "2",
     ];
-    let (mut doomed, _) = start(&worker_args, "turbine: worker ")?;
-    let (mut graceful, _) = start(&worker_args, "turbine: worker ")?;
-    let (_frontend, url) = start(
-        &["frontend", "--discovery", &discovery, "--port", "0"],
-        "turbine: listening on ",
-    )?;
+    let (mut doomed, _) = start_worker(&worker_args)?;
+    let (mut graceful, _) = start_worker(&worker_args)?;
+    let (_frontend, url) = start_frontend(&["--discovery", &etcd.url])?;
     let http = reqwest::Client::new();
-    wait_for_instances(&http, &url, 2, Duration::from_secs(10)).await?;
+    wait_for_instances(&http, &url, "echo", 2, Duration::from_secs(10)).await?;
     for i in 0..20 {
         let (status, r) = complete(&http, &url, &format!("p{i}")).await?;
         assert_eq!(
@@ -168,30 +42,18 @@ async fn frontend_and_workers_in_separate_processes() -> Result<()> {
 
     // Killed without warning: its connection is refused at once, so requests go to the
     // other worker; its registration goes when its lease expires.
-    doomed.0.kill()?;
-    doomed.0.wait()?;
+    doomed.kill()?;
     for i in 0..20 {
         let (status, r) = complete(&http, &url, &format!("q{i}")).await?;
         assert_eq!(status, 200, "{r}");
     }
-    let gone = wait_for_instances(&http, &url, 1, Duration::from_secs(5)).await?;
+    let gone = wait_for_instances(&http, &url, "echo", 1, Duration::from_secs(5)).await?;
     assert!(gone < Duration::from_secs(4), "lease of 2 s took {gone:?}");
 
     // Stopped gracefully: it deregisters at once and exits cleanly.
-    let status = Command::new("kill")
-        .args(["-TERM", &graceful.0.id().to_string()])
-        .status()?;
-    assert!(status.success());
-    let start = Instant::now();
-    let code = loop {
-        if let Some(s) = graceful.0.try_wait()? {
-            break s.code();
-        }
-        anyhow::ensure!(start.elapsed() < Duration::from_secs(10), "worker still running");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert_eq!(code, Some(0));
-    wait_for_instances(&http, &url, 0, Duration::from_secs(2)).await?;
+    graceful.signal("TERM")?;
+    assert_eq!(graceful.wait_exit(Duration::from_secs(10))?, Some(0));
+    wait_for_instances(&http, &url, "echo", 0, Duration::from_secs(2)).await?;
     let (status, r) = complete(&http, &url, "x").await?;
     assert_eq!(status, 503, "a known model with no workers: {r}");
     Ok(())
@@ -201,8 +63,8 @@ async fn frontend_and_workers_in_separate_processes() -> Result<()> {
 fn bad_discovery_fails_with_one_line_naming_it() -> Result<()> {
     for (args, needle) in [
         (&["frontend", "--discovery", "consul://x:1"][..], "consul://x:1"),
-        (&["worker", "--discovery", "etcd://nohost"], "etcd://nohost"),
-        (&["worker", "--discovery", "etcd://127.0.0.1:1"], "127.0.0.1:1"),
+        (&["worker", "--engine", "echo", "--discovery", "etcd://nohost"], "etcd://nohost"),
+        (&["worker", "--engine", "echo", "--discovery", "etcd://127.0.0.1:1"], "127.0.0.1:1"),
     ] {
         let out = Command::new(BIN).args(args).output()?;
         assert!(!out.status.success(), "{args:?} succeeded");
@@ -213,68 +75,66 @@ fn bad_discovery_fails_with_one_line_naming_it() -> Result<()> {
     Ok(())
 }
 
+/// A prompt family: prompts that start with it share its KV blocks (about 45 of 16 tokens).
+fn family(f: usize) -> String {
+    format!("family {f} ").repeat(80)
+}
+
+/// Sends one completion of `prompt` to the frontend at `url`; its response and the worker
+/// that took it.
+async fn routed(http: &reqwest::Client, url: &str, prompt: String) -> Result<(Value, String)> {
+    let body = json!({"model": "mocker", "prompt": prompt, "max_tokens": 2});
+    let r = http.post(format!("{url}/v1/completions")).json(&body).send().await?;
+    anyhow::ensure!(r.status() == 200, "status {}", r.status());
+    let worker = r
+        .headers()
+        .get("x-turbine-worker")
+        .context("no x-turbine-worker header")?
+        .to_str()?
+        .to_owned();
+    let r: Value = r.json().await?;
+    anyhow::ensure!(r["choices"][0]["finish_reason"] == "length", "{r}");
+    Ok((r, worker))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kv_events_cross_processes_over_nats() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let (_etcd, discovery) = start_etcd(dir.path())?;
-    let (nats, events) = start_nats()?;
-    let cluster = ["--discovery", discovery.as_str(), "--events", events.as_str()];
+    let etcd = Etcd::start()?;
+    let (mut nats, events) = start_nats()?;
+    let cluster = ["--discovery", etcd.url.as_str(), "--events", events.as_str()];
     let worker = |seed: &'static str| {
-        let mut args = vec!["worker", "--engine", "mocker", "--speedup", "100", "--seed", seed];
+        let mut args = vec!["--engine", "mocker", "--speedup", "10", "--seed", seed];
         args.extend(cluster);
-        start(&args, "turbine: worker ")
+        start_worker(&args)
     };
     let (_w1, _) = worker("1")?;
     let (_w2, _) = worker("2")?;
     let frontend = || {
-        let mut args = vec!["frontend", "--port", "0", "--router-mode", "kv"];
+        let mut args = vec!["--router-mode", "kv"];
         args.extend(cluster);
-        start(&args, "turbine: listening on ")
+        start_frontend(&args)
     };
     let (_a, url_a) = frontend()?;
     let (_b, url_b) = frontend()?;
     let http = reqwest::Client::new();
     for url in [&url_a, &url_b] {
-        let start = Instant::now();
-        loop {
-            let health: Value = http.get(format!("{url}/health")).send().await?.json().await?;
-            if health["models"]["mocker"]["instances"].as_array().map_or(0, Vec::len) == 2 {
-                break;
-            }
-            anyhow::ensure!(start.elapsed() < Duration::from_secs(10), "workers not seen: {health}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_for_instances(&http, url, "mocker", 2, Duration::from_secs(10)).await?;
     }
     // Frontend A places six prompt families; frontend B has routed nothing, so only the
     // workers' KV events, over NATS, can tell it where each family's blocks are cached.
-    let family = |f: usize| format!("family {f} ").repeat(40);
     let cached = |r: &Value| {
         r["usage"]["prompt_tokens_details"]["cached_tokens"]
             .as_u64()
             .unwrap_or(0)
     };
     for f in 0..6 {
-        let body = json!({"model": "mocker", "prompt": family(f) + "first", "max_tokens": 2});
-        let r: Value = http
-            .post(format!("{url_a}/v1/completions"))
-            .json(&body)
-            .send()
-            .await?
-            .json()
-            .await?;
-        assert_eq!(r["choices"][0]["finish_reason"], "length", "{r}");
+        routed(&http, &url_a, family(f) + "first").await?;
     }
-    // Events are asynchronous: give them a moment to arrive.
+    // Events are asynchronous, and nothing shows when a frontend has applied them: give
+    // them a moment to arrive.
     tokio::time::sleep(Duration::from_millis(300)).await;
     for f in 0..6 {
-        let body = json!({"model": "mocker", "prompt": family(f) + "second", "max_tokens": 2});
-        let r: Value = http
-            .post(format!("{url_b}/v1/completions"))
-            .json(&body)
-            .send()
-            .await?
-            .json()
-            .await?;
+        let (r, _) = routed(&http, &url_b, family(f) + "second").await?;
         let prompt_len = family(f).len() as u64;
         assert!(
             cached(&r) >= prompt_len - 16,
@@ -283,106 +143,190 @@ async fn kv_events_cross_processes_over_nats() -> Result<()> {
         );
     }
 
-    // NATS goes away: routing falls back to predictions, says so, and loses no request.
-    drop(nats);
+    // NATS goes away under load: routing falls back to predictions, says so, and loses no
+    // request, neither those under way nor those that arrive meanwhile.
+    const FALLBACK: &str = "turbine_frontend_kv_fallback_decisions_total";
+    assert_eq!(metric(&http, &url_b, FALLBACK).await?, 0.0);
+    let load = Load::start(&http, &url_b, "mocker", 200, 100);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    nats.kill()?;
     let start_wait = Instant::now();
-    loop {
-        let body = json!({"model": "mocker", "prompt": family(0) + "third", "max_tokens": 2});
-        let r = http.post(format!("{url_b}/v1/completions")).json(&body).send().await?;
-        assert_eq!(r.status(), 200);
-        let metrics = http.get(format!("{url_b}/metrics")).send().await?.text().await?;
-        let fallback = metrics
-            .lines()
-            .find_map(|l| l.strip_prefix("turbine_frontend_kv_fallback_decisions_total "))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0);
-        if fallback >= 1.0 {
-            break;
-        }
+    let mut i = 0;
+    while metric(&http, &url_b, FALLBACK).await? < 1.0 {
         anyhow::ensure!(start_wait.elapsed() < Duration::from_secs(10), "no fallback counted");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        routed(&http, &url_b, format!("{}during {i}", family(i % 6))).await?;
+        i += 1;
     }
+    load.finish().await?;
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_migrate_when_their_worker_is_killed() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let (_etcd, discovery) = start_etcd(dir.path())?;
+    let etcd = Etcd::start()?;
+    let worker = ["--discovery", &etcd.url, "--engine", "mocker", "--speedup", "2"];
+    let (mut doomed, _) = start_worker(&worker)?;
+    let (_survivor, _) = start_worker(&worker)?;
+    let (_frontend, url) = start_frontend(&["--discovery", &etcd.url])?;
+    let http = reqwest::Client::new();
+    wait_for_instances(&http, &url, "mocker", 2, Duration::from_secs(10)).await?;
+    let load = Load::start(&http, &url, "mocker", 200, 60);
+    // Half the streams are on the doomed worker, mid-generation, when it dies.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    doomed.kill()?;
+    load.finish().await?;
+    let migrated = metric(&http, &url, "turbine_frontend_migrations_total{model=\"mocker\"}").await?;
+    assert!(migrated >= 1.0, "no migrations counted");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_migrate_off_a_frozen_worker_once_its_lease_expires() -> Result<()> {
+    let etcd = Etcd::start()?;
     let worker = [
-        "worker",
+        "--discovery",
+        &etcd.url,
+        "--engine",
+        "mocker",
+        "--speedup",
+        "2",
+        "--lease-ttl-secs",
+        "2",
+    ];
+    let (frozen, _) = start_worker(&worker)?;
+    let (_survivor, _) = start_worker(&worker)?;
+    let (_frontend, url) = start_frontend(&["--discovery", &etcd.url])?;
+    let http = reqwest::Client::new();
+    wait_for_instances(&http, &url, "mocker", 2, Duration::from_secs(10)).await?;
+    let before = Load::start(&http, &url, "mocker", 200, 150);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Its connections stay open and its streams just stop: only its lease tells.
+    frozen.signal("STOP")?;
+    // Half of these go to the frozen worker while it is still listed, and wait there.
+    let during = Load::start(&http, &url, "mocker", 20, 60);
+    before.finish().await?;
+    during.finish().await?;
+    let migrated = metric(&http, &url, "turbine_frontend_migrations_total{model=\"mocker\"}").await?;
+    assert!(migrated >= 1.0, "no migrations counted");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_etcd_during_load_loses_no_request() -> Result<()> {
+    let mut etcd = Etcd::start()?;
+    let discovery = etcd.url.clone();
+    const TTL: Duration = Duration::from_secs(2);
+    let worker = [
         "--discovery",
         &discovery,
         "--engine",
         "mocker",
         "--speedup",
         "2",
+        "--lease-ttl-secs",
+        "2",
     ];
-    let (mut doomed, _) = start(&worker, "turbine: worker ")?;
-    let (_survivor, _) = start(&worker, "turbine: worker ")?;
-    let (_frontend, url) = start(
-        &["frontend", "--discovery", &discovery, "--port", "0"],
-        "turbine: listening on ",
-    )?;
+    let mut ids = BTreeSet::new();
+    let mut workers = Vec::new();
+    for _ in 0..3 {
+        let (w, id) = start_worker(&worker)?;
+        workers.push(w);
+        ids.insert(id);
+    }
+    let (_frontend, url) = start_frontend(&["--discovery", &discovery])?;
     let http = reqwest::Client::new();
-    let start_wait = Instant::now();
-    loop {
-        let health: Value = http.get(format!("{url}/health")).send().await?.json().await?;
-        if health["models"]["mocker"]["instances"].as_array().map_or(0, Vec::len) == 2 {
-            break;
-        }
-        anyhow::ensure!(start_wait.elapsed() < Duration::from_secs(10), "workers not seen");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    const REQUESTS: usize = 200;
-    const MAX_TOKENS: u64 = 60;
-    let mut clients = Vec::new();
-    for i in 0..REQUESTS {
-        let (http, url) = (http.clone(), url.clone());
-        clients.push(tokio::spawn(async move {
-            let body = json!({
-                "model": "mocker", "prompt": format!("request {i}"), "max_tokens": MAX_TOKENS,
-                "stream": true, "stream_options": {"include_usage": true},
-            });
-            let text = http
-                .post(format!("{url}/v1/completions"))
-                .json(&body)
-                .send()
-                .await?
-                .text()
-                .await?;
-            anyhow::Ok(text)
-        }));
-    }
-    // Half the streams are on the doomed worker, mid-generation, when it dies.
+    wait_for_instances(&http, &url, "mocker", 3, Duration::from_secs(10)).await?;
+
+    // Long enough (about 3 s) to stream through etcd's outage and restart.
+    let before = Load::start(&http, &url, "mocker", 200, 150);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    doomed.0.kill()?;
-    doomed.0.wait()?;
-    for (i, client) in clients.into_iter().enumerate() {
-        let text = client.await??;
-        let chunks: Vec<Value> = text
-            .lines()
-            .filter_map(|l| l.strip_prefix("data: "))
-            .filter(|d| *d != "[DONE]")
-            .map(serde_json::from_str)
-            .collect::<Result<_, _>>()?;
-        assert!(chunks.iter().all(|c| c.get("error").is_none()), "request {i}: {text}");
-        let finish: Vec<&Value> = chunks
-            .iter()
-            .map(|c| &c["choices"][0]["finish_reason"])
-            .filter(|f| !f.is_null())
-            .collect();
-        assert_eq!(finish, [&json!("length")], "request {i}: {text}");
-        let usage = chunks.last().map(|c| c["usage"]["completion_tokens"].as_u64());
-        assert_eq!(usage, Some(Some(MAX_TOKENS)), "request {i}: {text}");
-        assert!(text.ends_with("data: [DONE]\n\n"), "request {i}");
+    etcd.kill()?;
+    // Requests that arrive meanwhile are routed on the last known state.
+    let during = Load::start(&http, &url, "mocker", 50, 60);
+    // Down for longer than a keep-alive period, so that the workers' keep-alives and the
+    // frontend's watch fail while requests stream.
+    tokio::time::sleep(TTL / 2).await;
+    etcd.restart()?;
+    let after = Load::start(&http, &url, "mocker", 50, 60);
+    for load in [before, during, after] {
+        load.finish().await?;
     }
-    let metrics = http.get(format!("{url}/metrics")).send().await?.text().await?;
-    let migrated: f64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("turbine_frontend_migrations_total{model=\"mocker\"} "))
-        .context("no migrations counted")?
-        .parse()?;
-    assert!(migrated >= 1.0, "{metrics}");
+
+    // Discovery follows changes again: a worker started now is seen, beside the others.
+    let (_late, id) = start_worker(&worker)?;
+    ids.insert(id);
+    wait_for_instances(&http, &url, "mocker", 4, Duration::from_secs(10)).await?;
+    // And every worker keeps its registration alive: a worker whose keep-alive stopped
+    // would vanish within one lease TTL, so watch for a little longer than that.
+    let start = Instant::now();
+    while start.elapsed() < TTL + TTL / 2 {
+        assert_eq!(instances(&http, &url, "mocker").await?, ids);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_frontends_fed_the_same_traffic_route_it_alike() -> Result<()> {
+    let etcd = Etcd::start()?;
+    let (_nats, events) = start_nats()?;
+    let cluster = ["--discovery", etcd.url.as_str(), "--events", events.as_str()];
+    let mut workers = Vec::new();
+    for seed in ["1", "2", "3"] {
+        let mut args = vec!["--engine", "mocker", "--speedup", "10", "--seed", seed];
+        args.extend(cluster);
+        workers.push(start_worker(&args)?);
+    }
+    let frontend = || {
+        let mut args = vec!["--router-mode", "kv", "--kv-temperature", "0"];
+        args.extend(cluster);
+        start_frontend(&args)
+    };
+    let (_a, url_a) = frontend()?;
+    let (_b, url_b) = frontend()?;
+    let http = reqwest::Client::new();
+    for url in [&url_a, &url_b] {
+        wait_for_instances(&http, url, "mocker", 3, Duration::from_secs(10)).await?;
+    }
+
+    // Six prompt families sent at once through A: its account of their load spreads them
+    // over the workers, whose KV events then tell both frontends where each one is cached.
+    let primes: Vec<_> = (0..6)
+        .map(|f| {
+            let (http, url) = (http.clone(), url_a.clone());
+            tokio::spawn(async move { routed(&http, &url, family(f) + "first").await })
+        })
+        .collect();
+    let mut home = Vec::new();
+    for p in primes {
+        home.push(p.await??.1);
+    }
+    let used: BTreeSet<&String> = home.iter().collect();
+    assert!(used.len() >= 2, "every family went to one worker: {home:?}");
+    // Nothing shows when a frontend has applied the events: give them a moment to arrive.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // The same traffic through each frontend in turn, one request at a time, so that both
+    // see the same cache and load for each decision; each round, the other goes first.
+    // Their prompts differ only in the last block, so that the blocks the first one caches
+    // do not decide the second's choice.
+    let mut choices = Vec::new();
+    for round in 0..2 {
+        for (f, home) in home.iter().enumerate() {
+            let order = if round == 0 { [&url_a, &url_b] } else { [&url_b, &url_a] };
+            let prompt = |n: usize| family(f) + &format!("round {round}, request {n}");
+            let (_, first) = routed(&http, order[0], prompt(0)).await?;
+            let (_, second) = routed(&http, order[1], prompt(1)).await?;
+            choices.push((f, round, home.clone(), first, second));
+        }
+    }
+    let disagree: Vec<_> = choices
+        .iter()
+        .filter(|(_, _, home, first, second)| first != second || first != home)
+        .collect();
+    assert!(
+        disagree.is_empty(),
+        "(family, round, cached on, first frontend's choice, second's): {disagree:?}"
+    );
     Ok(())
 }
