@@ -117,7 +117,7 @@ impl NativeEngine {
         tracing::info!(
             blocks = num_blocks,
             block_size = config.block_size,
-            kv_mib = num_blocks * per_block >> 20,
+            kv_mib = (num_blocks * per_block) >> 20,
             "native engine KV cache"
         );
         let max_len = c.max_position_embeddings.min(num_blocks * config.block_size);

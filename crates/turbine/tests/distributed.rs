@@ -63,8 +63,14 @@ async fn frontend_and_workers_in_separate_processes() -> Result<()> {
 fn bad_discovery_fails_with_one_line_naming_it() -> Result<()> {
     for (args, needle) in [
         (&["frontend", "--discovery", "consul://x:1"][..], "consul://x:1"),
-        (&["worker", "--engine", "echo", "--discovery", "etcd://nohost"], "etcd://nohost"),
-        (&["worker", "--engine", "echo", "--discovery", "etcd://127.0.0.1:1"], "127.0.0.1:1"),
+        (
+            &["worker", "--engine", "echo", "--discovery", "etcd://nohost"],
+            "etcd://nohost",
+        ),
+        (
+            &["worker", "--engine", "echo", "--discovery", "etcd://127.0.0.1:1"],
+            "127.0.0.1:1",
+        ),
     ] {
         let out = Command::new(BIN).args(args).output()?;
         assert!(!out.status.success(), "{args:?} succeeded");
