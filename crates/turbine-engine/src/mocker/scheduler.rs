@@ -6,7 +6,10 @@
 //! No clock and no I/O here: the engine loop decides when steps happen.
 //!
 //! Sequences live in a slab and carry their output sink (`T`), so that a step touches each
-//! running sequence once: at a million tokens a second, memory traffic is the cost.
+//! running sequence once: at a million tokens a second, memory traffic is the cost. For
+//! the same reason generated tokens are not stored: they are a function of position
+//! ([`TokenSource`]), computed when a block fills and must be hashed, when a stop token
+//! must be looked for, and by the reader.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -14,6 +17,7 @@ use turbine_protocols::kv::{KvEvent, KvSnapshot, WorkerLoad};
 use turbine_protocols::FinishReason;
 use turbine_tokens::{chain_hash, local_hash, BlockHash};
 
+use super::output::TokenSource;
 use super::timing;
 use super::MockerConfig;
 use crate::pool::{BlockId, BlockPool};
@@ -32,13 +36,13 @@ pub(crate) struct SeqSpec {
 struct Seq<T> {
     id: SeqId,
     sink: T,
-    /// Prompt and generated tokens.
-    tokens: Vec<u32>,
-    prompt_len: usize,
+    prompt: Vec<u32>,
+    /// Tokens generated so far; their values come from `source`.
+    generated: usize,
     max_tokens: u32,
     stop_token_ids: Vec<u32>,
     blocks: Vec<BlockId>,
-    /// Hashes of every full block of `tokens`.
+    /// Hashes of every full block of the prompt and generated tokens.
     hashes: Vec<BlockHash>,
     /// Tokens whose KV is computed.
     computed: usize,
@@ -47,31 +51,49 @@ struct Seq<T> {
     /// Prompt tokens found cached when first admitted; reported on the first token.
     cached_tokens: Option<u32>,
     reported_first: bool,
-    rng: SplitMix64,
+    source: TokenSource,
 }
 
 impl<T> Seq<T> {
-    fn generated(&self) -> usize {
-        self.tokens.len() - self.prompt_len
+    /// Prompt and generated tokens.
+    fn len(&self) -> usize {
+        self.prompt.len() + self.generated
     }
 
     /// Tokens still to compute before the next token can be produced.
     fn pending(&self) -> usize {
-        self.tokens.len() - self.computed
+        self.len() - self.computed
     }
 
     fn is_decoding(&self) -> bool {
-        self.generated() > 0 && self.pending() == 1
+        self.generated > 0 && self.pending() == 1
     }
 
-    fn push_token(&mut self, token: u32, block_size: usize) {
-        self.tokens.push(token);
-        if self.tokens.len() % block_size == 0 {
-            let local = local_hash(&self.tokens[self.tokens.len() - block_size..]);
-            let sequence = self.hashes.last().map_or(local, |p| chain_hash(p.sequence, local));
-            self.hashes.push(BlockHash { local, sequence });
+    /// Counts the next generated token, hashing the block it fills. `scratch` keeps the
+    /// block's tokens, so that hashing allocates nothing.
+    fn push_token(&mut self, block_size: usize, scratch: &mut Vec<u32>) {
+        self.generated += 1;
+        let len = self.len();
+        if len % block_size != 0 {
+            return;
         }
+        scratch.clear();
+        let start = len - block_size;
+        if start < self.prompt.len() {
+            scratch.extend_from_slice(&self.prompt[start..]);
+        }
+        let first_generated = start.saturating_sub(self.prompt.len()) as u32;
+        scratch.extend((first_generated..self.generated as u32).map(|i| self.source.token(i)));
+        let local = local_hash(scratch);
+        let sequence = self.hashes.last().map_or(local, |p| chain_hash(p.sequence, local));
+        self.hashes.push(BlockHash { local, sequence });
     }
+}
+
+/// The tokens sequence `id` generates: seeded by the engine's seed and `id`, so the same
+/// requests in the same order give the same tokens.
+pub(crate) fn token_source(config: &MockerConfig, id: SeqId) -> TokenSource {
+    TokenSource::new(config.seed ^ id.wrapping_mul(0x9E37_79B9_7F4A_7C15), &config.vocab)
 }
 
 /// The plan of one step: which sequences compute how many tokens.
@@ -115,6 +137,8 @@ pub(crate) struct Scheduler<T> {
     index: HashMap<SeqId, usize>,
     waiting: VecDeque<usize>,
     running: Vec<usize>,
+    /// A block's tokens while they are hashed.
+    scratch: Vec<u32>,
 }
 
 impl<T> Scheduler<T> {
@@ -128,12 +152,11 @@ impl<T> Scheduler<T> {
             index: HashMap::new(),
             waiting: VecDeque::new(),
             running: Vec::new(),
+            scratch: Vec::new(),
         }
     }
 
-    /// Queues a sequence whose tokens go to `sink`; its prompt must fit in the pool. Its
-    /// output is drawn from an RNG seeded by the engine's seed and `id`, so the same
-    /// requests in the same order give the same tokens.
+    /// Queues a sequence whose tokens go to `sink`; its prompt must fit in the pool.
     pub(crate) fn add(&mut self, id: SeqId, spec: SeqSpec, sink: T) {
         let bs = self.config.block_size;
         let hashes = turbine_tokens::block_hashes(&spec.prompt, bs);
@@ -143,8 +166,8 @@ impl<T> Scheduler<T> {
         let seq = Seq {
             id,
             sink,
-            prompt_len: spec.prompt.len(),
-            tokens: spec.prompt,
+            prompt: spec.prompt,
+            generated: 0,
             max_tokens: spec.max_tokens.min(room).max(1),
             stop_token_ids: spec.stop_token_ids,
             blocks: Vec::new(),
@@ -153,7 +176,7 @@ impl<T> Scheduler<T> {
             registered: 0,
             cached_tokens: None,
             reported_first: false,
-            rng: SplitMix64(self.config.seed ^ id.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+            source: token_source(&self.config, id),
         };
         let slot = match self.free_slots.pop() {
             Some(slot) => {
@@ -258,12 +281,12 @@ impl<T> Scheduler<T> {
             // Reuse cached blocks, but always leave at least one token to compute: the
             // step that computes it produces the next token.
             let matched = if self.config.enable_prefix_caching {
-                self.pool.match_prefix(&seq.hashes).min((seq.tokens.len() - 1) / bs)
+                self.pool.match_prefix(&seq.hashes).min((seq.len() - 1) / bs)
             } else {
                 0
             };
             let computed = matched * bs;
-            let n = (seq.tokens.len() - computed).min(budget);
+            let n = (seq.len() - computed).min(budget);
             let fresh_needed = (computed + n).div_ceil(bs) - matched;
             let leaving_free_list = self.pool.free_among_prefix(&seq.hashes, matched);
             if self.pool.num_free() < fresh_needed + leaving_free_list {
@@ -299,13 +322,24 @@ impl<T> Scheduler<T> {
         timing::step_duration(step.prefill_tokens, step.decodes, usage, self.config.speedup)
     }
 
+    /// Hands `touch` the sink of every sequence in `step`, before [`Self::complete`]. The
+    /// sinks are scattered in memory: visiting them all first, with nothing in between
+    /// that waits on memory, lets their cache misses overlap instead of stalling one by
+    /// one behind each delivery.
+    pub(crate) fn touch_sinks(&self, step: &Step, mut touch: impl FnMut(&T)) {
+        for &(slot, id, _) in &step.entries {
+            if let Some(seq) = self.slots[slot].as_ref().filter(|s| s.id == id) {
+                touch(&seq.sink);
+            }
+        }
+    }
+
     /// Applies a finished step, handing each token produced to `emit` with its sequence's
     /// sink; a sequence whose sink refuses it (`false`: nobody reads) is dropped.
     /// Sequences cancelled meanwhile are skipped.
     pub(crate) fn complete(&mut self, step: &Step, mut emit: impl FnMut(&T, Produced) -> bool) {
         let bs = self.config.block_size;
         let caching = self.config.enable_prefix_caching;
-        let vocab = self.config.vocab.clone();
         for &(slot, id, n) in &step.entries {
             let Some(seq) = self.slots[slot].as_mut().filter(|s| s.id == id) else {
                 continue;
@@ -321,14 +355,14 @@ impl<T> Scheduler<T> {
                 );
                 seq.registered = full;
             }
-            if seq.computed < seq.tokens.len() {
+            if seq.computed < seq.len() {
                 continue;
             }
-            let token = vocab.start + (seq.rng.next() % u64::from(vocab.end - vocab.start)) as u32;
-            seq.push_token(token, bs);
+            let token = seq.source.token(seq.generated as u32);
+            seq.push_token(bs, &mut self.scratch);
             let finish = if seq.stop_token_ids.contains(&token) {
                 Some(FinishReason::Stop)
-            } else if seq.generated() >= seq.max_tokens as usize {
+            } else if seq.generated >= seq.max_tokens as usize {
                 Some(FinishReason::Length)
             } else {
                 None
@@ -382,20 +416,5 @@ impl<T> Scheduler<T> {
     #[cfg(test)]
     pub(crate) fn running(&self) -> usize {
         self.running.len()
-    }
-}
-
-/// A tiny, fast, seedable generator (SplitMix64): the mocker's tokens need to be
-/// reproducible, not unpredictable, and the state is one word per sequence.
-#[derive(Debug, Clone)]
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
     }
 }
