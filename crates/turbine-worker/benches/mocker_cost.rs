@@ -3,7 +3,9 @@
 //! Engines, workers and consumers share one runtime, as in `turbine serve`. The engines'
 //! own cost is their busy time (work done between waiting out simulated steps), printed
 //! beside the whole process's CPU time, as shares of one core over the measurement window;
-//! the workers' and consumers' part is what a router benchmark pays for in any case.
+//! the workers' and consumers' part is what a router benchmark pays for in any case. The
+//! share of the timing model's schedule kept tells a mocker that is cheap but late (its
+//! steps delayed by a busy runtime) from one that keeps up.
 //!
 //! `cargo bench -p turbine-worker --bench mocker_cost [-- WORKERS SEQS SPEEDUP SECONDS]`
 

@@ -157,6 +157,35 @@ fn shared_prefix_is_served_from_cache() {
 }
 
 #[test]
+fn blocks_of_generated_tokens_are_hashed_from_the_tokens_the_reader_sees() {
+    // A 10-token prompt with 4-token blocks: generated tokens fill the block the prompt
+    // left partial, then blocks of their own.
+    let mut s = Scheduler::new(config(64, 64, 8));
+    let mut replica = EventReplica::default();
+    let prompt: Vec<u32> = (100..110).collect();
+    s.add(
+        0,
+        SeqSpec {
+            prompt: prompt.clone(),
+            max_tokens: 15,
+            stop_token_ids: vec![],
+        },
+        (),
+    );
+    let (_, produced) = drive(&mut s, &mut replica, 40);
+    let mut tokens = prompt;
+    tokens.extend(produced.iter().map(|p| p.token));
+    // The last token is produced but never computed, so its block is not registered.
+    let expected = turbine_tokens::block_hashes(&tokens[..tokens.len() - 1], 4);
+    assert_eq!(expected.len(), 6);
+    assert_eq!(
+        replica.registered,
+        expected.iter().map(|h| h.sequence).collect(),
+        "every full block, prompt and generated, registered under its hash"
+    );
+}
+
+#[test]
 fn stop_token_ends_a_sequence() {
     let mut s = Scheduler::new(MockerConfig {
         vocab: 0..1,
