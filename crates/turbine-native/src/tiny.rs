@@ -21,6 +21,8 @@ pub struct TinySpec {
     pub kv_heads: usize,
     pub max_positions: usize,
     pub seed: u64,
+    /// Write a Qwen2 model (biases on q, k and v) instead of a Llama.
+    pub qwen2: bool,
 }
 
 impl Default for TinySpec {
@@ -33,6 +35,7 @@ impl Default for TinySpec {
             kv_heads: 2,
             max_positions: 1024,
             seed: 7,
+            qwen2: false,
         }
     }
 }
@@ -63,9 +66,18 @@ pub fn write_tiny_model(dir: &Path, spec: &TinySpec) -> Result<(), NativeError> 
     };
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let head_dim = spec.hidden / spec.heads;
+    let (architecture, model_type) = if spec.qwen2 {
+        ("Qwen2ForCausalLM", "qwen2")
+    } else {
+        ("LlamaForCausalLM", "llama")
+    };
     let config = json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [architecture],
+        "model_type": model_type,
+        "hidden_act": "silu",
+        "sliding_window": spec.max_positions,
+        "max_window_layers": spec.layers,
+        "use_sliding_window": false,
         "vocab_size": TINY_VOCAB,
         "hidden_size": spec.hidden,
         "intermediate_size": spec.intermediate,
@@ -106,6 +118,11 @@ pub fn write_tiny_model(dir: &Path, spec: &TinySpec) -> Result<(), NativeError> 
         add(format!("{p}.self_attn.k_proj.weight"), &[kv, h], 0.3, &mut tensors)?;
         add(format!("{p}.self_attn.v_proj.weight"), &[kv, h], 0.3, &mut tensors)?;
         add(format!("{p}.self_attn.o_proj.weight"), &[h, h], 0.2, &mut tensors)?;
+        if spec.qwen2 {
+            add(format!("{p}.self_attn.q_proj.bias"), &[h], 0.5, &mut tensors)?;
+            add(format!("{p}.self_attn.k_proj.bias"), &[kv], 0.5, &mut tensors)?;
+            add(format!("{p}.self_attn.v_proj.bias"), &[kv], 0.5, &mut tensors)?;
+        }
         add(format!("{p}.mlp.gate_proj.weight"), &[i, h], 0.2, &mut tensors)?;
         add(format!("{p}.mlp.up_proj.weight"), &[i, h], 0.2, &mut tensors)?;
         add(format!("{p}.mlp.down_proj.weight"), &[h, i], 0.2, &mut tensors)?;

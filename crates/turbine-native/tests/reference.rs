@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
-use candle_transformers::models::{llama, quantized_llama};
+use candle_transformers::models::{llama, quantized_llama, qwen2};
 use turbine_native::tiny::{write_tiny_model, TinySpec};
 use turbine_native::{sampling::argmax, write_converted_gguf, Model, PagedKv, SeqInput};
 
@@ -141,6 +141,25 @@ fn reference_safetensors(dir: &Path, prompt: &[u32]) -> Result<Vec<u32>> {
     Ok(out)
 }
 
+fn reference_qwen2(dir: &Path, prompt: &[u32]) -> Result<Vec<u32>> {
+    let cfg: qwen2::Config = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)?;
+    let tensors = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)?;
+    let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+    let mut model = qwen2::ModelForCausalLM::new(&cfg, vb)?;
+    let mut out = Vec::new();
+    let mut input = prompt.to_vec();
+    let mut pos = 0;
+    for _ in 0..STEPS {
+        let x = Tensor::new(input.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+        let logits = model.forward(&x, pos)?.flatten_all()?;
+        let t = argmax(&logits.to_vec1::<f32>()?);
+        pos += input.len();
+        out.push(t);
+        input = vec![t];
+    }
+    Ok(out)
+}
+
 /// Prompts of different lengths, from real text where a tokenizer is at hand.
 fn prompts(vocab: u32) -> Vec<Vec<u32>> {
     let lens = [7, 19, 33, 48, 5, 70, 16, 101];
@@ -227,5 +246,25 @@ fn tiny_safetensors_model_matches_candle_llama() -> Result<()> {
         batched[7],
         "prefix from cache"
     );
+    Ok(())
+}
+
+#[test]
+fn tiny_qwen2_model_with_biases_matches_candle_qwen2() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let spec = TinySpec {
+        qwen2: true,
+        ..TinySpec::default()
+    };
+    write_tiny_model(dir.path(), &spec)?;
+    let model = Model::from_safetensors_dir(dir.path(), &Device::Cpu)?;
+    assert_eq!(model.config().architecture, "qwen2");
+    let vocab = model.config().vocab_size as u32;
+    let mut direct = Direct::new(model);
+    let prompts = prompts(vocab);
+    let batched = direct.greedy(&prompts, &[])?;
+    for i in [1, 5] {
+        assert_eq!(batched[i], reference_qwen2(dir.path(), &prompts[i])?, "prompt {i}");
+    }
     Ok(())
 }
