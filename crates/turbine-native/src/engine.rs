@@ -22,7 +22,7 @@ use turbine_protocols::llm::SamplingOptions;
 use turbine_protocols::PreprocessedRequest;
 
 use crate::model::{LoadReport, Model, SeqInput};
-use crate::{NativeError, PagedKv, Sampler};
+use crate::{KvBlocks, NativeError, PagedKv, Sampler};
 
 /// The engine's settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -67,6 +67,15 @@ enum Msg {
     Cancel(SeqId),
     Subscribe(mpsc::UnboundedSender<Vec<KvEvent>>),
     Snapshot(oneshot::Sender<KvSnapshot>),
+    Export {
+        tokens: Vec<u32>,
+        reply: oneshot::Sender<KvBlocks>,
+    },
+    Import {
+        tokens: Vec<u32>,
+        kv: KvBlocks,
+        reply: oneshot::Sender<Result<usize, NativeError>>,
+    },
 }
 
 /// A running native engine. Cloning shares it; the thread ends when every clone is gone.
@@ -144,6 +153,31 @@ impl NativeEngine {
             max_len,
             vocab_size,
         })
+    }
+}
+
+impl NativeEngine {
+    /// The KV of the longest cached run of full blocks at the start of `tokens`, as bytes
+    /// with their layout: what a prefill worker hands a decode worker.
+    pub async fn export_prefix(&self, tokens: Vec<u32>) -> Result<KvBlocks, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Export { tokens, reply })
+            .map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)
+    }
+
+    /// Stores `kv`, exported by an engine with the same layout, as the cached KV of the first
+    /// `kv.num_blocks` blocks of `tokens`, so that requests with that prefix skip its
+    /// prefill. Blocks already cached are kept; returns how many were added.
+    pub async fn import_prefix(&self, tokens: Vec<u32>, kv: KvBlocks) -> Result<usize, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Import { tokens, kv, reply })
+            .map_err(|_| EngineError::Stopped)?;
+        rx.await
+            .map_err(|_| EngineError::Stopped)?
+            .map_err(|e| EngineError::InvalidRequest(e.to_string()))
     }
 }
 
@@ -261,7 +295,62 @@ impl Loop {
             Msg::Snapshot(reply) => {
                 let _ = reply.send(self.scheduler.snapshot());
             }
+            Msg::Export { tokens, reply } => {
+                let hashes = turbine_tokens::block_hashes(&tokens, self.kv.block_size());
+                let pool = self.scheduler.pool_mut();
+                // Held while copied, so that nothing evicts them meanwhile.
+                let blocks = pool.acquire_prefix(&hashes);
+                let exported = self.kv.export(&blocks);
+                self.scheduler.pool_mut().release(blocks.iter().rev().copied());
+                match exported {
+                    Ok(kv) => {
+                        let _ = reply.send(kv);
+                    }
+                    Err(e) => tracing::error!(error = %e, "exporting cached blocks"),
+                }
+            }
+            Msg::Import { tokens, kv, reply } => {
+                let _ = reply.send(self.import(&tokens, &kv));
+            }
         }
+    }
+
+    fn import(&mut self, tokens: &[u32], kv: &KvBlocks) -> Result<usize, NativeError> {
+        if kv.layout != self.kv.layout() {
+            return Err(NativeError::KvLayout(format!(
+                "{:?} into {:?}",
+                kv.layout,
+                self.kv.layout()
+            )));
+        }
+        let hashes = turbine_tokens::block_hashes(tokens, self.kv.block_size());
+        let n = kv.num_blocks;
+        if n > hashes.len() || n == 0 || kv.data.len() % n != 0 {
+            return Err(NativeError::KvLayout(format!(
+                "{n} blocks of KV for {} full blocks of tokens",
+                hashes.len()
+            )));
+        }
+        let pool = self.scheduler.pool_mut();
+        let have = pool.match_prefix(&hashes[..n]);
+        let per_block = kv.data.len() / n;
+        let fresh = KvBlocks {
+            layout: kv.layout.clone(),
+            data: kv.data[have * per_block..].to_vec(),
+            num_blocks: n - have,
+        };
+        let Some(blocks) = pool.allocate(n - have) else {
+            return Err(NativeError::KvLayout(format!("no room for {} blocks", n - have)));
+        };
+        let written = self.kv.import(&fresh, &blocks);
+        let pool = self.scheduler.pool_mut();
+        if written.is_ok() {
+            let parent = have.checked_sub(1).map(|i| hashes[i].sequence);
+            pool.register(&blocks, &hashes[have..n], parent);
+        }
+        // Unreferenced, the blocks stay cached until evicted, like any finished request's.
+        pool.release(blocks.iter().rev().copied());
+        written.map(|()| n - have)
     }
 
     fn flush(&mut self) {

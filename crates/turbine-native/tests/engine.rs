@@ -217,3 +217,43 @@ async fn preemption_and_cancellation_free_blocks_and_events_replay() -> Result<(
     assert!(!replica.registered.is_empty());
     Ok(())
 }
+
+/// What disaggregated serving needs: one engine prefills, another imports the prompt's KV
+/// and decodes exactly what the first would have, computing only the uncached tail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exported_kv_imported_elsewhere_serves_the_prefix() -> Result<()> {
+    let prefill = tiny(NativeConfig::default())?;
+    let decode = tiny(NativeConfig::default())?;
+    let p = prompt(40, 100);
+    let expected = run(&prefill.engine, request(p.clone(), 20, greedy())).await?;
+
+    let kv = prefill.engine.export_prefix(p.clone()).await?;
+    assert_eq!(kv.num_blocks, 6, "six full blocks of 16 are cached");
+    assert_eq!(decode.engine.import_prefix(p.clone(), kv.clone()).await?, 6);
+    assert_eq!(
+        decode.engine.import_prefix(p.clone(), kv.clone()).await?,
+        0,
+        "already there"
+    );
+    let served = run(&decode.engine, request(p.clone(), 20, greedy())).await?;
+    assert_eq!(served.cached, Some(96));
+    assert_eq!(served.tokens, expected.tokens);
+
+    // KV from a model of another shape is refused, and nothing is cached from it.
+    let other_dir = tempfile::tempdir()?;
+    let spec = TinySpec {
+        kv_heads: 4,
+        ..TinySpec::default()
+    };
+    write_tiny_model(other_dir.path(), &spec)?;
+    let (other, _) = NativeEngine::load(other_dir.path(), &Device::Cpu, NativeConfig::default())?;
+    let err = other
+        .import_prefix(p.clone(), kv)
+        .await
+        .err()
+        .context("accepted a foreign layout")?;
+    assert!(err.to_string().contains("layout"), "{err}");
+    let fresh = run(&other, request(p, 4, greedy())).await?;
+    assert_eq!(fresh.cached, Some(0));
+    Ok(())
+}

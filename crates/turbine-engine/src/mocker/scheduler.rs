@@ -421,6 +421,11 @@ impl<T> Scheduler<T> {
         &self.config
     }
 
+    /// The pool, for engines that move KV blocks in and out of it (export and import).
+    pub fn pool_mut(&mut self) -> &mut BlockPool {
+        &mut self.pool
+    }
+
     #[cfg(test)]
     pub fn pool(&self) -> &BlockPool {
         &self.pool
