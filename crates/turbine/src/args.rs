@@ -218,6 +218,10 @@ impl TryFrom<EngineArgs> for EngineSetup {
 }
 
 impl EngineSetup {
+    pub fn is_native(&self) -> bool {
+        matches!(self.kind, EngineKind::Native)
+    }
+
     pub fn engine(&self, i: usize) -> anyhow::Result<Arc<dyn Engine>> {
         Ok(match self.kind {
             EngineKind::Echo => Arc::new(EchoEngine::new(self.echo.clone())),

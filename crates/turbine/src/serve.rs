@@ -18,9 +18,10 @@ use crate::args::{EngineArgs, EngineSetup, FrontendArgs};
 pub struct ServeArgs {
     #[command(flatten)]
     frontend: FrontendArgs,
-    /// Number of workers.
-    #[arg(long, default_value_t = 2)]
-    workers: usize,
+    /// Number of workers [default: 1 for the native engine, whose one worker batches all
+    /// requests on all cores; 2 for the others].
+    #[arg(long)]
+    workers: Option<usize>,
     #[command(flatten)]
     engine: EngineArgs,
     /// How the frontend reaches the workers: in-process calls, or TCP on loopback as separate processes would.
@@ -52,10 +53,12 @@ impl TryFrom<ServeArgs> for ServeConfig {
     type Error = anyhow::Error;
 
     fn try_from(a: ServeArgs) -> anyhow::Result<Self> {
-        if a.workers == 0 {
+        if a.workers == Some(0) {
             bail!("--workers must be at least 1, got 0");
         }
         let (listen, frontend) = a.frontend.parse()?;
+        let engine: EngineSetup = a.engine.try_into()?;
+        let workers = a.workers.unwrap_or(if engine.is_native() { 1 } else { 2 });
         let worker_transport = match a.request_plane {
             RequestPlane::Local => TransportOptions::Local,
             RequestPlane::Tcp => TransportOptions::Tcp {
@@ -65,8 +68,8 @@ impl TryFrom<ServeArgs> for ServeConfig {
         };
         Ok(Self {
             listen,
-            workers: a.workers,
-            engine: a.engine.try_into()?,
+            engine,
+            workers,
             worker_transport,
             frontend,
             grace_period: Duration::from_secs(a.grace_period_secs),
