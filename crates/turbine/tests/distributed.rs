@@ -176,8 +176,9 @@ async fn requests_migrate_when_their_worker_is_killed() -> Result<()> {
     let (_frontend, url) = start_frontend(&["--discovery", &etcd.url])?;
     let http = reqwest::Client::new();
     wait_for_instances(&http, &url, "mocker", 3, Duration::from_secs(10)).await?;
-    let load = Load::start(&http, &url, "mocker", 200, 60);
-    // A third of the streams are on the doomed worker, mid-generation, when it dies.
+    // Long enough (about a second at this speedup) that a third of the streams are on the
+    // doomed worker, mid-generation, when it dies, however slow the machine.
+    let load = Load::start(&http, &url, "mocker", 200, 300);
     tokio::time::sleep(Duration::from_millis(300)).await;
     doomed.kill()?;
     load.finish().await?;
@@ -204,7 +205,8 @@ async fn requests_migrate_off_a_frozen_worker_once_its_lease_expires() -> Result
     let (_frontend, url) = start_frontend(&["--discovery", &etcd.url])?;
     let http = reqwest::Client::new();
     wait_for_instances(&http, &url, "mocker", 2, Duration::from_secs(10)).await?;
-    let before = Load::start(&http, &url, "mocker", 200, 150);
+    // Long enough that its streams are mid-generation when it freezes, however slow the machine.
+    let before = Load::start(&http, &url, "mocker", 200, 300);
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Its connections stay open and its streams just stop: only its lease tells.
     frozen.signal("STOP")?;
