@@ -192,17 +192,7 @@ impl Model {
                 *f /= s;
             }
         }
-        let (cos, sin) = rope_tables(&inv_freq, config.max_position_embeddings, device)?;
-        let model = Self {
-            config,
-            device: device.clone(),
-            embed,
-            layers,
-            norm,
-            output,
-            cos,
-            sin,
-        };
+        let model = Self::assemble(config, device, embed, layers, norm, output, &inv_freq)?;
         Ok((model, LoadReport { converted }))
     }
 
@@ -263,7 +253,21 @@ impl Model {
         } else {
             t.linear("lm_head", false)?
         };
-        let (cos, sin) = rope_tables(&config.inv_freq(), config.max_position_embeddings, device)?;
+        let inv_freq = config.inv_freq();
+        Self::assemble(config, device, embed, layers, norm, output, &inv_freq)
+    }
+
+    /// The model from its weights, whichever file they came from, with its rope tables.
+    fn assemble(
+        config: ModelConfig,
+        device: &Device,
+        embed: Tensor,
+        layers: Vec<Layer>,
+        norm: Tensor,
+        output: Linear,
+        inv_freq: &[f32],
+    ) -> Result<Self, NativeError> {
+        let (cos, sin) = rope_tables(inv_freq, config.max_position_embeddings, device)?;
         Ok(Self {
             config,
             device: device.clone(),

@@ -101,22 +101,30 @@ fn pick(logits: &Tensor) -> Result<Vec<u32>> {
     Ok(logits.to_vec2::<f32>()?.iter().map(|row| argmax(row)).collect())
 }
 
-fn reference_quantized(path: &Path, prompt: &[u32]) -> Result<Vec<u32>> {
-    let mut file = std::fs::File::open(path)?;
-    let content = candle_core::quantized::gguf_file::Content::read(&mut file)?;
-    let mut model = quantized_llama::ModelWeights::from_gguf(content, &mut file, &Device::Cpu)?;
+/// Greedy continuation of `prompt` by a reference model whose `step` takes the new
+/// tokens `[1, n]` at position `pos` and returns the last token's logits.
+fn greedy_reference(
+    prompt: &[u32],
+    mut step: impl FnMut(&Tensor, usize) -> candle_core::Result<Tensor>,
+) -> Result<Vec<u32>> {
     let mut out = Vec::new();
     let mut input = prompt.to_vec();
     let mut pos = 0;
     for _ in 0..STEPS {
         let x = Tensor::new(input.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
-        let logits = model.forward(&x, pos)?.squeeze(0)?;
-        let t = argmax(&logits.to_vec1::<f32>()?);
+        let t = argmax(&step(&x, pos)?.to_vec1::<f32>()?);
         pos += input.len();
         out.push(t);
         input = vec![t];
     }
     Ok(out)
+}
+
+fn reference_quantized(path: &Path, prompt: &[u32]) -> Result<Vec<u32>> {
+    let mut file = std::fs::File::open(path)?;
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file)?;
+    let mut model = quantized_llama::ModelWeights::from_gguf(content, &mut file, &Device::Cpu)?;
+    greedy_reference(prompt, |x, pos| model.forward(x, pos)?.squeeze(0))
 }
 
 fn reference_safetensors(dir: &Path, prompt: &[u32]) -> Result<Vec<u32>> {
@@ -127,18 +135,7 @@ fn reference_safetensors(dir: &Path, prompt: &[u32]) -> Result<Vec<u32>> {
     let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
     let model = llama::Llama::load(vb, &cfg)?;
     let mut cache = llama::Cache::new(true, DType::F32, &cfg, &Device::Cpu)?;
-    let mut out = Vec::new();
-    let mut input = prompt.to_vec();
-    let mut pos = 0;
-    for _ in 0..STEPS {
-        let x = Tensor::new(input.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
-        let logits = model.forward(&x, pos, &mut cache)?.squeeze(0)?;
-        let t = argmax(&logits.to_vec1::<f32>()?);
-        pos += input.len();
-        out.push(t);
-        input = vec![t];
-    }
-    Ok(out)
+    greedy_reference(prompt, |x, pos| model.forward(x, pos, &mut cache)?.squeeze(0))
 }
 
 fn reference_qwen2(dir: &Path, prompt: &[u32]) -> Result<Vec<u32>> {
@@ -146,18 +143,7 @@ fn reference_qwen2(dir: &Path, prompt: &[u32]) -> Result<Vec<u32>> {
     let tensors = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)?;
     let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
     let mut model = qwen2::ModelForCausalLM::new(&cfg, vb)?;
-    let mut out = Vec::new();
-    let mut input = prompt.to_vec();
-    let mut pos = 0;
-    for _ in 0..STEPS {
-        let x = Tensor::new(input.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
-        let logits = model.forward(&x, pos)?.flatten_all()?;
-        let t = argmax(&logits.to_vec1::<f32>()?);
-        pos += input.len();
-        out.push(t);
-        input = vec![t];
-    }
-    Ok(out)
+    greedy_reference(prompt, |x, pos| model.forward(x, pos)?.flatten_all())
 }
 
 /// Prompts of different lengths, from real text where a tokenizer is at hand.
