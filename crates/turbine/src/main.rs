@@ -2,6 +2,7 @@
 //! until a signal asks it to stop.
 
 mod args;
+mod bench;
 mod distributed;
 mod fetch;
 mod serve;
@@ -32,6 +33,11 @@ enum Command {
     Frontend(distributed::FrontendCmdArgs),
     /// Run one worker that registers in etcd and serves frontends over TCP.
     Worker(distributed::WorkerCmdArgs),
+    /// Load an OpenAI-compatible endpoint (Turbine, vLLM, SGLang) with a synthetic workload or a
+    /// replayed trace and report TTFT, ITL, throughput, goodput and cache hits; or compare results.
+    Bench(bench::BenchCmd),
+    /// Inspect request traces.
+    Trace(bench::TraceCmd),
 }
 
 fn main() -> std::process::ExitCode {
@@ -49,6 +55,8 @@ fn main() -> std::process::ExitCode {
             Command::Serve(args) => serve::run(args.try_into()?).await,
             Command::Frontend(args) => distributed::frontend(args).await,
             Command::Worker(args) => distributed::worker(args).await,
+            Command::Bench(args) => bench::bench(args).await,
+            Command::Trace(args) => bench::trace(args).await,
         }
     });
     match result {

@@ -360,3 +360,115 @@ fn a_missing_model_fails_with_one_line_naming_it() -> Result<()> {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     Ok(())
 }
+
+/// A Mooncake trace of four prefix families, three requests each, a family's requests 200 ms
+/// apart: every request's two leading 512-token blocks are its family's, the third its own.
+fn family_trace(dir: &std::path::Path) -> Result<std::path::PathBuf> {
+    let mut text = String::new();
+    for round in 0..3u64 {
+        for family in 0..4u64 {
+            let ts = (round * 4 + family) * 50;
+            let ids = [family * 10, family * 10 + 1, 1000 + round * 4 + family];
+            text += &format!("{{\"timestamp\": {ts}, \"input_length\": 1100, \"output_length\": 4, \"hash_ids\": {ids:?}}}\n");
+        }
+    }
+    let path = dir.join("families.jsonl");
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_replays_a_trace_reports_cache_hits_and_compares() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let trace = family_trace(dir.path())?;
+    let server = Server::start(&["--engine", "mocker", "--workers", "2", "--speedup", "100", "--router-mode", "kv"])?;
+    let result = dir.path().join("kv.json");
+    let out = Command::new(BIN)
+        .args(["bench", "--no-progress", "--label", "kv", "--url", &server.url, "--trace"])
+        .arg(&trace)
+        .arg("--output")
+        .arg(&result)
+        .output()?;
+    let stdout = String::from_utf8(out.stdout)?;
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("prompt cache hit rate"), "{stdout}");
+    let r: Value = serde_json::from_slice(&std::fs::read(&result)?)?;
+    let s = &r["summary"];
+    assert_eq!((s["requests"].as_u64(), s["completed"].as_u64()), (Some(12), Some(12)), "{s}");
+    assert_eq!(s["output_tokens"], 48, "{s}");
+    assert_eq!(s["input_tokens"], 12 * 1100, "{s}");
+    // The second and third request of a family find its two shared blocks (1024 tokens) on the
+    // worker that `kv` sent the family to; only the engine's own count gets here.
+    assert_eq!(s["cached_tokens"], 8 * 1024, "{s}\n{}", server.log());
+    assert_eq!(r["records"].as_array().map(Vec::len), Some(12));
+
+    // The ceiling of the same trace: 8192 of 13,200 prompt tokens.
+    let out = Command::new(BIN).args(["trace", "analyze"]).arg(&trace).output()?;
+    let text = String::from_utf8(out.stdout)?;
+    assert!(text.contains("hit rate ceiling   62.1%"), "{text}");
+
+    let plots = dir.path().join("plots");
+    let out = Command::new(BIN)
+        .args(["bench", "compare"])
+        .arg(&result)
+        .arg(&result)
+        .arg("--plot-dir")
+        .arg(&plots)
+        .output()?;
+    let table = String::from_utf8(out.stdout)?;
+    assert!(out.status.success(), "{table}");
+    let hit_row = table.lines().find(|l| l.starts_with("cache hit rate %")).context("hit row")?;
+    assert_eq!(hit_row.split_whitespace().skip(4).collect::<Vec<_>>(), ["62.1", "62.1"], "{table}");
+    for svg in ["ttft.svg", "throughput.svg"] {
+        let text = std::fs::read_to_string(plots.join(svg))?;
+        assert!(text.starts_with("<svg") && text.contains(">kv</text>"), "{svg}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_runs_chat_sessions() -> Result<()> {
+    let server = Server::start(&["--engine", "mocker", "--workers", "1", "--speedup", "100"])?;
+    let dir = tempfile::tempdir()?;
+    let result = dir.path().join("s.json");
+    let out = Command::new(BIN)
+        .args(["bench", "--no-progress", "--url", &server.url, "--turns", "3", "--concurrency", "2"])
+        .args(["--num-requests", "4", "--input-len", "100", "--output-len", "5", "--think-time-ms", "10"])
+        .arg("--output")
+        .arg(&result)
+        .output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&std::fs::read(&result)?)?;
+    let s = &r["summary"];
+    assert_eq!(s["completed"], 12, "{s}");
+    assert_eq!(r["meta"]["endpoint"], "chat");
+    // Later turns carry the conversation so far, which the server finds cached.
+    assert!(s["cached_tokens"].as_u64() > Some(0), "{s}");
+    Ok(())
+}
+
+#[test]
+fn bench_and_trace_refuse_bad_input_with_one_line() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"timestamp\": 0, \"input_length\": 10, \"output_length\": 1, \"hash_ids\": [1]}\n{\"timestamp\": 5}\n",
+    )?;
+    let bad = bad.to_str().context("utf-8 path")?;
+    for (args, needle) in [
+        (vec!["trace", "analyze", bad], "line 2: missing field"),
+        (vec!["bench", "--trace", bad, "--model", "m"], "line 2: missing field"),
+        (vec!["bench", "--model", "m", "--prefix-ratio", "1.5"], "--prefix-ratio must be between 0 and 1, got 1.5"),
+        (vec!["bench", "--model", "m", "--token-ids", "9..3"], "9..3"),
+        (vec!["bench", "--model", "m", "--rate", "0"], "--rate must be a positive number, got 0"),
+        (vec!["bench", "compare", "/nonexistent.json"], "/nonexistent.json"),
+    ] {
+        let out = Command::new(BIN).args(&args).output()?;
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8(out.stderr)?;
+        let first = err.lines().next().unwrap_or_default();
+        assert!(first.contains(needle), "{args:?}: first line {first:?} should name {needle:?}");
+    }
+    Ok(())
+}
