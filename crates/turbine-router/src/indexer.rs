@@ -2,24 +2,32 @@
 //! asked how many leading blocks of a request each worker already holds.
 //!
 //! A compressed radix tree over block hashes. Sequence hashes chain (a block's hash covers
-//! every block before it), so each edge is a *run*: hashes that follow one another in a
-//! chain and are held by exactly the same set of workers, stored contiguously with that set
-//! once. A map from block hash to its place in a run lets a request enter the tree at any
-//! block. Matching looks up the request's first hash, then compares the request against the
-//! run's array for as long as they agree, and looks up again only where the run ends or the
-//! request leaves it: a long shared prefix costs a few lookups and a linear scan instead of
-//! one cache miss per block. A worker's overlap is where the intersection of the sets met
-//! along the way dropped it.
+//! every block before it), so each edge is a *segment*: hashes that followed one another in
+//! the events, stored contiguously, with who holds them as *spans* (a span is a stretch of
+//! the segment held by exactly one set of workers). A map from block hash to its place in a
+//! segment lets a request enter the tree at any block. Matching looks up the request's
+//! first hash, then compares the request against the segment's array for as long as they
+//! agree, intersecting the sets of the spans it crosses, and looks up again only where the
+//! segment ends or the request leaves it: a long shared prefix costs a few lookups and a
+//! linear scan instead of one cache miss per block. A worker's overlap is where the
+//! intersection dropped it.
 //!
-//! Runs are only an acceleration: every hash in a run has the run's set, whatever order the
-//! hashes came in, so matching stays exact when a worker holds a block without its parent
-//! (evicted first), where a tree keyed on parents would have to guess. A change to a block's
-//! set takes it out of its run, splitting the run and moving the smaller side; stores that
-//! follow a chain append to the run of the block before.
+//! Segments are only an acceleration: every hash in a span has the span's set, whatever
+//! order the hashes came in, so matching stays exact when a worker holds a block without its
+//! parent (evicted first), where a tree keyed on parents would have to guess.
+//!
+//! A block never moves when its set changes: only spans split and merge. So a worker storing
+//! a chain that another already stored costs no map lookup for blocks found where the chain
+//! goes on (the segment says so), and no map update. New blocks go after the block before
+//! them when that ends a segment, else start one (a fork). Blocks no one holds any more stay
+//! in place as dead spans, out of the map, until they outnumber the live ones and the segment
+//! is compacted; a block stored again where its dead copy sits comes back to life there.
 //!
 //! Each worker's events carry consecutive ids. An event after a gap is not applied: the
 //! indexer keeps waiting for the missing id, and the caller fetches the missed events (or a
 //! snapshot, [`KvIndexer::apply_snapshot`]) from the worker.
+
+mod table;
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
@@ -28,12 +36,13 @@ use std::hash::{BuildHasherDefault, Hasher};
 use turbine_protocols::kv::{KvEvent, KvEventData, KvSnapshot};
 
 use crate::WorkerId;
+use table::BlockTable;
 
 /// Most workers one indexer tracks: the width of [`WorkerSet`].
 pub const MAX_WORKERS: usize = 128;
 
 /// A set of workers, by their slot in the indexer. Two words rather than a `u128`, whose
-/// 16-byte alignment would pad every run.
+/// 16-byte alignment would pad every span.
 #[derive(Debug, Clone, Copy, Default, Eq)]
 struct WorkerSet([u64; 2]);
 
@@ -99,336 +108,438 @@ impl Hasher for PassThrough {
     }
 }
 
-/// Where a block hash sits: its run, and its offset there. Offsets are logical (see
-/// [`Run::base`]) so that dropping a run's dead front moves no map entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Loc {
-    run: u32,
-    off: u32,
+/// Where a block sits: its segment (the high half) and its index there (the low half). One
+/// word, written and read whole: a read of a value written in halves waits for every store
+/// ahead of it, the map's cache-missing ones included.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Loc(u64);
+
+impl Loc {
+    /// No place: its offset is past any segment's end.
+    const NONE: Self = Self(u64::MAX);
+
+    fn new(seg: u32, off: u32) -> Self {
+        Self(u64::from(seg) << 32 | u64::from(off))
+    }
+    fn seg(self) -> u32 {
+        (self.0 >> 32) as u32
+    }
+    fn off(self) -> u32 {
+        self.0 as u32
+    }
+    /// The place after this one in its segment (offsets stay below [`MAX_SEGMENT`]).
+    fn next(self) -> Self {
+        Self(self.0 + 1)
+    }
 }
 
-type BlockMap = HashMap<u64, Loc, BuildHasherDefault<PassThrough>>;
+impl std::fmt::Debug for Loc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.seg(), self.off())
+    }
+}
 
-/// An edge of the tree: hashes held by exactly `set`, in chain order where the events gave
-/// one. A free run (in [`Blocks::free`]) has no hashes.
-#[derive(Debug, Default)]
-struct Run {
-    /// The live hashes are `hashes[start..]`. Blocks leave from the front as workers extend
-    /// their coverage along a chain; the dead front is dropped once it is as long as the rest.
-    hashes: Vec<u64>,
+/// Blocks from `start` up to the next span (or the segment's end) are held by exactly `set`.
+/// An empty set marks dead blocks: held by no worker, and not in the map.
+#[derive(Debug, Clone, Copy)]
+struct Span {
     start: u32,
-    /// The logical offset of `hashes[0]`.
-    base: u32,
     set: WorkerSet,
 }
 
-impl Run {
-    fn live(&self) -> &[u64] {
-        &self.hashes[self.start as usize..]
+/// A piece of chain: hashes that followed one another in the events, and who holds which,
+/// as spans. A free segment (in [`Blocks::free`]) has no hashes.
+#[derive(Debug, Default)]
+struct Segment {
+    hashes: Vec<u64>,
+    /// Sorted by start, the first at 0; neighbours' sets differ.
+    spans: Vec<Span>,
+    /// Blocks in spans with a non-empty set.
+    live: u32,
+}
+
+impl Segment {
+    fn len(&self) -> u32 {
+        self.hashes.len() as u32
     }
-    fn index(&self, off: u32) -> usize {
-        (off - self.base) as usize
+
+    /// The span that offset `off` is in.
+    #[inline]
+    fn span_of(&self, off: u32) -> usize {
+        self.spans.partition_point(|s| s.start <= off).saturating_sub(1)
     }
-    fn first_off(&self) -> u32 {
-        self.base + self.start
+
+    #[inline]
+    fn span_end(&self, i: usize) -> u32 {
+        self.spans.get(i + 1).map_or(self.len(), |s| s.start)
     }
-    fn end_off(&self) -> u32 {
-        self.base + self.hashes.len() as u32
+
+    #[inline]
+    fn set_at(&self, off: u32) -> WorkerSet {
+        self.spans[self.span_of(off)].set
     }
-    /// Keeps spare capacity within a constant factor of what is live.
-    fn trim(&mut self) {
-        if self.hashes.capacity() > 4 * self.hashes.len().max(4) {
-            self.hashes.shrink_to_fit();
+
+    /// Makes a span start at `at`, returning its index (the span count where `at` is the
+    /// segment's end).
+    fn split(&mut self, at: u32) -> usize {
+        if at >= self.len() {
+            return self.spans.len();
         }
+        let i = self.span_of(at);
+        if self.spans[i].start == at {
+            return i;
+        }
+        let set = self.spans[i].set;
+        self.spans.insert(i + 1, Span { start: at, set });
+        i + 1
+    }
+
+    /// Maps the sets of blocks `a..b` through `f`. Returns how many blocks' sets changed.
+    fn update(&mut self, a: u32, b: u32, f: impl Fn(WorkerSet) -> WorkerSet) -> u32 {
+        let i = self.split(a);
+        let j = self.split(b);
+        let mut changed = 0;
+        for k in i..j {
+            let n = self.span_end(k) - self.spans[k].start;
+            let (old, new) = (self.spans[k].set, f(self.spans[k].set));
+            if new != old {
+                changed += n;
+                match (old.is_empty(), new.is_empty()) {
+                    (true, false) => self.live += n,
+                    (false, true) => self.live -= n,
+                    _ => {}
+                }
+                self.spans[k].set = new;
+            }
+        }
+        // Neighbours that now agree merge, across the range's edges too.
+        let lo = i.saturating_sub(1);
+        let hi = (j + 1).min(self.spans.len());
+        let mut w = lo + 1;
+        for r in lo + 1..hi {
+            if self.spans[r].set != self.spans[w - 1].set {
+                self.spans[w] = self.spans[r];
+                w += 1;
+            }
+        }
+        self.spans.drain(w.min(hi)..hi);
+        changed
+    }
+
+    /// Appends `hash` as a dead block; the store that appends it then makes it live.
+    fn push_dead(&mut self, hash: u64) -> u32 {
+        let off = self.len();
+        if self.spans.last().is_none_or(|s| !s.set.is_empty()) {
+            self.spans.push(Span {
+                start: off,
+                set: WorkerSet::default(),
+            });
+        }
+        self.hashes.push(hash);
+        off
     }
 }
 
 /// Blocks of a stored event looked up ahead of storing them.
 const LOOKAHEAD: usize = 16;
 
-/// Logical offsets stay below this; past it a run is renumbered from 0.
-const MAX_BASE: u32 = u32::MAX / 2;
+/// Segments stop growing at this length (offsets are `u32`); a chain goes on in another.
+const MAX_SEGMENT: usize = 1 << 31;
 
-/// The tree: runs, and the map from each held block hash to its place in one.
+/// A stored event in progress: where its last block went, and the blocks that `slot` is
+/// to be added to, as one range of a segment (`(segment, from, to)`), applied when the
+/// chain leaves it.
+struct Store {
+    slot: usize,
+    prev: Option<Loc>,
+    range: Option<(u32, u32, u32)>,
+    added: usize,
+}
+
+/// The tree: segments, and the map from each held block hash to its place in one.
 #[derive(Debug, Default)]
 struct Blocks {
-    map: BlockMap,
-    runs: Vec<Run>,
+    map: BlockTable,
+    segs: Vec<Segment>,
     free: Vec<u32>,
 }
 
 impl Blocks {
-    fn new_run(&mut self, set: WorkerSet, hashes: Vec<u64>) -> u32 {
-        new_run(&mut self.runs, &mut self.free, set, hashes)
-    }
-
-    fn free_run(&mut self, id: u32) {
-        self.runs[id as usize] = Run::default();
-        self.free.push(id);
-    }
-
-    /// Points the map at every live hash of run `id`, after they moved there.
-    fn repoint(&mut self, id: u32) {
-        let run = &self.runs[id as usize];
-        let first = run.first_off();
-        for (i, h) in run.live().iter().enumerate() {
-            if let Some(loc) = self.map.get_mut(h) {
-                *loc = Loc {
-                    run: id,
-                    off: first + i as u32,
-                };
-            }
-        }
-    }
-
-    /// A new run of `set` holding `hashes`, with the map pointed at it.
-    fn split_to(&mut self, set: WorkerSet, hashes: Vec<u64>) -> u32 {
-        let id = self.new_run(set, hashes);
-        self.repoint(id);
-        id
-    }
-
-    /// Bounds run `id`'s waste by what it holds: drops its dead front once that is as long
-    /// as the live rest, and spare capacity beyond a constant factor.
-    fn compact(&mut self, id: u32) {
-        let run = &mut self.runs[id as usize];
-        let start = run.start as usize;
-        if start > 0 && start >= run.hashes.len() - start {
-            run.hashes.drain(..start);
-            run.start = 0;
-            if run.base > MAX_BASE - start as u32 {
-                run.base = 0;
-                run.trim();
-                self.repoint(id);
-                return;
-            }
-            run.base += start as u32;
-        }
-        run.trim();
-    }
-
-    /// Takes the block at `loc` out of its run, which keeps the larger side in place.
-    fn detach(&mut self, loc: Loc) {
-        let id = loc.run;
-        let run = &mut self.runs[id as usize];
-        let i = run.index(loc.off);
-        let (start, end) = (run.start as usize, run.hashes.len());
-        if i + 1 == end {
-            run.hashes.pop();
-            if run.hashes.len() == start {
-                self.free_run(id);
-            } else {
-                self.compact(id);
-            }
-        } else if i == start {
-            run.start += 1;
-            self.compact(id);
-        } else if i - start < end - i {
-            let left = run.hashes[start..i].to_vec();
-            run.start = i as u32 + 1;
-            let set = run.set;
-            self.compact(id);
-            self.split_to(set, left);
-        } else {
-            let right = run.hashes.split_off(i + 1);
-            run.hashes.pop();
-            let set = run.set;
-            self.compact(id);
-            self.split_to(set, right);
-        }
-    }
-
-    /// Makes the `len` blocks from `loc` a run of their own, returning it. Of the run's (up
-    /// to three) pieces, the largest stays in place.
-    fn isolate(&mut self, loc: Loc, len: usize) -> u32 {
-        let id = loc.run;
-        let run = &mut self.runs[id as usize];
-        let a = run.index(loc.off);
-        let b = a + len;
-        let (start, end) = (run.start as usize, run.hashes.len());
-        let (left, right) = (a - start, end - b);
-        let set = run.set;
-        if len >= left && len >= right {
-            let right = (right > 0).then(|| run.hashes.split_off(b));
-            let left = (left > 0).then(|| run.hashes[start..a].to_vec());
-            run.start = a as u32;
-            self.compact(id);
-            for piece in [left, right].into_iter().flatten() {
-                self.split_to(set, piece);
-            }
-            return id;
-        }
-        let middle = run.hashes[a..b].to_vec();
-        if left >= right {
-            let right = (right > 0).then(|| run.hashes.split_off(b));
-            run.hashes.truncate(a);
-            self.compact(id);
-            if let Some(right) = right {
-                self.split_to(set, right);
-            }
-        } else {
-            let left = (left > 0).then(|| run.hashes[start..a].to_vec());
-            run.start = b as u32;
-            self.compact(id);
-            if let Some(left) = left {
-                self.split_to(set, left);
-            }
-        }
-        self.split_to(set, middle)
-    }
-
-    fn place(&mut self, hash: u64, set: WorkerSet, prev: Option<Loc>) -> Loc {
-        place(&mut self.runs, &mut self.free, hash, set, prev)
-    }
-
-    /// The block at `loc`, if `loc` is a live place.
-    #[inline]
-    fn hash_at(&self, loc: Loc) -> Option<u64> {
-        let run = self.runs.get(loc.run as usize)?;
-        (run.first_off() <= loc.off && loc.off < run.end_off()).then(|| run.hashes[run.index(loc.off)])
-    }
-
-    /// Adds `slot` to `hash`, the block after `prev` in its chain. Returns where the block
-    /// is now, and whether `slot` is new to it.
-    ///
-    /// `hint` is where an earlier lookup found the block, checked before use: it may have
-    /// moved since.
-    // Inlined: returned through memory, the place is written in halves and read back whole,
-    // and that read waits for every store in flight (the map's, which miss the cache).
-    #[inline(always)]
-    fn store(&mut self, slot: usize, hash: u64, prev: Option<Loc>, hint: Option<Loc>) -> (Loc, bool) {
-        let found = match hint {
-            Some(loc) if self.hash_at(loc) == Some(hash) => Some(loc),
-            Some(_) => self.map.get(&hash).copied(),
+    fn new_segment(&mut self) -> u32 {
+        match self.free.pop() {
+            Some(id) => id,
             None => {
-                let Self { map, runs, free } = self;
-                match map.entry(hash) {
-                    Entry::Occupied(e) => Some(*e.get()),
-                    Entry::Vacant(e) => {
-                        let at = place(runs, free, hash, WorkerSet::default().with(slot), prev);
-                        e.insert(at);
-                        return (at, true);
+                self.segs.push(Segment::default());
+                (self.segs.len() - 1) as u32
+            }
+        }
+    }
+
+    /// Adds `slot` to the blocks `hashes`, a chain whose first block follows `parent`.
+    /// `last` is a block stored before and where it went then, likely `parent`; it becomes
+    /// the last of `hashes` and where that went. Returns how many blocks are new to `slot`.
+    // The two halves of `last` are read and written apart: a read of both at once, of
+    // values written one by one, would wait for every store ahead of them, the map's
+    // cache-missing ones included.
+    fn store(
+        &mut self,
+        slot: usize,
+        parent: Option<u64>,
+        last: &mut (u64, Loc),
+        mut hashes: impl Iterator<Item = u64>,
+    ) -> usize {
+        let prev = parent.and_then(|p| {
+            // Still where it went (and live, so the map would say the same): no lookup.
+            if last.0 == p && self.live(last.1) == Some(p) {
+                Some(last.1)
+            } else {
+                self.map.get(p)
+            }
+        });
+        let mut st = Store {
+            slot,
+            prev,
+            range: None,
+            added: 0,
+        };
+        let mut last_hash = None;
+        loop {
+            let mut chunk = [0; LOOKAHEAD];
+            let mut n = 0;
+            for (c, h) in chunk.iter_mut().zip(&mut hashes) {
+                *c = h;
+                n += 1;
+            }
+            self.store_chunk(&mut st, &chunk[..n]);
+            last_hash = chunk[..n].last().copied().or(last_hash);
+            if n < LOOKAHEAD {
+                break;
+            }
+        }
+        self.flush(&mut st);
+        if let (Some(h), Some(at)) = (last_hash, st.prev) {
+            last.0 = h;
+            last.1 = at;
+        }
+        st.added
+    }
+
+    /// The block at `at`, if `at` is a live place.
+    #[inline]
+    fn live(&self, at: Loc) -> Option<u64> {
+        let seg = self.segs.get(at.seg() as usize)?;
+        let &h = seg.hashes.get(at.off() as usize)?;
+        (!seg.set_at(at.off()).is_empty()).then_some(h)
+    }
+
+    fn store_chunk(&mut self, st: &mut Store, chunk: &[u64]) {
+        // Blocks that go on where their chain already is (another worker stored it) cost no
+        // lookup: the segment says so.
+        let mut i = 0;
+        while let Some(&h) = chunk.get(i) {
+            let Some(next) = st.prev.and_then(|p| self.live_after(p, h)) else {
+                break;
+            };
+            self.extend(st, next);
+            i += 1;
+        }
+        // The rest are looked up. Storing each depends on where the one before went, so
+        // their lookups would wait on one another's cache misses: load every line first,
+        // with nothing branching on what comes back, and the misses overlap.
+        let rest = &chunk[i..];
+        let mut touched = 0;
+        for &h in rest {
+            touched ^= self.map.touch(h);
+        }
+        std::hint::black_box(touched);
+        for &h in rest {
+            let at = self.locate(st.prev, h);
+            self.extend(st, at);
+        }
+    }
+
+    /// The place after `prev`, if it holds `hash`, live.
+    #[inline]
+    fn live_after(&self, prev: Loc, hash: u64) -> Option<Loc> {
+        let seg = &self.segs[prev.seg() as usize];
+        let off = prev.off() + 1;
+        (seg.hashes.get(off as usize) == Some(&hash) && !seg.set_at(off).is_empty()).then_some(prev.next())
+    }
+
+    /// Where `hash`, the block after `prev` in its chain, is held, or goes if no worker holds
+    /// it: after `prev` where that ends a segment (or where a dead copy of it sits), else at
+    /// the start of a segment of its own.
+    fn locate(&mut self, prev: Option<Loc>, hash: u64) -> Loc {
+        let mut at = None;
+        if let Some(p) = prev {
+            let seg = &self.segs[p.seg() as usize];
+            let next = p.next();
+            match seg.hashes.get(next.off() as usize) {
+                Some(&h) if h == hash => {
+                    if !seg.set_at(next.off()).is_empty() {
+                        return next;
                     }
+                    at = Some(next);
                 }
+                None if seg.hashes.len() < MAX_SEGMENT => at = Some(next),
+                _ => {}
+            }
+        }
+        let vacant = match self.map.lookup(hash) {
+            Ok(found) => return found,
+            Err(vacant) => vacant,
+        };
+        let at = match at {
+            Some(next) if next.off() < self.segs[next.seg() as usize].len() => next,
+            Some(end) => Loc::new(end.seg(), self.segs[end.seg() as usize].push_dead(hash)),
+            None => {
+                let seg = self.new_segment();
+                Loc::new(seg, self.segs[seg as usize].push_dead(hash))
             }
         };
-        match found {
-            Some(loc) => {
-                let set = self.runs[loc.run as usize].set;
-                if set.contains(slot) {
-                    return (loc, false);
-                }
-                self.detach(loc);
-                let at = self.place(hash, set.with(slot), prev);
-                if let Some(l) = self.map.get_mut(&hash) {
-                    *l = at;
-                }
-                (at, true)
-            }
-            None => {
-                let at = self.place(hash, WorkerSet::default().with(slot), prev);
-                self.map.insert(hash, at);
-                (at, true)
-            }
-        }
+        self.map.fill(vacant, at);
+        at
     }
 
-    /// Takes `slot` out of the blocks `hashes`, returning how many it held. Blocks that
-    /// sit next to each other in a run leave it together, as one run.
+    /// Marks `at` as the event's next block: part of the pending range if it follows it.
+    #[inline]
+    fn extend(&mut self, st: &mut Store, at: Loc) {
+        match &mut st.range {
+            Some((seg, _, end)) if *seg == at.seg() && *end == at.off() => *end += 1,
+            _ => {
+                self.flush(st);
+                st.range = Some((at.seg(), at.off(), at.off() + 1));
+            }
+        }
+        st.prev = Some(at);
+    }
+
+    fn flush(&mut self, st: &mut Store) {
+        let Some((id, a, b)) = st.range.take() else {
+            return;
+        };
+        let slot = st.slot;
+        let seg = &mut self.segs[id as usize];
+        // The common case, blocks just appended (dead, in a span of their own), goes without
+        // the general splitting and merging.
+        let n = seg.spans.len();
+        if n > 0 && seg.spans[n - 1].start == a && seg.spans[n - 1].set.is_empty() && b == seg.len() {
+            let set = WorkerSet::default().with(slot);
+            if n > 1 && seg.spans[n - 2].set == set {
+                seg.spans.pop();
+            } else {
+                seg.spans[n - 1].set = set;
+            }
+            seg.live += b - a;
+            st.added += (b - a) as usize;
+            return;
+        }
+        st.added += seg.update(a, b, |s| s.with(slot)) as usize;
+    }
+
+    /// Takes `slot` out of the blocks `hashes`, returning how many it held. Blocks next to
+    /// each other in a segment change together, as one range.
     fn remove(&mut self, slot: usize, hashes: &[u64]) -> usize {
-        let mut held: Vec<(Loc, u64)> = hashes
+        let mut held: Vec<Loc> = hashes
             .iter()
             .filter_map(|h| {
-                let loc = *self.map.get(h)?;
-                self.runs[loc.run as usize].set.contains(slot).then_some((loc, *h))
+                let loc = self.map.get(*h)?;
+                self.segs[loc.seg() as usize]
+                    .set_at(loc.off())
+                    .contains(slot)
+                    .then_some(loc)
             })
             .collect();
-        held.sort_unstable_by_key(|(loc, _)| (loc.run, loc.off));
-        held.dedup_by_key(|(loc, _)| *loc);
+        held.sort_unstable();
+        held.dedup();
+        let mut removed = 0;
         let mut i = 0;
         while i < held.len() {
-            let (first, hash) = held[i];
-            let mut len = 1;
-            while i + len < held.len()
-                && held[i + len].0.run == first.run
-                && held[i + len].0.off == first.off + len as u32
-            {
-                len += 1;
+            let (seg, a) = (held[i].seg(), held[i].off());
+            let mut b = a + 1;
+            i += 1;
+            while held.get(i) == Some(&Loc::new(seg, b)) {
+                b += 1;
+                i += 1;
             }
-            i += len;
-            // Earlier groups may have moved this one, whole, to another run.
-            let Some(&loc) = self.map.get(&hash) else {
-                continue;
-            };
-            let id = self.isolate(loc, len);
-            let run = &mut self.runs[id as usize];
-            run.set = run.set.without(slot);
-            if run.set.is_empty() {
-                for h in &run.hashes[run.start as usize..] {
-                    self.map.remove(h);
-                }
-                self.free_run(id);
+            removed += self.segs[seg as usize].update(a, b, |s| s.without(slot)) as usize;
+            self.unmap_dead(seg, a, b);
+            // After the segment's last range: compacting moves what the others point at.
+            if held.get(i).is_none_or(|l| l.seg() != seg) {
+                self.compact(seg);
             }
         }
-        held.len()
+        removed
     }
 
-    /// Takes `slot` out of every run: for the rare events that need it (a worker cleared,
-    /// resynchronised or gone).
+    /// Takes `slot` out of every segment: for the rare events that need it (a worker
+    /// cleared, resynchronised or gone).
     fn clear_slot(&mut self, slot: usize) {
-        for id in 0..self.runs.len() {
-            let run = &mut self.runs[id];
-            if !run.set.contains(slot) {
+        for id in 0..self.segs.len() as u32 {
+            let seg = &mut self.segs[id as usize];
+            if !seg.spans.iter().any(|s| s.set.contains(slot)) {
                 continue;
             }
-            run.set = run.set.without(slot);
-            if run.set.is_empty() {
-                for h in &run.hashes[run.start as usize..] {
-                    self.map.remove(h);
+            let len = seg.len();
+            seg.update(0, len, |s| s.without(slot));
+            self.unmap_dead(id, 0, len);
+            self.compact(id);
+        }
+    }
+
+    /// Takes the dead blocks among `a..b` of segment `id` out of the map.
+    fn unmap_dead(&mut self, id: u32, a: u32, b: u32) {
+        let Self { map, segs, .. } = self;
+        let seg = &segs[id as usize];
+        let mut k = seg.span_of(a);
+        while k < seg.spans.len() && seg.spans[k].start < b {
+            if seg.spans[k].set.is_empty() {
+                let (from, to) = (seg.spans[k].start.max(a), seg.span_end(k).min(b));
+                for off in from..to {
+                    map.remove_at(seg.hashes[off as usize], Loc::new(id, off));
                 }
-                self.free_run(id as u32);
             }
+            k += 1;
         }
     }
-}
 
-fn new_run(runs: &mut Vec<Run>, free: &mut Vec<u32>, set: WorkerSet, hashes: Vec<u64>) -> u32 {
-    let run = Run {
-        hashes,
-        start: 0,
-        base: 0,
-        set,
-    };
-    match free.pop() {
-        Some(id) => {
-            runs[id as usize] = run;
-            id
+    /// Bounds segment `id`'s memory by what it holds: frees it once nothing in it is live,
+    /// and drops its dead blocks once they outnumber the live ones.
+    fn compact(&mut self, id: u32) {
+        let Self { map, segs, free } = self;
+        let seg = &mut segs[id as usize];
+        if seg.live == 0 {
+            *seg = Segment::default();
+            free.push(id);
+            return;
         }
-        None => {
-            runs.push(run);
-            (runs.len() - 1) as u32
+        if seg.len() - seg.live <= seg.live {
+            return;
         }
-    }
-}
-
-/// Puts `hash`, held by `set` and in no run, after `prev` (the block before it in its
-/// chain) when that ends a run of the same set, else in a run of its own. The caller points
-/// the map at the place returned.
-#[inline(always)]
-fn place(runs: &mut Vec<Run>, free: &mut Vec<u32>, hash: u64, set: WorkerSet, prev: Option<Loc>) -> Loc {
-    if let Some(p) = prev {
-        let run = &mut runs[p.run as usize];
-        if run.set == set && p.off + 1 == run.end_off() && run.end_off() < MAX_BASE {
-            run.hashes.push(hash);
-            return Loc {
-                run: p.run,
-                off: p.off + 1,
-            };
+        let mut hashes = Vec::with_capacity(seg.live as usize);
+        let mut spans: Vec<Span> = Vec::new();
+        let mut moved = None;
+        for k in 0..seg.spans.len() {
+            let span = seg.spans[k];
+            if span.set.is_empty() {
+                moved.get_or_insert(hashes.len());
+                continue;
+            }
+            if spans.last().is_none_or(|s| s.set != span.set) {
+                spans.push(Span {
+                    start: hashes.len() as u32,
+                    set: span.set,
+                });
+            }
+            hashes.extend_from_slice(&seg.hashes[span.start as usize..seg.span_end(k) as usize]);
         }
-    }
-    Loc {
-        run: new_run(runs, free, set, vec![hash]),
-        off: 0,
+        // Blocks before the first dead one keep their places.
+        let moved = moved.unwrap_or(hashes.len());
+        for (off, &h) in hashes.iter().enumerate().skip(moved) {
+            map.set(h, Loc::new(id, off as u32));
+        }
+        seg.hashes = hashes;
+        seg.spans = spans;
     }
 }
 
@@ -457,6 +568,28 @@ struct Worker {
     /// The id the next event must have; `None` until a snapshot or event 0 arrives.
     next_event: Option<u64>,
     blocks: usize,
+    /// The last block the worker stored, and where it went: usually the next event's parent.
+    last: (u64, Loc),
+}
+
+/// Worker ids may be small consecutive numbers: a folded multiply spreads them over all of
+/// the word, and costs far less than the default hasher.
+#[derive(Default)]
+struct Mix(u64);
+
+impl Hasher for Mix {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(self.0 ^ u64::from(b));
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        let m = u128::from(n ^ self.0) * 0x9E37_79B9_7F4A_7C15;
+        self.0 = (m >> 64) as u64 ^ m as u64;
+    }
 }
 
 /// How many leading blocks of a request each worker holds (workers holding none are absent).
@@ -474,7 +607,7 @@ impl Overlaps {
 #[derive(Debug, Default)]
 pub struct KvIndexer {
     blocks: Blocks,
-    workers: HashMap<WorkerId, Worker>,
+    workers: HashMap<WorkerId, Worker, BuildHasherDefault<Mix>>,
     by_slot: Vec<Option<WorkerId>>,
 }
 
@@ -485,7 +618,12 @@ impl KvIndexer {
 
     /// Applies one event of `worker`, unless it is out of order (see [`Applied`]).
     pub fn apply(&mut self, worker: WorkerId, event: &KvEvent) -> Result<Applied, IndexerError> {
-        let w = self.worker(worker)?;
+        let Self {
+            blocks,
+            workers,
+            by_slot,
+        } = self;
+        let w = worker_entry(workers, by_slot, worker)?;
         match w.next_event {
             Some(next) if event.event_id < next => return Ok(Applied::Duplicate),
             // Keep waiting for `next`: the events the caller fetches start there.
@@ -498,56 +636,44 @@ impl KvIndexer {
             _ => {}
         }
         w.next_event = Some(event.event_id + 1);
-        let slot = w.slot;
-        let mut count = w.blocks;
         match &event.data {
-            KvEventData::Stored { parent_hash, blocks } => {
-                let mut prev = parent_hash.and_then(|p| self.blocks.map.get(&p).copied());
-                // Looking a batch up first, independently of one another, lets their cache
-                // misses overlap; storing each block depends on where the one before went.
-                for chunk in blocks.chunks(LOOKAHEAD) {
-                    let mut hints = [None; LOOKAHEAD];
-                    for (hint, b) in hints.iter_mut().zip(chunk) {
-                        let h = b.sequence_hash;
-                        *hint = self.blocks.map.get(&h).copied();
-                    }
-                    for (b, hint) in chunk.iter().zip(hints) {
-                        let (at, added) = self.blocks.store(slot, b.sequence_hash, prev, hint);
-                        prev = Some(at);
-                        count += usize::from(added);
-                    }
-                }
+            KvEventData::Stored {
+                parent_hash,
+                blocks: stored,
+            } => {
+                let hashes = stored.iter().map(|b| b.sequence_hash);
+                w.blocks += blocks.store(w.slot, *parent_hash, &mut w.last, hashes);
             }
             KvEventData::Removed { sequence_hashes } => {
-                count -= self.blocks.remove(slot, sequence_hashes);
+                w.blocks -= blocks.remove(w.slot, sequence_hashes);
             }
             KvEventData::Cleared => {
-                self.blocks.clear_slot(slot);
-                count = 0;
+                blocks.clear_slot(w.slot);
+                w.blocks = 0;
             }
-        }
-        if let Some(w) = self.workers.get_mut(&worker) {
-            w.blocks = count;
         }
         Ok(Applied::Applied)
     }
 
     /// Replaces everything known of `worker` by `snapshot`; its next event is the one after.
     pub fn apply_snapshot(&mut self, worker: WorkerId, snapshot: &KvSnapshot) -> Result<(), IndexerError> {
-        let slot = self.worker(worker)?.slot;
-        self.blocks.clear_slot(slot);
-        let mut count = 0;
+        let Self {
+            blocks,
+            workers,
+            by_slot,
+        } = self;
+        let w = worker_entry(workers, by_slot, worker)?;
+        blocks.clear_slot(w.slot);
+        w.blocks = 0;
+        w.last = (0, Loc::NONE);
         // Snapshots list blocks in any order (sorted by hash, say): storing each after its
-        // parent keeps chains in runs.
+        // parent keeps chains in segments.
         for i in chain_order(snapshot) {
             let b = &snapshot.blocks[i];
-            let prev = b.parent_hash.and_then(|p| self.blocks.map.get(&p).copied());
-            count += usize::from(self.blocks.store(slot, b.block.sequence_hash, prev, None).1);
+            let hash = std::iter::once(b.block.sequence_hash);
+            w.blocks += blocks.store(w.slot, b.parent_hash, &mut w.last, hash);
         }
-        if let Some(w) = self.workers.get_mut(&worker) {
-            w.blocks = count;
-            w.next_event = Some(snapshot.last_event_id.map_or(0, |id| id + 1));
-        }
+        w.next_event = Some(snapshot.last_event_id.map_or(0, |id| id + 1));
         Ok(())
     }
 
@@ -564,28 +690,51 @@ impl KvIndexer {
     pub fn find_matches(&self, hashes: &[u64]) -> Overlaps {
         let mut scores = Vec::new();
         let mut active = WorkerSet::default();
+        let mut started = false;
         let mut depth = 0;
-        let lookup = |depth: usize| hashes.get(depth).and_then(|h| self.blocks.map.get(h)).copied();
+        let lookup = |depth: usize| hashes.get(depth).and_then(|&h| self.blocks.map.get(h));
         let mut at = lookup(0);
-        while let Some(loc) = at {
-            let run = &self.blocks.runs[loc.run as usize];
-            let next = if depth == 0 { run.set } else { active.and(run.set) };
-            if next != active {
-                for slot in active.and_not(next).slots() {
-                    scores.extend(self.by_slot[slot].map(|w| (w, depth as u32)));
-                }
-                if next.is_empty() {
-                    return Overlaps { scores };
-                }
-                active = next;
-            }
-            // Every hash of the run has its set: follow the run while the request does.
-            let rest = &run.hashes[run.index(loc.off) + 1..];
+        'enter: while let Some(loc) = at {
+            let seg = &self.blocks.segs[loc.seg() as usize];
+            let off = loc.off() as usize;
+            // Follow the segment while the request does; every block there has its span's set.
+            let rest = &seg.hashes[off + 1..];
             let end = depth + 1 + rest.len();
-            // Where a request that follows the run to its end goes on: looked up before the
-            // scan so that the lookup's cache misses overlap it.
+            // Where a request that follows the segment to its end goes on: looked up before
+            // the scan so that the lookup's cache misses overlap it.
             let after = lookup(end);
-            depth += 1 + common_prefix(rest, &hashes[depth + 1..]);
+            let matched = 1 + common_prefix(rest, &hashes[depth + 1..]);
+            // The spans over the matched blocks, each dropping the workers not in its set.
+            let mut k = seg.span_of(loc.off());
+            let mut from = off;
+            loop {
+                let set = seg.spans[k].set;
+                let d = depth + (from - off);
+                if set.is_empty() {
+                    // No one holds the block here: it may be held in another place.
+                    depth = d;
+                    at = lookup(depth);
+                    continue 'enter;
+                }
+                let next = if started { active.and(set) } else { set };
+                started = true;
+                if next != active {
+                    for slot in active.and_not(next).slots() {
+                        scores.extend(self.by_slot[slot].map(|w| (w, d as u32)));
+                    }
+                    if next.is_empty() {
+                        return Overlaps { scores };
+                    }
+                    active = next;
+                }
+                let span_end = seg.span_end(k) as usize;
+                if span_end >= off + matched {
+                    break;
+                }
+                from = span_end;
+                k += 1;
+            }
+            depth += matched;
             at = if depth == end { after } else { lookup(depth) };
         }
         for slot in active.slots() {
@@ -599,14 +748,20 @@ impl KvIndexer {
         self.blocks.map.len()
     }
 
-    /// Bytes the tree occupies: the map's table (capacity times an entry and its control
-    /// byte), the runs and their arrays. The per-worker bookkeeping is negligible beside it.
+    /// Bytes the tree occupies: the map's table, the segments, their hashes and spans. The per-worker bookkeeping is negligible
+    /// beside it.
     pub fn memory_bytes(&self) -> usize {
         let b = &self.blocks;
-        let arrays: usize = b.runs.iter().map(|r| r.hashes.capacity()).sum();
-        b.map.capacity() * (std::mem::size_of::<(u64, Loc)>() + 1)
-            + b.runs.capacity() * std::mem::size_of::<Run>()
-            + arrays * std::mem::size_of::<u64>()
+        let arrays: usize = b
+            .segs
+            .iter()
+            .map(|s| {
+                s.hashes.capacity() * std::mem::size_of::<u64>() + s.spans.capacity() * std::mem::size_of::<Span>()
+            })
+            .sum();
+        b.map.memory_bytes()
+            + b.segs.capacity() * std::mem::size_of::<Segment>()
+            + arrays
             + b.free.capacity() * std::mem::size_of::<u32>()
     }
 
@@ -623,26 +778,32 @@ impl KvIndexer {
     pub fn workers(&self) -> impl Iterator<Item = WorkerId> + '_ {
         self.workers.keys().copied()
     }
+}
 
-    fn worker(&mut self, worker: WorkerId) -> Result<&mut Worker, IndexerError> {
-        match self.workers.entry(worker) {
-            Entry::Occupied(e) => Ok(e.into_mut()),
-            Entry::Vacant(e) => {
-                let slot = match self.by_slot.iter().position(Option::is_none) {
-                    Some(slot) => slot,
-                    None if self.by_slot.len() < MAX_WORKERS => {
-                        self.by_slot.push(None);
-                        self.by_slot.len() - 1
-                    }
-                    None => return Err(IndexerError::TooManyWorkers),
-                };
-                self.by_slot[slot] = Some(worker);
-                Ok(e.insert(Worker {
-                    slot,
-                    next_event: None,
-                    blocks: 0,
-                }))
-            }
+/// `worker`'s bookkeeping, given a slot if it is new.
+fn worker_entry<'a>(
+    workers: &'a mut HashMap<WorkerId, Worker, BuildHasherDefault<Mix>>,
+    by_slot: &mut Vec<Option<WorkerId>>,
+    worker: WorkerId,
+) -> Result<&'a mut Worker, IndexerError> {
+    match workers.entry(worker) {
+        Entry::Occupied(e) => Ok(e.into_mut()),
+        Entry::Vacant(e) => {
+            let slot = match by_slot.iter().position(Option::is_none) {
+                Some(slot) => slot,
+                None if by_slot.len() < MAX_WORKERS => {
+                    by_slot.push(None);
+                    by_slot.len() - 1
+                }
+                None => return Err(IndexerError::TooManyWorkers),
+            };
+            by_slot[slot] = Some(worker);
+            Ok(e.insert(Worker {
+                slot,
+                next_event: None,
+                blocks: 0,
+                last: (0, Loc::NONE),
+            }))
         }
     }
 }
@@ -783,12 +944,12 @@ mod tests {
     }
 
     #[test]
-    fn a_block_leaving_the_middle_of_a_run_splits_it() {
+    fn a_block_leaving_the_middle_of_a_segment_splits_its_span() {
         let mut ix = KvIndexer::new();
         let chain: Vec<u64> = (100..110).collect();
         ix.apply(1, &stored(0, &chain)).unwrap();
         ix.apply(2, &stored(0, &chain)).unwrap();
-        assert_eq!(runs(&ix), 1, "one chain, one set: one run");
+        assert_eq!(shape(&ix), [1], "one chain, one set: one segment of one span");
         ix.apply(
             2,
             &KvEvent {
@@ -802,15 +963,40 @@ mod tests {
         let mut m = ix.find_matches(&chain).scores;
         m.sort();
         assert_eq!(m, [(1, 10), (2, 4)]);
-        assert_eq!(runs(&ix), 3);
+        assert_eq!(shape(&ix), [3]);
         ix.apply(2, &stored(2, &[104])).unwrap();
         let mut m = ix.find_matches(&chain).scores;
         m.sort();
         assert_eq!(m, [(1, 10), (2, 10)]);
+        assert_eq!(shape(&ix), [1], "the block found where it was, the spans merge back");
     }
 
     #[test]
-    fn a_snapshot_in_hash_order_rebuilds_chains_as_runs() {
+    fn a_dead_block_is_matched_where_it_is_held_again() {
+        let mut ix = KvIndexer::new();
+        let remove = |id, hashes: &[u64]| KvEvent {
+            event_id: id,
+            data: KvEventData::Removed {
+                sequence_hashes: hashes.to_vec(),
+            },
+        };
+        ix.apply(1, &stored(0, &[1, 2, 3, 4, 5, 6])).unwrap();
+        ix.apply(1, &remove(1, &[3])).unwrap();
+        assert_eq!(shape(&ix), [3], "one dead block in six: kept in place");
+        // Stored again without its parent: a segment of its own, while the dead copy stays.
+        ix.apply(2, &stored(0, &[3])).unwrap();
+        assert_eq!(ix.find_matches(&[1, 2, 3, 4]).scores, [(1, 2)]);
+        let mut m = ix.find_matches(&[3, 4]).scores;
+        m.sort();
+        assert_eq!(m, [(2, 1)]);
+        ix.apply(1, &remove(2, &[1, 2, 4])).unwrap();
+        assert_eq!(shape(&ix), [1, 1], "dead blocks outnumbering the live ones are dropped");
+        assert_eq!(ix.find_matches(&[5, 6]).scores, [(1, 2)]);
+        assert_eq!(ix.num_blocks(), 3);
+    }
+
+    #[test]
+    fn a_snapshot_in_hash_order_rebuilds_chains_as_segments() {
         let mut ix = KvIndexer::new();
         // Two chains sharing 5 blocks, with hashes in no particular order along them.
         let a = [9u64, 3, 7, 1, 8, 20, 2, 40];
@@ -834,13 +1020,19 @@ mod tests {
         };
         ix.apply_snapshot(1, &snapshot).unwrap();
         assert_eq!(ix.worker_blocks(1), 11);
-        assert_eq!(runs(&ix), 2, "a chain and its fork");
+        assert_eq!(shape(&ix), [1, 1], "a chain and its fork");
         assert_eq!(ix.find_matches(&a).get(1), 8);
         assert_eq!(ix.find_matches(&b).get(1), 8);
     }
 
-    fn runs(ix: &KvIndexer) -> usize {
-        ix.blocks.runs.len() - ix.blocks.free.len()
+    /// The span count of each segment in use, in order.
+    fn shape(ix: &KvIndexer) -> Vec<usize> {
+        ix.blocks
+            .segs
+            .iter()
+            .filter(|s| !s.hashes.is_empty())
+            .map(|s| s.spans.len())
+            .collect()
     }
 
     impl KvIndexer {
@@ -848,34 +1040,45 @@ mod tests {
         fn check(&self, model: &BTreeMap<u64, BTreeSet<u64>>) {
             let b = &self.blocks;
             let (mut live, mut pairs) = (0, 0);
-            for (id, run) in b.runs.iter().enumerate() {
-                if run.hashes.is_empty() {
-                    assert!(b.free.contains(&(id as u32)), "an empty run is free");
+            for (id, seg) in b.segs.iter().enumerate() {
+                if seg.hashes.is_empty() {
+                    assert!(b.free.contains(&(id as u32)), "an empty segment is free");
+                    assert!(seg.spans.is_empty());
                     continue;
                 }
-                let start = run.start as usize;
-                assert!(
-                    start < run.hashes.len() - start,
-                    "the dead front is below the live rest"
-                );
-                assert!(!run.set.is_empty(), "a run is held");
-                for (i, h) in run.live().iter().enumerate() {
-                    let at = Loc {
-                        run: id as u32,
-                        off: run.first_off() + i as u32,
-                    };
-                    assert_eq!(b.map.get(h), Some(&at), "the map points at each block's place");
+                assert_eq!(seg.spans[0].start, 0, "the spans cover the segment");
+                for w in seg.spans.windows(2) {
+                    assert!(w[0].start < w[1].start, "spans are sorted and not empty");
+                    assert_ne!(w[0].set, w[1].set, "neighbouring spans differ");
                 }
-                live += run.live().len();
-                pairs += run.live().len() * run.set.slots().count();
+                assert!(seg.spans.last().is_some_and(|s| s.start < seg.len()));
+                let mut seg_live = 0;
+                for (k, span) in seg.spans.iter().enumerate() {
+                    let n = (seg.span_end(k) - span.start) as usize;
+                    if span.set.is_empty() {
+                        continue;
+                    }
+                    seg_live += n;
+                    pairs += n * span.set.slots().count();
+                    for off in span.start..seg.span_end(k) {
+                        let at = Loc::new(id as u32, off);
+                        let h = seg.hashes[off as usize];
+                        assert_eq!(b.map.get(h), Some(at), "the map points at each live block");
+                    }
+                }
+                assert_eq!(seg.live as usize, seg_live);
+                assert!(seg_live > 0, "a segment in use holds a live block");
+                assert!(seg.hashes.len() - seg_live <= seg_live, "dead blocks are the minority");
+                live += seg_live;
             }
-            assert_eq!(live, b.map.len(), "every mapped block is in a run");
+            assert_eq!(live, b.map.len(), "every mapped block is live in a segment");
             assert_eq!(pairs, model.values().map(BTreeSet::len).sum::<usize>());
             for (w, held) in model {
                 let slot = self.workers[w].slot;
                 for h in held {
-                    let loc = b.map[h];
-                    assert!(b.runs[loc.run as usize].set.contains(slot), "worker {w} holds {h}");
+                    let loc = b.map.get(*h).expect("a held block is mapped");
+                    let set = b.segs[loc.seg() as usize].set_at(loc.off());
+                    assert!(set.contains(slot), "worker {w} holds {h}");
                 }
                 assert_eq!(self.worker_blocks(*w), held.len());
             }
@@ -920,10 +1123,10 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
-        /// Chains of shared prefixes, stored and evicted in spans, so that runs grow long
-        /// and split in their middles: the tree stays consistent and exact.
+        /// Chains of shared prefixes, stored and evicted in stretches, so that segments grow
+        /// long and their spans split in the middle: the tree stays consistent and exact.
         #[test]
-        fn runs_stay_exact_under_chain_workloads(ops in proptest::collection::vec(op(), 1..120)) {
+        fn segments_stay_exact_under_chain_workloads(ops in proptest::collection::vec(op(), 1..120)) {
             let mut ix = KvIndexer::new();
             let mut model: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
             let mut ids: BTreeMap<u64, u64> = BTreeMap::new();
