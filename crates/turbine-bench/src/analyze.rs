@@ -107,7 +107,9 @@ impl Cache for Lru {
         }
         self.by_age.insert(self.clock, id);
         while self.last_use.len() > self.capacity {
-            let Some((_, victim)) = self.by_age.pop_first() else { break };
+            let Some((_, victim)) = self.by_age.pop_first() else {
+                break;
+            };
             self.last_use.remove(&victim);
         }
     }
@@ -144,10 +146,22 @@ impl TraceAnalysis {
     pub fn render(&self) -> String {
         let mut o = String::new();
         let _ = writeln!(o, "requests           {}", self.requests);
-        let _ = writeln!(o, "span               {:.1} s ({:.2} req/s)", self.span_s, self.request_rate);
-        let _ = writeln!(o, "{:<19}{:>10}{:>10}{:>10}{:>10}{:>10}{:>10}", "tokens", "mean", "min", "p50", "p90", "p99", "max");
+        let _ = writeln!(
+            o,
+            "span               {:.1} s ({:.2} req/s)",
+            self.span_s, self.request_rate
+        );
+        let _ = writeln!(
+            o,
+            "{:<19}{:>10}{:>10}{:>10}{:>10}{:>10}{:>10}",
+            "tokens", "mean", "min", "p50", "p90", "p99", "max"
+        );
         for (name, d) in [("input", &self.input_tokens), ("output", &self.output_tokens)] {
-            let _ = writeln!(o, "{name:<19}{:>10.1}{:>10.0}{:>10.0}{:>10.0}{:>10.0}{:>10.0}", d.mean, d.min, d.p50, d.p90, d.p99, d.max);
+            let _ = writeln!(
+                o,
+                "{name:<19}{:>10.1}{:>10.0}{:>10.0}{:>10.0}{:>10.0}{:>10.0}",
+                d.mean, d.min, d.p50, d.p90, d.p99, d.max
+            );
         }
         let _ = writeln!(o, "total input        {} tokens", self.total_input_tokens);
         let _ = writeln!(o, "total output       {} tokens", self.total_output_tokens);
@@ -156,10 +170,23 @@ impl TraceAnalysis {
                 let _ = writeln!(o, "prefix structure   none in this trace (no hash ids)");
             }
             Some(p) => {
-                let _ = writeln!(o, "blocks             {} distinct of {} ({} tokens each)", p.distinct_blocks, p.total_blocks, p.block_tokens);
-                let _ = writeln!(o, "hit rate ceiling   {:.1}% of prompt tokens (unbounded cache)", p.unbounded_hit_rate * 100.0);
+                let _ = writeln!(
+                    o,
+                    "blocks             {} distinct of {} ({} tokens each)",
+                    p.distinct_blocks, p.total_blocks, p.block_tokens
+                );
+                let _ = writeln!(
+                    o,
+                    "hit rate ceiling   {:.1}% of prompt tokens (unbounded cache)",
+                    p.unbounded_hit_rate * 100.0
+                );
                 if let Some((n, rate)) = p.lru {
-                    let _ = writeln!(o, "with an LRU cache  {:.1}% ({n} blocks, {} tokens)", rate * 100.0, n as u64 * u64::from(p.block_tokens));
+                    let _ = writeln!(
+                        o,
+                        "with an LRU cache  {:.1}% ({n} blocks, {} tokens)",
+                        rate * 100.0,
+                        n as u64 * u64::from(p.block_tokens)
+                    );
                 }
             }
         }
@@ -175,7 +202,11 @@ mod tests {
     fn trace(lines: &[(u64, u32, &[u64])]) -> Trace {
         let text: String = lines
             .iter()
-            .map(|(ts, len, ids)| format!("{{\"timestamp\": {ts}, \"input_length\": {len}, \"output_length\": 2, \"hash_ids\": {ids:?}}}\n"))
+            .map(|(ts, len, ids)| {
+                format!(
+                    "{{\"timestamp\": {ts}, \"input_length\": {len}, \"output_length\": 2, \"hash_ids\": {ids:?}}}\n"
+                )
+            })
             .collect();
         Trace::parse_mooncake(text.as_bytes()).unwrap()
     }
@@ -194,7 +225,11 @@ mod tests {
         let a = analyze(&t, Some(2));
         let p = a.prefix.unwrap();
         let expected = (1024 + 512 + 600) as f64 / (1024 + 1100 + 1100 + 600) as f64;
-        assert!((p.unbounded_hit_rate - expected).abs() < 1e-12, "{}", p.unbounded_hit_rate);
+        assert!(
+            (p.unbounded_hit_rate - expected).abs() < 1e-12,
+            "{}",
+            p.unbounded_hit_rate
+        );
         assert_eq!((p.distinct_blocks, p.total_blocks), (4, 10));
         // With room for two blocks, only the second request's prefix survives.
         let (_, lru) = p.lru.unwrap();
@@ -207,7 +242,8 @@ mod tests {
 
     #[test]
     fn length_only_traces_have_no_prefix_figures() {
-        let t = Trace::parse_azure("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.0,10,5\n".as_bytes()).unwrap();
+        let t = Trace::parse_azure("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.0,10,5\n".as_bytes())
+            .unwrap();
         let a = analyze(&t, None);
         assert!(a.prefix.is_none());
         assert!(a.render().contains("no hash ids"));

@@ -151,7 +151,13 @@ pub enum ClientError {
 
 impl Client {
     /// `base` is the server's root, e.g. `http://127.0.0.1:8000`.
-    pub fn new(base: &str, model: String, endpoint: Endpoint, timeout: Duration, ignore_eos: bool) -> Result<Self, ClientError> {
+    pub fn new(
+        base: &str,
+        model: String,
+        endpoint: Endpoint,
+        timeout: Duration,
+        ignore_eos: bool,
+    ) -> Result<Self, ClientError> {
         let http = reqwest::Client::builder()
             // Every slot keeps its connection: without this the pool caps what a high
             // concurrency can open at once and adds connection setup to TTFT.
@@ -172,7 +178,10 @@ impl Client {
     /// The first model `GET /v1/models` lists.
     pub async fn first_model(base: &str) -> Result<String, ClientError> {
         let url = format!("{}/v1/models", base.trim_end_matches('/'));
-        let err = |source| ClientError::Models { url: url.clone(), source };
+        let err = |source| ClientError::Models {
+            url: url.clone(),
+            source,
+        };
         let body: Value = reqwest::get(&url)
             .await
             .and_then(|r| r.error_for_status())
@@ -201,7 +210,9 @@ impl Client {
             (Endpoint::Completions, Prompt::Text(t)) => json!({ "prompt": t }),
             (Endpoint::Chat, Prompt::Text(t)) => json!({ "messages": [{"role": "user", "content": t}] }),
             // Checked when the run is set up; a token prompt has no chat form.
-            (Endpoint::Chat, Prompt::Tokens(ids)) => json!({ "messages": [{"role": "user", "content": format!("{ids:?}")}] }),
+            (Endpoint::Chat, Prompt::Tokens(ids)) => {
+                json!({ "messages": [{"role": "user", "content": format!("{ids:?}")}] })
+            }
         };
         let sent = match prompt {
             Prompt::Tokens(ids) => ids.len() as u32,
@@ -217,7 +228,8 @@ impl Client {
             .map(|(role, content)| json!({"role": role, "content": content}))
             .collect();
         let sent = messages.iter().map(|(_, c)| c.len() as u32).sum();
-        self.post(json!({ "messages": msgs }), sent, max_tokens, run_start).await
+        self.post(json!({ "messages": msgs }), sent, max_tokens, run_start)
+            .await
     }
 
     async fn post(&self, mut body: Value, sent_tokens: u32, max_tokens: u32, run_start: Instant) -> Reply {
@@ -245,7 +257,13 @@ impl Client {
         Reply { record, text }
     }
 
-    async fn stream(&self, body: &Value, start: Instant, record: &mut RequestRecord, text: &mut String) -> Result<(), ErrorKind> {
+    async fn stream(
+        &self,
+        body: &Value,
+        start: Instant,
+        record: &mut RequestRecord,
+        text: &mut String,
+    ) -> Result<(), ErrorKind> {
         let url = format!("{}{}", self.base, self.endpoint.path());
         let response = self.http.post(url).json(body).send().await.map_err(|e| {
             if e.is_connect() {
@@ -280,7 +298,9 @@ impl Client {
                         record.input_tokens = p as u32;
                     }
                     usage_tokens = usage["completion_tokens"].as_u64().map(|c| c as u32);
-                    record.cached_tokens = usage["prompt_tokens_details"]["cached_tokens"].as_u64().map(|c| c as u32);
+                    record.cached_tokens = usage["prompt_tokens_details"]["cached_tokens"]
+                        .as_u64()
+                        .map(|c| c as u32);
                 }
                 let choice = &event["choices"][0];
                 let delta = match self.endpoint {

@@ -18,7 +18,11 @@ const LEFT: f64 = 70.0;
 const RIGHT: f64 = 170.0;
 const TOP: f64 = 40.0;
 const BOTTOM: f64 = 50.0;
-const COLOURS: &[&str] = &["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"];
+/// Most points drawn per CDF line.
+const CDF_POINTS: usize = 400;
+const COLOURS: &[&str] = &[
+    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+];
 
 /// The CDF of successful requests' TTFT, one line per result; a log axis when TTFTs span more
 /// than two orders of magnitude.
@@ -34,16 +38,31 @@ pub fn ttft_cdf(results: &[BenchResult]) -> String {
                 .map(|s| s * 1000.0)
                 .collect();
             t.sort_by(f64::total_cmp);
-            let n = t.len() as f64;
+            let n = t.len();
+            // A few hundred steps draw the curve as well as thousands, at a fraction of the size.
+            let stride = n.div_ceil(CDF_POINTS).max(1);
+            let points = t
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| (i + 1) % stride == 0 || i + 1 == n)
+                .map(|(i, &v)| (v, (i + 1) as f64 / n as f64))
+                .collect();
             Series {
                 label: r.meta.label.clone(),
-                points: t.iter().enumerate().map(|(i, &v)| (v, (i + 1) as f64 / n)).collect(),
+                points,
             }
         })
         .collect();
     let (lo, hi) = x_range(&series);
     let log = lo > 0.0 && hi / lo > 100.0;
-    line_chart("Time to first token", "TTFT (ms)", "fraction of requests", &series, log, true)
+    line_chart(
+        "Time to first token",
+        "TTFT (ms)",
+        "fraction of requests",
+        &series,
+        log,
+        true,
+    )
 }
 
 /// Output tokens per second over the run, one line per result.
@@ -60,7 +79,14 @@ pub fn throughput(results: &[BenchResult]) -> String {
                 .collect(),
         })
         .collect();
-    line_chart("Output throughput", "time since start (s)", "output tokens/s", &series, false, false)
+    line_chart(
+        "Output throughput",
+        "time since start (s)",
+        "output tokens/s",
+        &series,
+        false,
+        false,
+    )
 }
 
 fn x_range(series: &[Series]) -> (f64, f64) {
@@ -106,22 +132,65 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series], 
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">"#
     );
     let _ = writeln!(o, r#"<rect width="{W}" height="{H}" fill="white"/>"#);
-    let _ = writeln!(o, r#"<text x="{}" y="22" font-size="15" text-anchor="middle">{}</text>"#, LEFT + px_w / 2.0, esc(title));
+    let _ = writeln!(
+        o,
+        r#"<text x="{}" y="22" font-size="15" text-anchor="middle">{}</text>"#,
+        LEFT + px_w / 2.0,
+        esc(title)
+    );
     // Grid and ticks.
-    let x_ticks: Vec<f64> = if log_x { log_ticks(x_lo, x_hi) } else { linear_ticks(x_lo, x_hi) };
+    let x_ticks: Vec<f64> = if log_x {
+        log_ticks(x_lo, x_hi)
+    } else {
+        linear_ticks(x_lo, x_hi)
+    };
     for x in x_ticks {
         let px = tx(x);
-        let _ = writeln!(o, r##"<line x1="{px:.1}" y1="{TOP}" x2="{px:.1}" y2="{:.1}" stroke="#e0e0e0"/>"##, TOP + px_h);
-        let _ = writeln!(o, r#"<text x="{px:.1}" y="{:.1}" text-anchor="middle">{}</text>"#, TOP + px_h + 16.0, fmt_tick(x));
+        let _ = writeln!(
+            o,
+            r##"<line x1="{px:.1}" y1="{TOP}" x2="{px:.1}" y2="{:.1}" stroke="#e0e0e0"/>"##,
+            TOP + px_h
+        );
+        let _ = writeln!(
+            o,
+            r#"<text x="{px:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+            TOP + px_h + 16.0,
+            fmt_tick(x)
+        );
     }
     for y in linear_ticks(0.0, y_hi) {
         let py = ty(y);
-        let _ = writeln!(o, r##"<line x1="{LEFT}" y1="{py:.1}" x2="{:.1}" y2="{py:.1}" stroke="#e0e0e0"/>"##, LEFT + px_w);
-        let _ = writeln!(o, r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#, LEFT - 6.0, py + 4.0, fmt_tick(y));
+        let _ = writeln!(
+            o,
+            r##"<line x1="{LEFT}" y1="{py:.1}" x2="{:.1}" y2="{py:.1}" stroke="#e0e0e0"/>"##,
+            LEFT + px_w
+        );
+        let _ = writeln!(
+            o,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#,
+            LEFT - 6.0,
+            py + 4.0,
+            fmt_tick(y)
+        );
     }
-    let _ = writeln!(o, r##"<rect x="{LEFT}" y="{TOP}" width="{px_w}" height="{px_h}" fill="none" stroke="#444"/>"##);
-    let _ = writeln!(o, r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}{}</text>"#, LEFT + px_w / 2.0, H - 12.0, esc(x_label), if log_x { " (log scale)" } else { "" });
-    let _ = writeln!(o, r#"<text transform="translate(18 {:.1}) rotate(-90)" text-anchor="middle">{}</text>"#, TOP + px_h / 2.0, esc(y_label));
+    let _ = writeln!(
+        o,
+        r##"<rect x="{LEFT}" y="{TOP}" width="{px_w}" height="{px_h}" fill="none" stroke="#444"/>"##
+    );
+    let _ = writeln!(
+        o,
+        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}{}</text>"#,
+        LEFT + px_w / 2.0,
+        H - 12.0,
+        esc(x_label),
+        if log_x { " (log scale)" } else { "" }
+    );
+    let _ = writeln!(
+        o,
+        r#"<text transform="translate(18 {:.1}) rotate(-90)" text-anchor="middle">{}</text>"#,
+        TOP + px_h / 2.0,
+        esc(y_label)
+    );
     for (i, s) in series.iter().enumerate() {
         let colour = COLOURS[i % COLOURS.len()];
         let mut path = String::new();
@@ -138,12 +207,25 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series], 
             prev_y = Some(y);
         }
         if !path.is_empty() {
-            let _ = writeln!(o, r#"<path d="{path}" fill="none" stroke="{colour}" stroke-width="1.8"/>"#);
+            let _ = writeln!(
+                o,
+                r#"<path d="{path}" fill="none" stroke="{colour}" stroke-width="1.8"/>"#
+            );
         }
         let ly = TOP + 14.0 + 20.0 * i as f64;
         let lx = LEFT + px_w + 14.0;
-        let _ = writeln!(o, r#"<line x1="{lx}" y1="{ly}" x2="{}" y2="{ly}" stroke="{colour}" stroke-width="3"/>"#, lx + 22.0);
-        let _ = writeln!(o, r#"<text x="{}" y="{}">{}</text>"#, lx + 28.0, ly + 4.0, esc(&s.label));
+        let _ = writeln!(
+            o,
+            r#"<line x1="{lx}" y1="{ly}" x2="{}" y2="{ly}" stroke="{colour}" stroke-width="3"/>"#,
+            lx + 22.0
+        );
+        let _ = writeln!(
+            o,
+            r#"<text x="{}" y="{}">{}</text>"#,
+            lx + 28.0,
+            ly + 4.0,
+            esc(&s.label)
+        );
     }
     o.push_str("</svg>\n");
     o
@@ -152,14 +234,21 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series], 
 /// The smallest 1, 2 or 5 times a power of ten at or above `v`.
 fn nice_ceiling(v: f64) -> f64 {
     let p = 10f64.powf(v.log10().floor());
-    [1.0, 2.0, 5.0, 10.0].iter().map(|m| m * p).find(|&c| c >= v).unwrap_or(10.0 * p)
+    [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * p)
+        .find(|&c| c >= v)
+        .unwrap_or(10.0 * p)
 }
 
 /// About five round ticks from `lo` to `hi`.
 fn linear_ticks(lo: f64, hi: f64) -> Vec<f64> {
     let step = nice_ceiling((hi - lo) / 5.0);
     let first = (lo / step).ceil() * step;
-    (0..=10).map(|i| first + step * f64::from(i)).take_while(|&t| t <= hi + step * 1e-9).collect()
+    (0..=10)
+        .map(|i| first + step * f64::from(i))
+        .take_while(|&t| t <= hi + step * 1e-9)
+        .collect()
 }
 
 /// Powers of ten (and their doubles and fives when few) between `lo` and `hi`.
@@ -205,10 +294,42 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_cdf_keeps_its_ends_and_a_bounded_number_of_steps() {
+        use crate::client::RequestRecord;
+        use crate::report::{BenchResult, Meta};
+        let records: Vec<RequestRecord> = (1..=5000)
+            .map(|i| RequestRecord {
+                ttft: Some(f64::from(i) / 1000.0),
+                output_tokens: 1,
+                ..Default::default()
+            })
+            .collect();
+        let meta = Meta {
+            label: "x".into(),
+            url: String::new(),
+            model: String::new(),
+            endpoint: String::new(),
+            workload: String::new(),
+            arrival: String::new(),
+            started_at: 0,
+        };
+        let svg = ttft_cdf(&[BenchResult::new(meta, records, 1.0, None)]);
+        let path = svg.lines().find(|l| l.starts_with("<path")).unwrap();
+        let steps = path.matches(" L").count();
+        assert!((300..=CDF_POINTS + 1).contains(&steps), "{steps}");
+    }
+
+    #[test]
     fn ticks_are_round() {
-        assert_eq!(linear_ticks(0.0, 1.0), vec![0.0, 0.2, 0.4, 0.6000000000000001, 0.8, 1.0]);
+        assert_eq!(
+            linear_ticks(0.0, 1.0),
+            vec![0.0, 0.2, 0.4, 0.6000000000000001, 0.8, 1.0]
+        );
         assert_eq!(linear_ticks(0.0, 950.0), vec![0.0, 200.0, 400.0, 600.0, 800.0]);
-        assert_eq!(log_ticks(3.0, 1200.0), vec![5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0]);
+        assert_eq!(
+            log_ticks(3.0, 1200.0),
+            vec![5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0]
+        );
         assert_eq!(nice_ceiling(730.0), 1000.0);
         assert_eq!(fmt_tick(2500.0), "2.5k");
         assert_eq!(fmt_tick(3000.0), "3k");
@@ -234,7 +355,10 @@ mod tests {
         assert!(svg.contains("round&lt;robin&gt;"));
         assert!(svg.contains("(log scale)"));
         // Every coordinate is a number inside the picture.
-        for cap in svg.split(['M', 'L', 'H', ',', ' ', '"']).filter_map(|t| t.parse::<f64>().ok()) {
+        for cap in svg
+            .split(['M', 'L', 'H', ',', ' ', '"'])
+            .filter_map(|t| t.parse::<f64>().ok())
+        {
             assert!(cap.is_finite() && (-1.0..=W.max(H) + 1.0).contains(&cap), "{cap}");
         }
     }

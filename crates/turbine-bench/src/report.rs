@@ -82,13 +82,18 @@ impl Summary {
             let good = ok
                 .iter()
                 .filter(|r| {
-                    r.ttft.is_some_and(|t| t * 1000.0 <= sla.ttft_ms) && r.tpot().is_none_or(|t| t * 1000.0 <= sla.itl_ms)
+                    r.ttft.is_some_and(|t| t * 1000.0 <= sla.ttft_ms)
+                        && r.tpot().is_none_or(|t| t * 1000.0 <= sla.itl_ms)
                 })
                 .count();
             Goodput {
                 sla,
                 requests_per_s: per_s(good as f64),
-                fraction: if records.is_empty() { 0.0 } else { good as f64 / records.len() as f64 },
+                fraction: if records.is_empty() {
+                    0.0
+                } else {
+                    good as f64 / records.len() as f64
+                },
             }
         });
         Summary {
@@ -178,7 +183,11 @@ impl BenchResult {
         let s = &self.summary;
         let mut o = String::new();
         let _ = writeln!(o, "{}: {}", self.meta.label, self.meta.workload);
-        let _ = writeln!(o, "  {} {} at {} ({})", self.meta.model, self.meta.endpoint, self.meta.url, self.meta.arrival);
+        let _ = writeln!(
+            o,
+            "  {} {} at {} ({})",
+            self.meta.model, self.meta.endpoint, self.meta.url, self.meta.arrival
+        );
         let _ = writeln!(
             o,
             "  requests {} completed {} failed {}{} in {:.1} s",
@@ -188,7 +197,14 @@ impl BenchResult {
             if s.errors.is_empty() {
                 String::new()
             } else {
-                format!(" ({})", s.errors.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join(", "))
+                format!(
+                    " ({})",
+                    s.errors
+                        .iter()
+                        .map(|(k, v)| format!("{k}: {v}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
             },
             s.duration_s
         );
@@ -197,11 +213,24 @@ impl BenchResult {
             "  throughput {:.2} req/s, {:.1} output tok/s, {:.1} input tok/s",
             s.request_throughput, s.output_token_throughput, s.input_token_throughput
         );
-        let _ = writeln!(o, "  {:<10}{:>10}{:>10}{:>10}{:>10}{:>10}", "ms", "mean", "p50", "p90", "p99", "max");
-        for (name, d) in [("TTFT", s.ttft_ms), ("ITL", s.itl_ms), ("TPOT", s.tpot_ms), ("E2E", s.e2e_ms)] {
+        let _ = writeln!(
+            o,
+            "  {:<10}{:>10}{:>10}{:>10}{:>10}{:>10}",
+            "ms", "mean", "p50", "p90", "p99", "max"
+        );
+        for (name, d) in [
+            ("TTFT", s.ttft_ms),
+            ("ITL", s.itl_ms),
+            ("TPOT", s.tpot_ms),
+            ("E2E", s.e2e_ms),
+        ] {
             match d {
                 Some(d) => {
-                    let _ = writeln!(o, "  {name:<10}{:>10.1}{:>10.1}{:>10.1}{:>10.1}{:>10.1}", d.mean, d.p50, d.p90, d.p99, d.max);
+                    let _ = writeln!(
+                        o,
+                        "  {name:<10}{:>10.1}{:>10.1}{:>10.1}{:>10.1}{:>10.1}",
+                        d.mean, d.p50, d.p90, d.p99, d.max
+                    );
                 }
                 None => {
                     let _ = writeln!(o, "  {name:<10}{:>10}", "-");
@@ -210,7 +239,13 @@ impl BenchResult {
         }
         match s.cache_hit_rate {
             Some(h) => {
-                let _ = writeln!(o, "  prompt cache hit rate {:.1}% ({} of {} tokens)", h * 100.0, s.cached_tokens, s.input_tokens);
+                let _ = writeln!(
+                    o,
+                    "  prompt cache hit rate {:.1}% ({} of {} tokens)",
+                    h * 100.0,
+                    s.cached_tokens,
+                    s.input_tokens
+                );
             }
             None => {
                 let _ = writeln!(o, "  prompt cache hit rate: not reported by the server");
@@ -271,7 +306,11 @@ pub fn compare_table(results: &[BenchResult]) -> String {
         ("TPOT p50 ms", |s| s.tpot_ms.map(|d| d.p50), "{:.2}"),
         ("E2E p50 ms", |s| s.e2e_ms.map(|d| d.p50), "{:.1}"),
         ("cache hit rate %", |s| s.cache_hit_rate.map(|h| h * 100.0), "{:.1}"),
-        ("goodput req/s", |s| s.goodput.as_ref().map(|g| g.requests_per_s), "{:.2}"),
+        (
+            "goodput req/s",
+            |s| s.goodput.as_ref().map(|g| g.requests_per_s),
+            "{:.2}",
+        ),
     ];
     let labels: Vec<&str> = results.iter().map(|r| r.meta.label.as_str()).collect();
     let width = labels.iter().map(|l| l.len()).max().unwrap_or(0).max(10) + 2;
@@ -373,13 +412,21 @@ mod tests {
             started_at: 0,
         };
         let a = BenchResult::new(meta("kv"), vec![record(0.0, 0.1, &[0.01], 10, Some(5))], 1.0, None);
-        let b = BenchResult::new(meta("round-robin"), vec![record(0.0, 0.4, &[0.01], 10, Some(0))], 1.0, None);
+        let b = BenchResult::new(
+            meta("round-robin"),
+            vec![record(0.0, 0.4, &[0.01], 10, Some(0))],
+            1.0,
+            None,
+        );
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.json");
         a.save(&path).unwrap();
         let back = BenchResult::load(&path).unwrap();
         // JSON keeps floats to their shortest round-trip form, which may differ in the last bit.
-        assert_eq!(compare_table(&[back.clone()]), compare_table(&[a.clone()]));
+        assert_eq!(
+            compare_table(std::slice::from_ref(&back)),
+            compare_table(std::slice::from_ref(&a))
+        );
         assert_eq!(back.records.len(), 1);
         let table = compare_table(&[back, b]);
         expect_test::expect![[r#"
@@ -400,7 +447,9 @@ mod tests {
             goodput req/s                   -            -
         "#]]
         .assert_eq(&table);
-        let err = BenchResult::load(&dir.path().join("missing.json")).unwrap_err().to_string();
+        let err = BenchResult::load(&dir.path().join("missing.json"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("missing.json"), "{err}");
     }
 }

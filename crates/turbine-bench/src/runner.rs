@@ -72,7 +72,9 @@ pub async fn run(client: Arc<Client>, workload: &Workload, config: &RunConfig) -
     let start = Instant::now();
     let deadline = config.duration.map(|d| start + d);
     let shared = Arc::new(Shared::default());
-    let progress = config.progress.then(|| spawn_progress(shared.clone(), config.max_jobs, workload, start));
+    let progress = config
+        .progress
+        .then(|| spawn_progress(shared.clone(), config.max_jobs, workload, start));
     let jobs = workload.jobs().take(config.max_jobs.unwrap_or(usize::MAX));
     let past_deadline = || deadline.is_some_and(|d| Instant::now() >= d);
     let mut tasks = tokio::task::JoinSet::new();
@@ -142,7 +144,7 @@ fn check(client: &Client, workload: &Workload, config: &RunConfig) -> Result<(),
     }
     match config.arrival {
         Arrival::Trace { .. } if !is_trace => return Err(RunError::TraceArrivalWithoutTrace),
-        Arrival::Trace { time_scale } if !(time_scale > 0.0) => {
+        Arrival::Trace { time_scale } if time_scale.is_nan() || time_scale <= 0.0 => {
             return Err(RunError::NotPositive {
                 what: "time scale",
                 value: time_scale,
@@ -221,14 +223,23 @@ async fn run_job(client: &Client, job: Job, start: Instant, shared: &Shared) {
     }
 }
 
-fn spawn_progress(shared: Arc<Shared>, max_jobs: Option<usize>, workload: &Workload, start: Instant) -> tokio::task::JoinHandle<()> {
+fn spawn_progress(
+    shared: Arc<Shared>,
+    max_jobs: Option<usize>,
+    workload: &Workload,
+    start: Instant,
+) -> tokio::task::JoinHandle<()> {
     let total = match workload {
         Workload::Trace { trace, .. } => Some(trace.requests.len().min(max_jobs.unwrap_or(usize::MAX))),
         Workload::Synthetic { .. } => max_jobs,
     };
     let terminal = std::io::stderr().is_terminal();
     // A log file gets a line every 10 s instead of a redrawn bar.
-    let every = if terminal { Duration::from_millis(250) } else { Duration::from_secs(10) };
+    let every = if terminal {
+        Duration::from_millis(250)
+    } else {
+        Duration::from_secs(10)
+    };
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         tick.tick().await;
@@ -245,7 +256,11 @@ fn spawn_progress(shared: Arc<Shared>, max_jobs: Option<usize>, workload: &Workl
             let bar = match total {
                 Some(t) if t > 0 => {
                     let filled = (started.min(t) * 30) / t;
-                    format!("[{}{}] {started}/{t} started", "#".repeat(filled), ".".repeat(30 - filled))
+                    format!(
+                        "[{}{}] {started}/{t} started",
+                        "#".repeat(filled),
+                        ".".repeat(30 - filled)
+                    )
                 }
                 _ => format!("{started} started"),
             };
@@ -288,8 +303,22 @@ mod tests {
 
     #[test]
     fn bad_combinations_are_refused() {
-        let chat = Client::new("http://127.0.0.1:1", "m".into(), Endpoint::Chat, Duration::from_secs(1), true).unwrap();
-        let completions = Client::new("http://127.0.0.1:1", "m".into(), Endpoint::Completions, Duration::from_secs(1), true).unwrap();
+        let chat = Client::new(
+            "http://127.0.0.1:1",
+            "m".into(),
+            Endpoint::Chat,
+            Duration::from_secs(1),
+            true,
+        )
+        .unwrap();
+        let completions = Client::new(
+            "http://127.0.0.1:1",
+            "m".into(),
+            Endpoint::Completions,
+            Duration::from_secs(1),
+            true,
+        )
+        .unwrap();
         let cfg = |arrival, max_jobs| RunConfig {
             arrival,
             max_jobs,
@@ -304,11 +333,25 @@ mod tests {
         }
         assert!(err(&completions, &sessions, cfg(Arrival::Concurrency(1), Some(1))).contains("chat endpoint"));
         assert!(err(&completions, &synthetic(1), cfg(Arrival::Concurrency(2), None)).contains("needs a bound"));
-        assert!(err(&completions, &synthetic(1), cfg(Arrival::Trace { time_scale: 1.0 }, Some(1))).contains("trace workload"));
+        assert!(err(
+            &completions,
+            &synthetic(1),
+            cfg(Arrival::Trace { time_scale: 1.0 }, Some(1))
+        )
+        .contains("trace workload"));
         assert_eq!(
-            err(&completions, &synthetic(1), cfg(Arrival::Poisson { rate: 0.0, seed: 0 }, Some(1))),
+            err(
+                &completions,
+                &synthetic(1),
+                cfg(Arrival::Poisson { rate: 0.0, seed: 0 }, Some(1))
+            ),
             "request rate must be positive, got 0"
         );
-        assert!(check(&completions, &synthetic(1), &cfg(Arrival::Poisson { rate: 5.0, seed: 0 }, Some(3))).is_ok());
+        assert!(check(
+            &completions,
+            &synthetic(1),
+            &cfg(Arrival::Poisson { rate: 5.0, seed: 0 }, Some(3))
+        )
+        .is_ok());
     }
 }

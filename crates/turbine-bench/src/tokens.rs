@@ -18,7 +18,11 @@ impl BlockTokens {
     /// changes every block, to get a cold server cache between runs.
     pub fn new(block_tokens: u32, ids: Range<u32>, salt: u64) -> Self {
         assert!(block_tokens > 0 && !ids.is_empty(), "validated by the caller");
-        Self { block_tokens, ids, salt }
+        Self {
+            block_tokens,
+            ids,
+            salt,
+        }
     }
 
     /// The first `len` tokens of the block of `hash_id` (at most `block_tokens`).

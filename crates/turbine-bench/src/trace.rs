@@ -105,7 +105,10 @@ impl Trace {
             }
             let l: Line = serde_json::from_str(&line).map_err(|e| TraceError::line(n, e.to_string()))?;
             if !(l.timestamp.is_finite() && l.timestamp >= 0.0) {
-                return Err(TraceError::line(n, format!("timestamp {} is not a time in ms", l.timestamp)));
+                return Err(TraceError::line(
+                    n,
+                    format!("timestamp {} is not a time in ms", l.timestamp),
+                ));
             }
             if l.input_length == 0 {
                 return Err(TraceError::line(n, "input_length is 0"));
@@ -155,9 +158,13 @@ impl Trace {
             }
             let fields: Vec<&str> = line.trim().split(',').collect();
             let [ts, input, output] = fields[..] else {
-                return Err(TraceError::line(n, format!("expected 3 fields, got {}: {line:?}", fields.len())));
+                return Err(TraceError::line(
+                    n,
+                    format!("expected 3 fields, got {}: {line:?}", fields.len()),
+                ));
             };
-            let micros = parse_datetime_micros(ts).ok_or_else(|| TraceError::line(n, format!("bad timestamp {ts:?}")))?;
+            let micros =
+                parse_datetime_micros(ts).ok_or_else(|| TraceError::line(n, format!("bad timestamp {ts:?}")))?;
             let count = |what: &str, v: &str| {
                 v.trim()
                     .parse::<u32>()
@@ -210,13 +217,21 @@ impl Trace {
 fn parse_datetime_micros(s: &str) -> Option<i64> {
     let (date, time) = s.trim().split_once([' ', 'T'])?;
     let mut d = date.split('-');
-    let (y, m, day): (i64, i64, i64) = (d.next()?.parse().ok()?, d.next()?.parse().ok()?, d.next()?.parse().ok()?);
+    let (y, m, day): (i64, i64, i64) = (
+        d.next()?.parse().ok()?,
+        d.next()?.parse().ok()?,
+        d.next()?.parse().ok()?,
+    );
     if d.next().is_some() || !(1..=12).contains(&m) || !(1..=31).contains(&day) {
         return None;
     }
     let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
     let mut t = hms.split(':');
-    let (hh, mm, ss): (i64, i64, i64) = (t.next()?.parse().ok()?, t.next()?.parse().ok()?, t.next()?.parse().ok()?);
+    let (hh, mm, ss): (i64, i64, i64) = (
+        t.next()?.parse().ok()?,
+        t.next()?.parse().ok()?,
+        t.next()?.parse().ok()?,
+    );
     if t.next().is_some() || hh > 23 || mm > 59 || ss > 60 {
         return None;
     }
@@ -273,12 +288,30 @@ mod tests {
         let good = r#"{"timestamp": 0, "input_length": 10, "output_length": 1, "hash_ids": [1]}"#;
         let cases = [
             ("{not json", "line 2: key must be a string"),
-            (r#"{"timestamp": 0, "input_length": 10, "output_length": 1}"#, "line 2: missing field `hash_ids`"),
-            (r#"{"timestamp": 0, "input_length": 1025, "output_length": 1, "hash_ids": [1, 2]}"#, "line 2: 2 hash ids for input_length 1025 (blocks of 512 tokens need 3)"),
-            (r#"{"timestamp": -5, "input_length": 10, "output_length": 1, "hash_ids": [1]}"#, "line 2: timestamp -5 is not a time in ms"),
-            (r#"{"timestamp": 0, "input_length": 0, "output_length": 1, "hash_ids": []}"#, "line 2: input_length is 0"),
-            (r#"{"timestamp": 0, "input_length": 10, "output_length": -1, "hash_ids": [1]}"#, "line 2: invalid value: integer `-1`"),
-            (r#"{"timestamp": 0, "input_length": 10, "output_len": 1, "hash_ids": [1]}"#, "line 2: unknown field `output_len`"),
+            (
+                r#"{"timestamp": 0, "input_length": 10, "output_length": 1}"#,
+                "line 2: missing field `hash_ids`",
+            ),
+            (
+                r#"{"timestamp": 0, "input_length": 1025, "output_length": 1, "hash_ids": [1, 2]}"#,
+                "line 2: 2 hash ids for input_length 1025 (blocks of 512 tokens need 3)",
+            ),
+            (
+                r#"{"timestamp": -5, "input_length": 10, "output_length": 1, "hash_ids": [1]}"#,
+                "line 2: timestamp -5 is not a time in ms",
+            ),
+            (
+                r#"{"timestamp": 0, "input_length": 0, "output_length": 1, "hash_ids": []}"#,
+                "line 2: input_length is 0",
+            ),
+            (
+                r#"{"timestamp": 0, "input_length": 10, "output_length": -1, "hash_ids": [1]}"#,
+                "line 2: invalid value: integer `-1`",
+            ),
+            (
+                r#"{"timestamp": 0, "input_length": 10, "output_len": 1, "hash_ids": [1]}"#,
+                "line 2: unknown field `output_len`",
+            ),
         ];
         for (bad, expected) in cases {
             let err = mooncake(&format!("{good}\n{bad}\n")).unwrap_err().to_string();
@@ -306,8 +339,14 @@ mod tests {
         let header = "TIMESTAMP,ContextTokens,GeneratedTokens\n";
         let cases = [
             ("2023-11-16 18:15:46.6805900,374\n", "line 2: expected 3 fields, got 2"),
-            ("2023-13-16 18:15:46,374,44\n", "line 2: bad timestamp \"2023-13-16 18:15:46\""),
-            ("2023-11-16 18:15:46,many,44\n", "line 2: ContextTokens \"many\" is not a token count"),
+            (
+                "2023-13-16 18:15:46,374,44\n",
+                "line 2: bad timestamp \"2023-13-16 18:15:46\"",
+            ),
+            (
+                "2023-11-16 18:15:46,many,44\n",
+                "line 2: ContextTokens \"many\" is not a token count",
+            ),
             ("2023-11-16 18:15:46,0,44\n", "line 2: ContextTokens is 0"),
         ];
         for (bad, expected) in cases {

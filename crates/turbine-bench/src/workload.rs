@@ -141,10 +141,18 @@ impl Workload {
                     s.output.stddev
                 );
                 if s.prefix_ratio > 0.0 {
-                    d += &format!(", {:.0}% shared by {} prefix groups", s.prefix_ratio * 100.0, s.prefix_groups);
+                    d += &format!(
+                        ", {:.0}% shared by {} prefix groups",
+                        s.prefix_ratio * 100.0,
+                        s.prefix_groups
+                    );
                 }
                 if s.turns > 1 {
-                    d += &format!(", sessions of {} turns, {} ms think time", s.turns, s.think_time.as_millis());
+                    d += &format!(
+                        ", sessions of {} turns, {} ms think time",
+                        s.turns,
+                        s.think_time.as_millis()
+                    );
                 }
                 d
             }
@@ -235,15 +243,22 @@ impl Workload {
 
 /// `shared` tokens of the group's common stream, then `tail` tokens of a stream of this
 /// request's own.
-fn synthetic_prompt(stream: &BlockTokens, text: Option<&dyn TextCodec>, group: u32, shared: u32, n: u64, tail: u32) -> Prompt {
+fn synthetic_prompt(
+    stream: &BlockTokens,
+    text: Option<&dyn TextCodec>,
+    group: u32,
+    shared: u32,
+    n: u64,
+    tail: u32,
+) -> Prompt {
     let mut ids = Vec::with_capacity((shared + tail) as usize);
     stream.block(GROUP_KEY | u64::from(group), shared, &mut ids);
     stream.block(UNIQUE_KEY | n, tail, &mut ids);
     match text {
         None => Prompt::Tokens(ids),
-        Some(codec) => Prompt::Text(
-            words(codec, &ids[..shared as usize], shared) + &words(codec, &ids[shared as usize..], tail),
-        ),
+        Some(codec) => {
+            Prompt::Text(words(codec, &ids[..shared as usize], shared) + &words(codec, &ids[shared as usize..], tail))
+        }
     }
 }
 

@@ -11,8 +11,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::{json, Value};
-use turbine_bench::trace::Trace;
 use turbine_bench::tokens::BlockTokens;
+use turbine_bench::trace::Trace;
 use turbine_bench::workload::{Lengths, Prompt, Synthetic};
 use turbine_bench::{Arrival, Client, Endpoint, ErrorKind, RunConfig, Workload};
 
@@ -27,7 +27,7 @@ const GAP_MS: u64 = 25;
 /// 25 ms) with usage; `http500`, `broken` (ends without [DONE]), `error` (an error event) and
 /// `slow` (10 s before anything) fail.
 async fn completions(State(seen): State<Seen>, Json(body): Json<Value>) -> Response {
-    seen.0.lock().unwrap().push((Instant::now(), body.clone()));
+    seen.0.lock().expect("lock").push((Instant::now(), body.clone()));
     let model = body["model"].as_str().unwrap_or_default().to_owned();
     if model == "http500" {
         return (StatusCode::INTERNAL_SERVER_ERROR, "no").into_response();
@@ -37,7 +37,7 @@ async fn completions(State(seen): State<Seen>, Json(body): Json<Value>) -> Respo
     Response::builder()
         .header("content-type", "text/event-stream")
         .body(Body::from_stream(stream))
-        .unwrap()
+        .expect("a valid response")
 }
 
 fn async_stream(model: String, max_tokens: u64) -> impl futures::Stream<Item = Result<String, std::io::Error>> {
@@ -80,14 +80,21 @@ async fn server() -> (String, Seen) {
     let app = Router::new()
         .route("/v1/completions", post(completions))
         .with_state(seen.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
     (format!("http://{addr}"), seen)
 }
 
 fn client(url: &str, model: &str) -> Client {
-    Client::new(url, model.into(), Endpoint::Completions, Duration::from_millis(800), true).unwrap()
+    Client::new(
+        url,
+        model.into(),
+        Endpoint::Completions,
+        Duration::from_millis(800),
+        true,
+    )
+    .expect("client")
 }
 
 #[tokio::test]
@@ -121,11 +128,17 @@ async fn failures_are_named_by_kind() {
         ("error", ErrorKind::ServerError),
         ("slow", ErrorKind::Timeout),
     ] {
-        let r = client(&url, model).send(&Prompt::Text("hi".into()), 5, start).await.record;
+        let r = client(&url, model)
+            .send(&Prompt::Text("hi".into()), 5, start)
+            .await
+            .record;
         assert_eq!(r.error, Some(kind), "{model}");
     }
     // Nothing listens on port 1.
-    let r = client("http://127.0.0.1:1", "ok").send(&Prompt::Text("hi".into()), 5, start).await.record;
+    let r = client("http://127.0.0.1:1", "ok")
+        .send(&Prompt::Text("hi".into()), 5, start)
+        .await
+        .record;
     assert_eq!(r.error, Some(ErrorKind::Connect));
 }
 
@@ -154,7 +167,9 @@ async fn concurrency_keeps_that_many_in_flight() {
         duration: None,
         progress: false,
     };
-    let out = turbine_bench::run(Arc::new(client(&url, "ok")), &synthetic(), &cfg).await.unwrap();
+    let out = turbine_bench::run(Arc::new(client(&url, "ok")), &synthetic(), &cfg)
+        .await
+        .unwrap();
     assert_eq!(out.records.len(), 9);
     assert!(out.records.iter().all(|r| r.error.is_none()));
     // Three waves of three requests, each about 85 ms long.
@@ -168,7 +183,12 @@ async fn concurrency_keeps_that_many_in_flight() {
 async fn trace_arrivals_follow_the_scaled_timestamps() {
     let (url, seen) = server().await;
     let text = (0..4)
-        .map(|i| format!("{{\"timestamp\": {}, \"input_length\": 20, \"output_length\": 2, \"hash_ids\": [7]}}\n", i * 200))
+        .map(|i| {
+            format!(
+                "{{\"timestamp\": {}, \"input_length\": 20, \"output_length\": 2, \"hash_ids\": [7]}}\n",
+                i * 200
+            )
+        })
         .collect::<String>();
     let trace = Trace::parse_mooncake(text.as_bytes()).unwrap();
     let workload = Workload::Trace {
@@ -181,7 +201,9 @@ async fn trace_arrivals_follow_the_scaled_timestamps() {
         duration: None,
         progress: false,
     };
-    let out = turbine_bench::run(Arc::new(client(&url, "ok")), &workload, &cfg).await.unwrap();
+    let out = turbine_bench::run(Arc::new(client(&url, "ok")), &workload, &cfg)
+        .await
+        .unwrap();
     let mut starts: Vec<f64> = out.records.iter().map(|r| r.start).collect();
     starts.sort_by(f64::total_cmp);
     for (i, s) in starts.iter().enumerate() {
@@ -203,7 +225,9 @@ async fn poisson_arrivals_average_the_rate_and_stop_at_the_duration() {
         duration: Some(Duration::from_millis(600)),
         progress: false,
     };
-    let out = turbine_bench::run(Arc::new(client(&url, "ok")), &synthetic(), &cfg).await.unwrap();
+    let out = turbine_bench::run(Arc::new(client(&url, "ok")), &synthetic(), &cfg)
+        .await
+        .unwrap();
     // 60 expected; a Poisson count's standard deviation is about 8.
     assert!((30..=90).contains(&out.records.len()), "{}", out.records.len());
     assert!(out.records.iter().all(|r| r.start < 0.6));

@@ -140,7 +140,9 @@ struct RunArgs {
 }
 
 fn parse_range(s: &str) -> Result<Range<u32>, String> {
-    let (lo, hi) = s.split_once("..").ok_or_else(|| format!("expected LO..HI, got {s:?}"))?;
+    let (lo, hi) = s
+        .split_once("..")
+        .ok_or_else(|| format!("expected LO..HI, got {s:?}"))?;
     let lo: u32 = lo.trim().parse().map_err(|_| format!("bad start {lo:?}"))?;
     let hi: u32 = hi.trim().parse().map_err(|_| format!("bad end {hi:?}"))?;
     if lo >= hi {
@@ -193,7 +195,11 @@ pub async fn bench(cmd: BenchCmd) -> anyhow::Result<()> {
 }
 
 fn compare(c: CompareArgs) -> anyhow::Result<()> {
-    let results = c.results.iter().map(|p| BenchResult::load(p)).collect::<Result<Vec<_>, _>>()?;
+    let results = c
+        .results
+        .iter()
+        .map(|p| BenchResult::load(p))
+        .collect::<Result<Vec<_>, _>>()?;
     print!("{}", turbine_bench::compare_table(&results));
     if let Some(dir) = &c.plot_dir {
         write_plots(dir, &results)?;
@@ -242,7 +248,10 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         bail!("--prefix-groups and --turns must be at least 1");
     }
     let timeout = Duration::from_secs_f64(positive("request-timeout", a.request_timeout)?);
-    let duration = a.duration.map(|d| positive("duration", d).map(Duration::from_secs_f64)).transpose()?;
+    let duration = a
+        .duration
+        .map(|d| positive("duration", d).map(Duration::from_secs_f64))
+        .transpose()?;
     let sessions = a.turns > 1;
     let endpoint = match (a.endpoint, sessions) {
         (Some(EndpointArg::Chat), _) | (None, true) => Endpoint::Chat,
@@ -251,7 +260,11 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     let workload = match &a.trace {
         Some(path) => {
             let trace = Trace::load(path).with_context(|| format!("--trace {}", path.display()))?;
-            let block = if trace.block_tokens > 0 { trace.block_tokens } else { 512 };
+            let block = if trace.block_tokens > 0 {
+                trace.block_tokens
+            } else {
+                512
+            };
             Workload::Trace {
                 trace: Arc::new(trace),
                 tokens: BlockTokens::new(block, a.token_ids.clone(), a.seed),
@@ -261,7 +274,8 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             let text: Option<Arc<dyn TextCodec>> = match (endpoint, &a.tokenizer) {
                 (Endpoint::Completions, None) => None,
                 (_, Some(path)) => Some(Arc::new(PreprocessorCodec(
-                    turbine_preprocess::Preprocessor::load(path).with_context(|| format!("--tokenizer {}", path.display()))?,
+                    turbine_preprocess::Preprocessor::load(path)
+                        .with_context(|| format!("--tokenizer {}", path.display()))?,
                 ))),
                 (Endpoint::Chat, None) => Some(Arc::new(ByteCodec)),
             };

@@ -369,7 +369,9 @@ fn family_trace(dir: &std::path::Path) -> Result<std::path::PathBuf> {
         for family in 0..4u64 {
             let ts = (round * 4 + family) * 50;
             let ids = [family * 10, family * 10 + 1, 1000 + round * 4 + family];
-            text += &format!("{{\"timestamp\": {ts}, \"input_length\": 1100, \"output_length\": 4, \"hash_ids\": {ids:?}}}\n");
+            text += &format!(
+                "{{\"timestamp\": {ts}, \"input_length\": 1100, \"output_length\": 4, \"hash_ids\": {ids:?}}}\n"
+            );
         }
     }
     let path = dir.join("families.jsonl");
@@ -381,20 +383,45 @@ fn family_trace(dir: &std::path::Path) -> Result<std::path::PathBuf> {
 async fn bench_replays_a_trace_reports_cache_hits_and_compares() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let trace = family_trace(dir.path())?;
-    let server = Server::start(&["--engine", "mocker", "--workers", "2", "--speedup", "100", "--router-mode", "kv"])?;
+    let server = Server::start(&[
+        "--engine",
+        "mocker",
+        "--workers",
+        "2",
+        "--speedup",
+        "100",
+        "--router-mode",
+        "kv",
+    ])?;
     let result = dir.path().join("kv.json");
     let out = Command::new(BIN)
-        .args(["bench", "--no-progress", "--label", "kv", "--url", &server.url, "--trace"])
+        .args([
+            "bench",
+            "--no-progress",
+            "--label",
+            "kv",
+            "--url",
+            &server.url,
+            "--trace",
+        ])
         .arg(&trace)
         .arg("--output")
         .arg(&result)
         .output()?;
     let stdout = String::from_utf8(out.stdout)?;
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("prompt cache hit rate"), "{stdout}");
     let r: Value = serde_json::from_slice(&std::fs::read(&result)?)?;
     let s = &r["summary"];
-    assert_eq!((s["requests"].as_u64(), s["completed"].as_u64()), (Some(12), Some(12)), "{s}");
+    assert_eq!(
+        (s["requests"].as_u64(), s["completed"].as_u64()),
+        (Some(12), Some(12)),
+        "{s}"
+    );
     assert_eq!(s["output_tokens"], 48, "{s}");
     assert_eq!(s["input_tokens"], 12 * 1100, "{s}");
     // The second and third request of a family find its two shared blocks (1024 tokens) on the
@@ -417,8 +444,15 @@ async fn bench_replays_a_trace_reports_cache_hits_and_compares() -> Result<()> {
         .output()?;
     let table = String::from_utf8(out.stdout)?;
     assert!(out.status.success(), "{table}");
-    let hit_row = table.lines().find(|l| l.starts_with("cache hit rate %")).context("hit row")?;
-    assert_eq!(hit_row.split_whitespace().skip(4).collect::<Vec<_>>(), ["62.1", "62.1"], "{table}");
+    let hit_row = table
+        .lines()
+        .find(|l| l.starts_with("cache hit rate %"))
+        .context("hit row")?;
+    assert_eq!(
+        hit_row.split_whitespace().skip(4).collect::<Vec<_>>(),
+        ["62.1", "62.1"],
+        "{table}"
+    );
     for svg in ["ttft.svg", "throughput.svg"] {
         let text = std::fs::read_to_string(plots.join(svg))?;
         assert!(text.starts_with("<svg") && text.contains(">kv</text>"), "{svg}");
@@ -432,8 +466,26 @@ async fn bench_runs_chat_sessions() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let result = dir.path().join("s.json");
     let out = Command::new(BIN)
-        .args(["bench", "--no-progress", "--url", &server.url, "--turns", "3", "--concurrency", "2"])
-        .args(["--num-requests", "4", "--input-len", "100", "--output-len", "5", "--think-time-ms", "10"])
+        .args([
+            "bench",
+            "--no-progress",
+            "--url",
+            &server.url,
+            "--turns",
+            "3",
+            "--concurrency",
+            "2",
+        ])
+        .args([
+            "--num-requests",
+            "4",
+            "--input-len",
+            "100",
+            "--output-len",
+            "5",
+            "--think-time-ms",
+            "10",
+        ])
         .arg("--output")
         .arg(&result)
         .output()?;
@@ -459,16 +511,25 @@ fn bench_and_trace_refuse_bad_input_with_one_line() -> Result<()> {
     for (args, needle) in [
         (vec!["trace", "analyze", bad], "line 2: missing field"),
         (vec!["bench", "--trace", bad, "--model", "m"], "line 2: missing field"),
-        (vec!["bench", "--model", "m", "--prefix-ratio", "1.5"], "--prefix-ratio must be between 0 and 1, got 1.5"),
+        (
+            vec!["bench", "--model", "m", "--prefix-ratio", "1.5"],
+            "--prefix-ratio must be between 0 and 1, got 1.5",
+        ),
         (vec!["bench", "--model", "m", "--token-ids", "9..3"], "9..3"),
-        (vec!["bench", "--model", "m", "--rate", "0"], "--rate must be a positive number, got 0"),
+        (
+            vec!["bench", "--model", "m", "--rate", "0"],
+            "--rate must be a positive number, got 0",
+        ),
         (vec!["bench", "compare", "/nonexistent.json"], "/nonexistent.json"),
     ] {
         let out = Command::new(BIN).args(&args).output()?;
         assert!(!out.status.success(), "{args:?} succeeded");
         let err = String::from_utf8(out.stderr)?;
         let first = err.lines().next().unwrap_or_default();
-        assert!(first.contains(needle), "{args:?}: first line {first:?} should name {needle:?}");
+        assert!(
+            first.contains(needle),
+            "{args:?}: first line {first:?} should name {needle:?}"
+        );
     }
     Ok(())
 }
