@@ -354,10 +354,7 @@ impl Loop {
     }
 
     fn flush(&mut self) {
-        let events = self.scheduler.take_events();
-        if !events.is_empty() {
-            self.subscribers.retain(|s| s.send(events.clone()).is_ok());
-        }
+        turbine_engine::broadcast_events(&mut self.subscribers, self.scheduler.take_events());
         self.load.send_replace(self.scheduler.load());
     }
 

@@ -42,18 +42,21 @@ pub(crate) fn start_publishing(runtime: &Runtime, cache: &KvCache, p: Publish, s
                 _ = stop_events.cancelled() => return,
                 e = rx.recv() => match e { Some(e) => e, None => return },
             };
-            {
-                let mut h = kept.lock().unwrap_or_else(|e| e.into_inner());
-                for event in &batch {
-                    if h.len() == KV_EVENT_HISTORY {
-                        h.pop_front();
-                    }
-                    h.push_back(event.clone());
-                }
-            }
             let message = KvEventMessage { worker, events: batch };
             // Messages of plain data always serialize.
             let payload = Bytes::from(serde_json::to_vec(&message).unwrap_or_default());
+            {
+                // In the history before they are published, so that a router that sees a
+                // gap when they arrive finds everything up to them there; moved, not
+                // copied, once serialized.
+                let mut h = kept.lock().unwrap_or_else(|e| e.into_inner());
+                for event in message.events {
+                    if h.len() == KV_EVENT_HISTORY {
+                        h.pop_front();
+                    }
+                    h.push_back(event);
+                }
+            }
             if let Err(e) = events.publish(&subject, payload).await {
                 // Routers notice the gap in event ids and resynchronise.
                 tracing::warn!(error = %e, "publishing KV events failed");

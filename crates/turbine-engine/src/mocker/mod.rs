@@ -257,11 +257,7 @@ impl Loop {
     }
 
     fn flush_events(&mut self) {
-        let events = self.scheduler.take_events();
-        if events.is_empty() {
-            return;
-        }
-        self.subscribers.retain(|s| s.send(events.clone()).is_ok());
+        crate::broadcast_events(&mut self.subscribers, self.scheduler.take_events());
     }
 }
 

@@ -358,7 +358,12 @@ impl<T, K: SeqTokens> Scheduler<T, K> {
     pub fn schedule(&mut self) -> Step {
         let bs = self.config.block_size;
         let mut budget = self.config.max_num_batched_tokens;
-        let mut step = Step::default();
+        // Sized once: grown entry by entry, its reallocations cost more than its entries.
+        let entries = (self.running.len() + self.waiting.len()).min(self.config.max_num_seqs);
+        let mut step = Step {
+            entries: Vec::with_capacity(entries),
+            ..Step::default()
+        };
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let slot = self.running[i];
