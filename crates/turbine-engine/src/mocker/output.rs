@@ -7,16 +7,17 @@
 //! ([`Buffered`]); the mocker's are a function of seed and position ([`TokenSource`]), so
 //! the reader computes them and the slot holds nothing but the count.
 //!
-//! At a million tokens a second the cost is memory traffic, not instructions: per token
-//! the engine touches one small shared allocation (a counter and a waker), and the reader
-//! is woken only if it registered its waker since the last wake-up.
+//! At a million tokens a second the cost is memory traffic and atomic operations, not
+//! instructions: per token the engine touches one small shared allocation with one atomic
+//! update of its state word, and wakes the reader only if it is waiting. The reader's
+//! waker is kept, not handed over per wake-up: a stream is polled by one task, so the
+//! engine reads it without a lock.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::task::{Context, Poll, Waker};
 
-use futures::task::AtomicWaker;
 use futures::Stream;
 use turbine_protocols::{EngineOutput, FinishReason};
 
@@ -44,11 +45,11 @@ impl TokenValues for Buffered {
     type Shared = Mutex<Vec<u32>>;
 
     fn store(shared: &Self::Shared, token: u32) {
-        shared.lock().unwrap_or_else(|e| e.into_inner()).push(token);
+        lock(shared).push(token);
     }
 
     fn take(&self, shared: &Self::Shared, from: u32, to: u32) -> Vec<u32> {
-        let mut tokens = shared.lock().unwrap_or_else(|e| e.into_inner());
+        let mut tokens = lock(shared);
         // Tokens stored after the count was read stay for the next output.
         let n = ((to - from) as usize).min(tokens.len());
         tokens.drain(..n).collect()
@@ -66,14 +67,21 @@ impl TokenValues for TokenSource {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 // The slot's state word: tokens counted so far, how the sequence finished (set with its
 // last token, in the same update, so that a reader that sees it has seen every token),
-// and whether either side has gone.
+// whether either side has gone, and whether the reader waits to be woken, through which
+// of its wakers.
 const COUNT_MASK: u64 = 0xFFFF_FFFF;
 const FINISH_SHIFT: u32 = 32;
 const FINISH_MASK: u64 = 0xFF << FINISH_SHIFT;
 const READER_GONE: u64 = 1 << 40;
 const WRITER_GONE: u64 = 1 << 41;
+const WAITING: u64 = 1 << 42;
+const WAITING_OTHER: u64 = 1 << 43;
 const NO_CACHED: u32 = u32::MAX;
 
 fn finish_code(finish: Option<FinishReason>) -> u64 {
@@ -95,16 +103,47 @@ fn finish_of(state: u64) -> Option<FinishReason> {
     }
 }
 
-// In this order so that `OutputWriter::warm` reaches both ends of what the engine touches,
-// which may straddle two cache lines; `shared` last, as the mocker's is empty.
+// In this order so that `OutputWriter::warm` reaches both ends of what the engine touches
+// per token, which may straddle two cache lines; the rest after.
 #[derive(Debug)]
 #[repr(C)]
 struct Slot<S> {
     state: AtomicU64,
-    waker: AtomicWaker,
+    /// The waker of the first task to wait on the stream; set once, so read without a lock.
+    waker: OnceLock<Waker>,
     /// Prompt tokens served from cache; written before the first token is counted.
     cached_tokens: AtomicU32,
+    /// The waker of any later task, should the stream move between tasks.
+    other_waker: Mutex<Option<Waker>>,
     shared: S,
+}
+
+impl<S> Slot<S> {
+    /// Wakes the reader if `state` says it waits.
+    fn wake(&self, state: u64) {
+        if state & WAITING != 0 {
+            if let Some(w) = self.waker.get() {
+                w.wake_by_ref();
+            }
+        }
+        if state & WAITING_OTHER != 0 {
+            if let Some(w) = lock(&self.other_waker).take() {
+                w.wake();
+            }
+        }
+    }
+
+    /// Keeps `waker` for the writer; returns the state bit that says which waker to use.
+    fn keep(&self, waker: &Waker) -> u64 {
+        if self.waker.get_or_init(|| waker.clone()).will_wake(waker) {
+            return WAITING;
+        }
+        let mut other = lock(&self.other_waker);
+        if !other.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            *other = Some(waker.clone());
+        }
+        WAITING_OTHER
+    }
 }
 
 /// The engine's end.
@@ -125,8 +164,9 @@ pub struct OutputReader<K: TokenValues> {
 pub fn output_slot<K: TokenValues>(values: K) -> (OutputWriter<K>, OutputReader<K>) {
     let slot = Arc::new(Slot {
         state: AtomicU64::new(0),
-        waker: AtomicWaker::new(),
+        waker: OnceLock::new(),
         cached_tokens: AtomicU32::new(NO_CACHED),
+        other_waker: Mutex::new(None),
         shared: K::Shared::default(),
     });
     let reader = OutputReader {
@@ -145,13 +185,16 @@ impl<K: TokenValues> OutputWriter<K> {
             self.0.cached_tokens.store(c.min(NO_CACHED - 1), Ordering::Relaxed);
         }
         K::store(&self.0.shared, token);
-        let old = self.0.state.fetch_add(1 | finish_code(finish), Ordering::Release);
+        // Counts the token and takes the reader's wait in one update: a reader that lags is
+        // woken once for all the tokens it will find.
+        let add = 1 | finish_code(finish);
+        let (Ok(old) | Err(old)) = self.0.state.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |s| {
+            Some((s + add) & !(WAITING | WAITING_OTHER))
+        });
         if old & READER_GONE != 0 {
             return false;
         }
-        // Takes the waker only if the reader registered one since the last wake-up, so a
-        // reader that lags is woken once for all the tokens it will find.
-        self.0.waker.wake();
+        self.0.wake(old);
         true
     }
 
@@ -164,12 +207,24 @@ impl<K: TokenValues> OutputWriter<K> {
 
 impl<K: TokenValues> Drop for OutputWriter<K> {
     fn drop(&mut self) {
-        self.0.state.fetch_or(WRITER_GONE, Ordering::Release);
-        self.0.waker.wake();
+        let old = self.0.state.fetch_or(WRITER_GONE, Ordering::AcqRel);
+        self.0.wake(old);
     }
 }
 
 impl<K: TokenValues> OutputReader<K> {
+    /// What `state` has for the reader: tokens, or the end; `None` if nothing yet.
+    fn ready(&mut self, state: u64) -> Option<Option<Result<EngineOutput, EngineError>>> {
+        if (state & COUNT_MASK) as u32 > self.delivered {
+            return Some(Some(Ok(self.take(state))));
+        }
+        if state & WRITER_GONE != 0 {
+            self.done = true;
+            return Some(None);
+        }
+        None
+    }
+
     fn take(&mut self, state: u64) -> EngineOutput {
         let counted = (state & COUNT_MASK) as u32;
         let cached_tokens = if self.delivered == 0 {
@@ -197,22 +252,17 @@ impl<K: TokenValues> Stream for OutputReader<K> {
         if self.done {
             return Poll::Ready(None);
         }
-        let mut registered = false;
-        loop {
-            let state = self.slot.state.load(Ordering::Acquire);
-            if (state & COUNT_MASK) as u32 > self.delivered {
-                return Poll::Ready(Some(Ok(self.take(state))));
-            }
-            if state & WRITER_GONE != 0 {
-                self.done = true;
-                return Poll::Ready(None);
-            }
-            if registered {
-                return Poll::Pending;
-            }
-            // Register, then look again: a token counted in between is not missed.
-            self.slot.waker.register(cx.waker());
-            registered = true;
+        let state = self.slot.state.load(Ordering::Acquire);
+        if let Some(ready) = self.ready(state) {
+            return Poll::Ready(ready);
+        }
+        // Wait, then look again, so that a token counted in between is not missed (if one
+        // was, the wait stays set, and the next token wakes the task once for nothing).
+        let wait = self.slot.keep(cx.waker());
+        let state = self.slot.state.fetch_or(wait, Ordering::AcqRel);
+        match self.ready(state) {
+            Some(ready) => Poll::Ready(ready),
+            None => Poll::Pending,
         }
     }
 }
@@ -266,6 +316,22 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(w.push(9, None, None));
         assert_eq!(reader.await.unwrap(), vec![9]);
+    }
+
+    #[tokio::test]
+    async fn a_reader_moved_to_another_task_is_woken_there() {
+        let (w, mut r) = output_slot(Buffered);
+        let waker = futures::task::noop_waker();
+        assert!(r.poll_next_unpin(&mut Context::from_waker(&waker)).is_pending());
+        let reader = tokio::spawn(async move {
+            let first = r.next().await.unwrap().unwrap().token_ids;
+            (first, r.next().await.unwrap().unwrap().token_ids)
+        });
+        tokio::task::yield_now().await;
+        assert!(w.push(1, None, None));
+        tokio::task::yield_now().await;
+        assert!(w.push(2, None, None));
+        assert_eq!(reader.await.unwrap(), (vec![1], vec![2]));
     }
 
     #[tokio::test]
