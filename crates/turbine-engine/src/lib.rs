@@ -49,6 +49,23 @@ pub trait KvCacheSource: Send + Sync + 'static {
     fn snapshot(&self) -> BoxFuture<'static, Result<KvSnapshot, EngineError>>;
 }
 
+/// Sends one batch of KV events to every subscriber of an engine, forgetting those that
+/// are gone. The last gets the batch itself, not a copy: there is usually one subscriber,
+/// and a busy engine sends a batch every step.
+pub fn broadcast_events(subscribers: &mut Vec<mpsc::UnboundedSender<Vec<KvEvent>>>, events: Vec<KvEvent>) {
+    if events.is_empty() {
+        return;
+    }
+    let last = subscribers.len().saturating_sub(1);
+    let mut events = Some(events);
+    let mut i = 0;
+    subscribers.retain(|s| {
+        let batch = if i == last { events.take() } else { events.clone() };
+        i += 1;
+        s.send(batch.unwrap_or_default()).is_ok()
+    });
+}
+
 /// A shareable handle on an engine's KV cache.
 #[derive(Clone)]
 pub struct KvCache(Arc<dyn KvCacheSource>);
@@ -81,4 +98,29 @@ pub enum EngineError {
     /// The engine stopped while the request was running.
     #[error("engine stopped")]
     Stopped,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use turbine_protocols::kv::KvEventData;
+
+    #[test]
+    fn every_live_subscriber_gets_the_batch_and_the_gone_are_forgotten() {
+        let (a, mut a_rx) = mpsc::unbounded_channel();
+        let (gone, gone_rx) = mpsc::unbounded_channel();
+        let (b, mut b_rx) = mpsc::unbounded_channel();
+        drop(gone_rx);
+        let mut subscribers = vec![a, gone, b];
+        let batch = vec![KvEvent {
+            event_id: 0,
+            data: KvEventData::Cleared,
+        }];
+        broadcast_events(&mut subscribers, batch.clone());
+        assert_eq!(subscribers.len(), 2);
+        assert_eq!(a_rx.try_recv().ok(), Some(batch.clone()));
+        assert_eq!(b_rx.try_recv().ok(), Some(batch));
+        broadcast_events(&mut subscribers, Vec::new());
+        assert!(a_rx.try_recv().is_err(), "an empty batch is not sent");
+    }
 }

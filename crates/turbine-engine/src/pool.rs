@@ -11,6 +11,7 @@
 //! - a sequence hash names at most one block; a registered block is in `cached` under it;
 //! - every block is either referenced or on the free list, never both.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 
 use turbine_protocols::kv::{CachedBlock, KvEvent, KvEventData, KvSnapshot, StoredBlock};
@@ -164,20 +165,20 @@ impl BlockPool {
     /// unregistered: it is freed like any other, and the first stays the cached one.
     pub fn register(&mut self, blocks: &[BlockId], hashes: &[BlockHash], parent: Option<SequenceHash>) {
         let mut run_parent = parent;
-        let mut run: Vec<StoredBlock> = Vec::new();
+        let mut run: Vec<StoredBlock> = Vec::with_capacity(blocks.len().min(hashes.len()));
         let mut prev = parent;
         for (&id, h) in blocks.iter().zip(hashes) {
             let block = &mut self.blocks[id as usize];
-            let already = self.cached.contains_key(&h.sequence);
-            if already || block.hash.is_some() {
-                if !run.is_empty() {
-                    self.emit(KvEventData::Stored {
-                        parent_hash: run_parent,
-                        blocks: std::mem::take(&mut run),
-                    });
-                }
-                run_parent = Some(h.sequence);
-            } else {
+            // One probe of `cached` both finds a hash already registered and claims a new one.
+            let claimed = block.hash.is_none()
+                && match self.cached.entry(h.sequence) {
+                    Entry::Vacant(entry) => {
+                        entry.insert(id);
+                        true
+                    }
+                    Entry::Occupied(_) => false,
+                };
+            if claimed {
                 let stored = StoredBlock {
                     sequence_hash: h.sequence,
                     local_hash: h.local,
@@ -186,8 +187,15 @@ impl BlockPool {
                     parent_hash: prev,
                     block: stored,
                 });
-                self.cached.insert(h.sequence, id);
                 run.push(stored);
+            } else {
+                if !run.is_empty() {
+                    self.emit(KvEventData::Stored {
+                        parent_hash: run_parent,
+                        blocks: std::mem::take(&mut run),
+                    });
+                }
+                run_parent = Some(h.sequence);
             }
             prev = Some(h.sequence);
         }

@@ -14,8 +14,8 @@ use candle_core::Device;
 use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
-use turbine_engine::output::{output_slot, OutputWriter};
-use turbine_engine::scheduler::{Scheduler, SeqId, SeqSpec, Step};
+use turbine_engine::output::{output_slot, Buffered, OutputWriter};
+use turbine_engine::scheduler::{Scheduler, SeqId, SeqSpec, Step, Stored};
 use turbine_engine::{Engine, EngineError, EngineStream, KvCache, KvCacheSource, MockerConfig};
 use turbine_protocols::kv::{KvEvent, KvSnapshot, WorkerLoad};
 use turbine_protocols::llm::SamplingOptions;
@@ -61,7 +61,7 @@ enum Msg {
         id: SeqId,
         spec: SeqSpec,
         sampling: SamplingOptions,
-        out: OutputWriter,
+        out: OutputWriter<Buffered>,
         done: oneshot::Sender<()>,
     },
     Cancel(SeqId),
@@ -206,7 +206,7 @@ impl Engine for NativeEngine {
             stop_token_ids: request.stop.stop_token_ids,
         };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (out, out_rx) = output_slot();
+        let (out, out_rx) = output_slot(Buffered);
         let (done, done_rx) = oneshot::channel();
         self.tx
             .send(Msg::Add {
@@ -256,7 +256,7 @@ impl KvCacheSource for NativeEngine {
 /// Where a sequence's tokens go, how they are picked, and what ends its cancellation
 /// watcher when dropped.
 struct Sink {
-    out: OutputWriter,
+    out: OutputWriter<Buffered>,
     sampler: Sampler,
     _done: oneshot::Sender<()>,
 }
@@ -264,7 +264,7 @@ struct Sink {
 struct Loop {
     model: Model,
     kv: PagedKv,
-    scheduler: Scheduler<Sink>,
+    scheduler: Scheduler<Sink, Stored>,
     subscribers: Vec<mpsc::UnboundedSender<Vec<KvEvent>>>,
     load: watch::Sender<WorkerLoad>,
     seed: u64,
@@ -354,10 +354,7 @@ impl Loop {
     }
 
     fn flush(&mut self) {
-        let events = self.scheduler.take_events();
-        if !events.is_empty() {
-            self.subscribers.retain(|s| s.send(events.clone()).is_ok());
-        }
+        turbine_engine::broadcast_events(&mut self.subscribers, self.scheduler.take_events());
         self.load.send_replace(self.scheduler.load());
     }
 

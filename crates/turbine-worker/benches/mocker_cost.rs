@@ -3,7 +3,9 @@
 //! Engines, workers and consumers share one runtime, as in `turbine serve`. The engines'
 //! own cost is their busy time (work done between waiting out simulated steps), printed
 //! beside the whole process's CPU time, as shares of one core over the measurement window;
-//! the workers' and consumers' part is what a router benchmark pays for in any case.
+//! the workers' and consumers' part is what a router benchmark pays for in any case. The
+//! share of the timing model's schedule kept tells a mocker that is cheap but late (its
+//! steps delayed by a busy runtime) from one that keeps up.
 //!
 //! `cargo bench -p turbine-worker --bench mocker_cost [-- WORKERS SEQS SPEEDUP SECONDS]`
 
@@ -16,6 +18,11 @@ use turbine_engine::{Engine, MockerConfig, MockerEngine};
 use turbine_protocols::{EngineOutput, ModelCard, PreprocessedRequest, StopConditions, TokenizerKind};
 use turbine_runtime::{EndpointId, MemoryDiscovery, MemoryEventPlane, Runtime, ServeOptions};
 use turbine_worker::{Worker, WorkerConfig};
+
+// The allocator of `turbine serve`: outputs allocate their token vectors, and the
+// allocator's cost is part of what a serving process pays.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// CPU seconds this process has used so far, from its `stat` file.
 fn cpu_seconds(stat_path: &str) -> f64 {
@@ -87,18 +94,22 @@ fn main() {
         // Let every prefill finish before measuring the steady decode state.
         tokio::time::sleep(Duration::from_secs(2)).await;
         let busy = |engines: &[MockerEngine]| engines.iter().map(|e| e.busy_time().as_secs_f64()).sum::<f64>();
-        let (cpu0, eng0) = (cpu_seconds("/proc/self/stat"), busy(&engines));
+        let simulated = |engines: &[MockerEngine]| engines.iter().map(|e| e.simulated_time().as_secs_f64()).sum::<f64>();
+        let (cpu0, eng0, sim0) = (cpu_seconds("/proc/self/stat"), busy(&engines), simulated(&engines));
         let (tokens0, t0) = (tokens.load(Ordering::Relaxed), Instant::now());
         tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
-        let (cpu1, eng1) = (cpu_seconds("/proc/self/stat"), busy(&engines));
+        let (cpu1, eng1, sim1) = (cpu_seconds("/proc/self/stat"), busy(&engines), simulated(&engines));
         let (tokens1, wall) = (tokens.load(Ordering::Relaxed), t0.elapsed().as_secs_f64());
         let (all, engine) = ((cpu1 - cpu0) / wall, (eng1 - eng0) / wall);
         let rate = (tokens1 - tokens0) as f64 / wall;
+        // Every engine is busy throughout, so on schedule its steps fill the wall time.
+        let on_schedule = (sim1 - sim0) / (wall * workers as f64);
         let per_token = |share: f64| share / rate.max(1.0) * 1e6;
         println!("mocker_cost: {workers} workers x {seqs} sequences, speedup {speedup}, {threads} runtime thread(s), {wall:.1} s measured");
         println!("  mocker engines (busy time): {:.1}% of one core", engine * 100.0);
         println!("  whole process, with workers and consumers: {:.1}% of one core", all * 100.0);
         println!("  tokens generated and consumed: {rate:.0}/s ({:.0}/s per worker)", rate / workers as f64);
+        println!("  simulated step time per wall time: {:.0}% of the schedule", on_schedule * 100.0);
         println!("  CPU per token: {:.2} us in the engines, {:.2} us in all", per_token(engine), per_token(all));
         for r in running {
             r.abort();

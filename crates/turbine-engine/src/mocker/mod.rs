@@ -1,6 +1,7 @@
 //! The mocker: a simulated engine with everything real but the matrix math. Requests go
 //! through a real block pool and a vLLM-like scheduler; each step sleeps for as long as
-//! the timing model says a GPU would take, and produces random tokens from a seeded RNG.
+//! the timing model says a GPU would take, and produces random tokens from a seeded RNG,
+//! counted rather than stored (their values are a function of seed and position).
 //!
 //! One task per engine owns the scheduler and loops: take new requests and cancellations,
 //! plan a step, wait out its duration (still taking cancellations, which free blocks at
@@ -22,7 +23,7 @@ use turbine_protocols::PreprocessedRequest;
 
 use crate::{Engine, EngineError, EngineStream, KvCache};
 use output::{output_slot, OutputWriter};
-use scheduler::{Scheduler, SeqId, SeqSpec};
+use scheduler::{token_source, Counted, Scheduler, SeqId, SeqSpec, TokenSource};
 
 /// The mocker's settings; the defaults are those of a vLLM worker on one large GPU.
 #[derive(Debug, Clone, PartialEq)]
@@ -97,7 +98,7 @@ enum Msg {
     Add {
         id: SeqId,
         spec: SeqSpec,
-        out: OutputWriter,
+        out: OutputWriter<TokenSource>,
         done: oneshot::Sender<()>,
     },
     Cancel(SeqId),
@@ -111,9 +112,11 @@ pub struct MockerEngine {
     tx: mpsc::UnboundedSender<Msg>,
     /// Nanoseconds the engine's loop has spent working (not waiting).
     busy_ns: Arc<AtomicU64>,
+    /// Nanoseconds of simulated steps, by the timing model.
+    simulated_ns: Arc<AtomicU64>,
     load: watch::Receiver<WorkerLoad>,
     next_id: Arc<AtomicU64>,
-    capacity_tokens: usize,
+    config: Arc<MockerConfig>,
 }
 
 impl std::fmt::Debug for Msg {
@@ -136,13 +139,15 @@ impl MockerEngine {
         let scheduler = Scheduler::new(config.clone());
         let (load_tx, load) = watch::channel(scheduler.load());
         let busy_ns = Arc::new(AtomicU64::new(0));
-        tokio::spawn(run(scheduler, rx, load_tx, busy_ns.clone()));
+        let simulated_ns = Arc::new(AtomicU64::new(0));
+        tokio::spawn(run(scheduler, rx, load_tx, busy_ns.clone(), simulated_ns.clone()));
         Ok(Self {
             tx,
             busy_ns,
+            simulated_ns,
             load,
             next_id: Arc::default(),
-            capacity_tokens: config.capacity_tokens(),
+            config: Arc::new(config),
         })
     }
 }
@@ -153,6 +158,12 @@ impl MockerEngine {
     pub fn busy_time(&self) -> Duration {
         Duration::from_nanos(self.busy_ns.load(Ordering::Relaxed))
     }
+
+    /// The summed durations of the steps run, by the timing model. Over a busy interval it
+    /// grows as fast as the clock if the engine keeps to its schedule, slower if it lags.
+    pub fn simulated_time(&self) -> Duration {
+        Duration::from_nanos(self.simulated_ns.load(Ordering::Relaxed))
+    }
 }
 
 impl Engine for MockerEngine {
@@ -161,10 +172,10 @@ impl Engine for MockerEngine {
         if prompt_len == 0 {
             return Err(EngineError::InvalidRequest("the prompt is empty".into()));
         }
-        if prompt_len >= self.capacity_tokens {
+        let capacity_tokens = self.config.capacity_tokens();
+        if prompt_len >= capacity_tokens {
             return Err(EngineError::InvalidRequest(format!(
-                "a prompt of {prompt_len} tokens does not fit this engine's KV cache of {} tokens",
-                self.capacity_tokens
+                "a prompt of {prompt_len} tokens does not fit this engine's KV cache of {capacity_tokens} tokens"
             )));
         }
         let max_tokens = request.stop.max_tokens.unwrap_or(u32::MAX);
@@ -174,7 +185,8 @@ impl Engine for MockerEngine {
             stop_token_ids: request.stop.stop_token_ids,
         };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (out, out_rx) = output_slot();
+        // The same tokens as the scheduler's for this sequence, which it only counts.
+        let (out, out_rx) = output_slot(token_source(&self.config, id));
         let (done, done_rx) = oneshot::channel();
         self.tx
             .send(Msg::Add { id, spec, out, done })
@@ -219,12 +231,12 @@ impl crate::KvCacheSource for MockerEngine {
 /// Where a sequence's tokens go, and what ends its cancellation watcher when dropped.
 #[derive(Debug)]
 struct Sink {
-    out: OutputWriter,
+    out: OutputWriter<TokenSource>,
     _done: oneshot::Sender<()>,
 }
 
 struct Loop {
-    scheduler: Scheduler<Sink>,
+    scheduler: Scheduler<Sink, Counted>,
     subscribers: Vec<mpsc::UnboundedSender<Vec<KvEvent>>>,
 }
 
@@ -245,11 +257,7 @@ impl Loop {
     }
 
     fn flush_events(&mut self) {
-        let events = self.scheduler.take_events();
-        if events.is_empty() {
-            return;
-        }
-        self.subscribers.retain(|s| s.send(events.clone()).is_ok());
+        crate::broadcast_events(&mut self.subscribers, self.scheduler.take_events());
     }
 }
 
@@ -258,10 +266,11 @@ impl Loop {
 const LOAD_UPDATE_INTERVAL: Duration = Duration::from_millis(5);
 
 async fn run(
-    scheduler: Scheduler<Sink>,
+    scheduler: Scheduler<Sink, Counted>,
     mut rx: mpsc::UnboundedReceiver<Msg>,
     load: watch::Sender<WorkerLoad>,
     busy_ns: Arc<AtomicU64>,
+    simulated_ns: Arc<AtomicU64>,
 ) {
     use tokio::time::Instant;
     let mut l = Loop {
@@ -300,7 +309,9 @@ async fn run(
             Some(c) if now.saturating_duration_since(c) < Duration::from_millis(2) => c,
             _ => now,
         };
-        let deadline = start + l.scheduler.duration(&step);
+        let duration = l.scheduler.duration(&step);
+        simulated_ns.fetch_add(duration.as_nanos() as u64, Ordering::Relaxed);
+        let deadline = start + duration;
         clock = Some(deadline);
         loop {
             tokio::select! {
@@ -318,6 +329,7 @@ async fn run(
             }
         }
         let work = std::time::Instant::now();
+        l.scheduler.touch_sinks(&step, |sink| sink.out.warm());
         // A sink that refuses a token has lost its reader: the sequence is dropped.
         l.scheduler
             .complete(&step, |sink, p| sink.out.push(p.token, p.cached_tokens, p.finish));

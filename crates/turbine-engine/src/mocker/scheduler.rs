@@ -7,8 +7,15 @@
 //!
 //! Sequences live in a slab and carry their output sink (`T`), so that a step touches each
 //! running sequence once: at a million tokens a second, memory traffic is the cost.
+//!
+//! A sequence's tokens are held as its engine needs them ([`SeqTokens`]): an engine that
+//! feeds generated tokens back into a model keeps them ([`Stored`], the native engine's);
+//! the mocker only counts them ([`Counted`]), since they are a function of position
+//! ([`TokenSource`]), computed when a block fills and must be hashed, when a stop token
+//! must be looked for, and by the reader. One scheduler serves both.
 
 use std::collections::{HashMap, VecDeque};
+use std::ops::Range;
 
 use turbine_protocols::kv::{KvEvent, KvSnapshot, WorkerLoad};
 use turbine_protocols::FinishReason;
@@ -28,17 +35,146 @@ pub struct SeqSpec {
     pub stop_token_ids: Vec<u32>,
 }
 
-#[derive(Debug)]
-struct Seq<T> {
-    id: SeqId,
-    sink: T,
+/// How the scheduler holds a sequence's tokens, prompt and generated.
+pub trait SeqTokens {
+    /// A sequence of `prompt` alone. Tokens the scheduler draws itself are seeded by
+    /// `config` and `id`.
+    fn new(prompt: Vec<u32>, config: &MockerConfig, id: SeqId) -> Self;
     /// Prompt and generated tokens.
+    fn total(&self) -> usize;
+    fn prompt_len(&self) -> usize;
+    /// The tokens at `positions`, written to `scratch` if they are not stored.
+    fn get<'a>(&'a self, positions: Range<usize>, scratch: &'a mut Vec<u32>) -> &'a [u32];
+    /// Appends `token`, the next generated one.
+    fn push(&mut self, token: u32);
+}
+
+/// Every token kept, for an engine that computes the next from them.
+#[derive(Debug)]
+pub struct Stored {
     tokens: Vec<u32>,
     prompt_len: usize,
+}
+
+impl SeqTokens for Stored {
+    fn new(prompt: Vec<u32>, _: &MockerConfig, _: SeqId) -> Self {
+        Self {
+            prompt_len: prompt.len(),
+            tokens: prompt,
+        }
+    }
+
+    fn total(&self) -> usize {
+        self.tokens.len()
+    }
+
+    fn prompt_len(&self) -> usize {
+        self.prompt_len
+    }
+
+    fn get<'a>(&'a self, positions: Range<usize>, _: &'a mut Vec<u32>) -> &'a [u32] {
+        &self.tokens[positions]
+    }
+
+    fn push(&mut self, token: u32) {
+        self.tokens.push(token);
+    }
+}
+
+/// The prompt kept and generated tokens counted: their values come from a [`TokenSource`]
+/// seeded by the engine's seed and the sequence's id, so the same requests in the same
+/// order give the same tokens.
+#[derive(Debug)]
+pub struct Counted {
+    prompt: Vec<u32>,
+    generated: u32,
+    source: TokenSource,
+}
+
+impl Counted {
+    /// The token the sequence generates next.
+    fn next(&self) -> u32 {
+        self.source.token(self.generated)
+    }
+}
+
+impl SeqTokens for Counted {
+    fn new(prompt: Vec<u32>, config: &MockerConfig, id: SeqId) -> Self {
+        Self {
+            prompt,
+            generated: 0,
+            source: token_source(config, id),
+        }
+    }
+
+    fn total(&self) -> usize {
+        self.prompt.len() + self.generated as usize
+    }
+
+    fn prompt_len(&self) -> usize {
+        self.prompt.len()
+    }
+
+    fn get<'a>(&'a self, positions: Range<usize>, scratch: &'a mut Vec<u32>) -> &'a [u32] {
+        let p = self.prompt.len();
+        scratch.clear();
+        scratch.extend_from_slice(&self.prompt[positions.start.min(p)..positions.end.min(p)]);
+        let generated = positions.start.saturating_sub(p) as u32..positions.end.saturating_sub(p) as u32;
+        scratch.extend(generated.map(|i| self.source.token(i)));
+        scratch
+    }
+
+    fn push(&mut self, _: u32) {
+        self.generated += 1;
+    }
+}
+
+/// The tokens a sequence generates: drawn uniformly from the vocabulary by a counter-based
+/// SplitMix64, so that the `i`th depends only on the seed and `i`. Reproducible, not
+/// unpredictable, and computable by whoever needs it without being stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenSource {
+    seed: u64,
+    vocab_start: u32,
+    vocab_len: u32,
+}
+
+const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+impl TokenSource {
+    pub fn new(seed: u64, vocab: &Range<u32>) -> Self {
+        Self {
+            seed,
+            vocab_start: vocab.start,
+            // An empty vocabulary is refused by `MockerConfig::validate`; 1 keeps this total.
+            vocab_len: vocab.end.saturating_sub(vocab.start).max(1),
+        }
+    }
+
+    /// The `i`th generated token, counting from 0.
+    pub fn token(&self, i: u32) -> u32 {
+        let mut z = self.seed.wrapping_add(GOLDEN_GAMMA.wrapping_mul(u64::from(i) + 1));
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        self.vocab_start + (z % u64::from(self.vocab_len)) as u32
+    }
+}
+
+/// The tokens sequence `id` generates under `config`.
+pub fn token_source(config: &MockerConfig, id: SeqId) -> TokenSource {
+    TokenSource::new(config.seed ^ id.wrapping_mul(GOLDEN_GAMMA), &config.vocab)
+}
+
+#[derive(Debug)]
+struct Seq<T, K> {
+    id: SeqId,
+    sink: T,
+    tokens: K,
     max_tokens: u32,
     stop_token_ids: Vec<u32>,
     blocks: Vec<BlockId>,
-    /// Hashes of every full block of `tokens`.
+    /// Hashes of every full block of the prompt and generated tokens.
     hashes: Vec<BlockHash>,
     /// Tokens whose KV is computed.
     computed: usize,
@@ -47,27 +183,29 @@ struct Seq<T> {
     /// Prompt tokens found cached when first admitted; reported on the first token.
     cached_tokens: Option<u32>,
     reported_first: bool,
-    rng: SplitMix64,
 }
 
-impl<T> Seq<T> {
+impl<T, K: SeqTokens> Seq<T, K> {
     fn generated(&self) -> usize {
-        self.tokens.len() - self.prompt_len
+        self.tokens.total() - self.tokens.prompt_len()
     }
 
     /// Tokens still to compute before the next token can be produced.
     fn pending(&self) -> usize {
-        self.tokens.len() - self.computed
+        self.tokens.total() - self.computed
     }
 
     fn is_decoding(&self) -> bool {
         self.generated() > 0 && self.pending() == 1
     }
 
-    fn push_token(&mut self, token: u32, block_size: usize) {
+    /// Appends the next generated token, hashing the block it fills. `scratch` holds the
+    /// block's tokens if they are not stored, so that hashing allocates nothing.
+    fn push_token(&mut self, token: u32, block_size: usize, scratch: &mut Vec<u32>) {
         self.tokens.push(token);
-        if self.tokens.len() % block_size == 0 {
-            let local = local_hash(&self.tokens[self.tokens.len() - block_size..]);
+        let len = self.tokens.total();
+        if len % block_size == 0 {
+            let local = local_hash(self.tokens.get(len - block_size..len, scratch));
             let sequence = self.hashes.last().map_or(local, |p| chain_hash(p.sequence, local));
             self.hashes.push(BlockHash { local, sequence });
         }
@@ -117,19 +255,22 @@ pub struct Produced {
     pub finish: Option<FinishReason>,
 }
 
+/// The scheduler of sequences whose tokens go to sinks of type `T`, held as `K`.
 #[derive(Debug)]
-pub struct Scheduler<T> {
+pub struct Scheduler<T, K> {
     config: MockerConfig,
     pool: BlockPool,
-    slots: Vec<Option<Seq<T>>>,
+    slots: Vec<Option<Seq<T, K>>>,
     free_slots: Vec<usize>,
     /// Slot of each live sequence, for cancellation by id.
     index: HashMap<SeqId, usize>,
     waiting: VecDeque<usize>,
     running: Vec<usize>,
+    /// A block's tokens while they are hashed.
+    scratch: Vec<u32>,
 }
 
-impl<T> Scheduler<T> {
+impl<T, K: SeqTokens> Scheduler<T, K> {
     pub fn new(config: MockerConfig) -> Self {
         let pool = BlockPool::new(config.num_blocks, config.block_size);
         Self {
@@ -140,12 +281,11 @@ impl<T> Scheduler<T> {
             index: HashMap::new(),
             waiting: VecDeque::new(),
             running: Vec::new(),
+            scratch: Vec::new(),
         }
     }
 
-    /// Queues a sequence whose tokens go to `sink`; its prompt must fit in the pool. Its
-    /// output is drawn from an RNG seeded by the engine's seed and `id`, so the same
-    /// requests in the same order give the same tokens.
+    /// Queues a sequence whose tokens go to `sink`; its prompt must fit in the pool.
     pub fn add(&mut self, id: SeqId, spec: SeqSpec, sink: T) {
         let bs = self.config.block_size;
         let hashes = turbine_tokens::block_hashes(&spec.prompt, bs);
@@ -155,8 +295,7 @@ impl<T> Scheduler<T> {
         let seq = Seq {
             id,
             sink,
-            prompt_len: spec.prompt.len(),
-            tokens: spec.prompt,
+            tokens: K::new(spec.prompt, &self.config, id),
             max_tokens: spec.max_tokens.min(room).max(1),
             stop_token_ids: spec.stop_token_ids,
             blocks: Vec::new(),
@@ -165,7 +304,6 @@ impl<T> Scheduler<T> {
             registered: 0,
             cached_tokens: None,
             reported_first: false,
-            rng: SplitMix64(self.config.seed ^ id.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
         };
         let slot = match self.free_slots.pop() {
             Some(slot) => {
@@ -199,11 +337,11 @@ impl<T> Scheduler<T> {
         }
     }
 
-    fn seq(&self, slot: usize) -> &Seq<T> {
+    fn seq(&self, slot: usize) -> &Seq<T, K> {
         self.slots[slot].as_ref().expect("queued slots hold a sequence")
     }
 
-    fn seq_mut(&mut self, slot: usize) -> &mut Seq<T> {
+    fn seq_mut(&mut self, slot: usize) -> &mut Seq<T, K> {
         self.slots[slot].as_mut().expect("queued slots hold a sequence")
     }
 
@@ -220,7 +358,12 @@ impl<T> Scheduler<T> {
     pub fn schedule(&mut self) -> Step {
         let bs = self.config.block_size;
         let mut budget = self.config.max_num_batched_tokens;
-        let mut step = Step::default();
+        // Sized once: grown entry by entry, its reallocations cost more than its entries.
+        let entries = (self.running.len() + self.waiting.len()).min(self.config.max_num_seqs);
+        let mut step = Step {
+            entries: Vec::with_capacity(entries),
+            ..Step::default()
+        };
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let slot = self.running[i];
@@ -270,12 +413,12 @@ impl<T> Scheduler<T> {
             // Reuse cached blocks, but always leave at least one token to compute: the
             // step that computes it produces the next token.
             let matched = if self.config.enable_prefix_caching {
-                self.pool.match_prefix(&seq.hashes).min((seq.tokens.len() - 1) / bs)
+                self.pool.match_prefix(&seq.hashes).min((seq.tokens.total() - 1) / bs)
             } else {
                 0
             };
             let computed = matched * bs;
-            let n = (seq.tokens.len() - computed).min(budget);
+            let n = (seq.tokens.total() - computed).min(budget);
             let fresh_needed = (computed + n).div_ceil(bs) - matched;
             let leaving_free_list = self.pool.free_among_prefix(&seq.hashes, matched);
             if self.pool.num_free() < fresh_needed + leaving_free_list {
@@ -311,44 +454,26 @@ impl<T> Scheduler<T> {
         timing::step_duration(step.prefill_tokens, step.decodes, usage, self.config.speedup)
     }
 
-    /// Applies a finished step, handing each token produced to `emit` with its sequence's
-    /// sink; a sequence whose sink refuses it (`false`: nobody reads) is dropped.
-    /// Sequences cancelled meanwhile are skipped. Tokens are drawn from each sequence's
-    /// seeded generator, as the mocker's are.
-    pub fn complete(&mut self, step: &Step, emit: impl FnMut(&T, Produced) -> bool) {
-        let vocab = self.config.vocab.clone();
-        let span = u64::from(vocab.end - vocab.start);
-        self.complete_inner(step, |seq, _| vocab.start + (seq.rng.next() % span) as u32, emit);
+    /// Hands `touch` the sink of every sequence in `step`, before it is completed. The
+    /// sinks are scattered in memory: visiting them all first, with nothing in between
+    /// that waits on memory, lets their cache misses overlap instead of stalling one by
+    /// one behind each delivery.
+    pub fn touch_sinks(&self, step: &Step, mut touch: impl FnMut(&T)) {
+        for &(slot, id, _) in &step.entries {
+            if let Some(seq) = self.slots[slot].as_ref().filter(|s| s.id == id) {
+                touch(&seq.sink);
+            }
+        }
     }
 
-    /// [`Scheduler::complete`] for an engine that computes its tokens: `next` is asked, for
-    /// the step's entry at that index, the token that follows once its sequence caught up.
-    pub fn complete_with(
-        &mut self,
-        step: &Step,
-        mut next: impl FnMut(usize, &mut T) -> u32,
-        emit: impl FnMut(&T, Produced) -> bool,
-    ) {
-        self.complete_inner(step, |seq, i| next(i, &mut seq.sink), emit);
-    }
-
-    /// What the step's entry computes: its tokens, the position of the first, and the
-    /// sequence's blocks. `None` for a sequence cancelled since the step was planned.
-    pub fn input(&self, entry: &(usize, SeqId, usize)) -> Option<StepInput<'_>> {
-        let &(slot, id, n) = entry;
-        let seq = self.slots.get(slot)?.as_ref().filter(|s| s.id == id)?;
-        Some(StepInput {
-            tokens: &seq.tokens[seq.computed..seq.computed + n],
-            start: seq.computed,
-            blocks: &seq.blocks,
-            completes: seq.computed + n == seq.tokens.len(),
-        })
-    }
-
+    /// Applies a finished step: `next` gives the token that follows, for the step's entry
+    /// at that index, once its sequence caught up; each is handed to `emit` with the
+    /// sequence's sink, and a sequence whose sink refuses it (`false`: nobody reads) is
+    /// dropped. Sequences cancelled meanwhile are skipped.
     fn complete_inner(
         &mut self,
         step: &Step,
-        mut next: impl FnMut(&mut Seq<T>, usize) -> u32,
+        mut next: impl FnMut(&mut Seq<T, K>, usize) -> u32,
         mut emit: impl FnMut(&T, Produced) -> bool,
     ) {
         let bs = self.config.block_size;
@@ -368,11 +493,11 @@ impl<T> Scheduler<T> {
                 );
                 seq.registered = full;
             }
-            if seq.computed < seq.tokens.len() {
+            if seq.computed < seq.tokens.total() {
                 continue;
             }
             let token = next(seq, i);
-            seq.push_token(token, bs);
+            seq.push_token(token, bs, &mut self.scratch);
             let finish = if seq.stop_token_ids.contains(&token) {
                 Some(FinishReason::Stop)
             } else if seq.generated() >= seq.max_tokens as usize {
@@ -398,7 +523,7 @@ impl<T> Scheduler<T> {
     }
 
     pub fn load(&self) -> WorkerLoad {
-        let prefill = |s: &Seq<T>| if s.is_decoding() { 0 } else { s.pending() as u64 };
+        let prefill = |s: &Seq<T, K>| if s.is_decoding() { 0 } else { s.pending() as u64 };
         WorkerLoad {
             active_seqs: self.running.len() as u32,
             waiting_seqs: self.waiting.len() as u32,
@@ -437,17 +562,40 @@ impl<T> Scheduler<T> {
     }
 }
 
-/// A tiny, fast, seedable generator (SplitMix64): the mocker's tokens need to be
-/// reproducible, not unpredictable, and the state is one word per sequence.
-#[derive(Debug, Clone)]
-struct SplitMix64(u64);
+impl<T> Scheduler<T, Counted> {
+    /// Applies a finished step, handing each token produced to `emit` with its sequence's
+    /// sink; a sequence whose sink refuses it (`false`: nobody reads) is dropped.
+    /// Sequences cancelled meanwhile are skipped. Tokens come from each sequence's
+    /// [`TokenSource`], as the mocker's do.
+    pub fn complete(&mut self, step: &Step, emit: impl FnMut(&T, Produced) -> bool) {
+        self.complete_inner(step, |seq, _| seq.tokens.next(), emit);
+    }
+}
 
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+impl<T> Scheduler<T, Stored> {
+    /// Applies a finished step of an engine that computes its tokens: `next` is asked, for
+    /// the step's entry at that index, the token that follows once its sequence caught up.
+    /// Otherwise as [`Scheduler::complete`].
+    pub fn complete_with(
+        &mut self,
+        step: &Step,
+        mut next: impl FnMut(usize, &mut T) -> u32,
+        emit: impl FnMut(&T, Produced) -> bool,
+    ) {
+        self.complete_inner(step, |seq, i| next(i, &mut seq.sink), emit);
+    }
+
+    /// What the step's entry computes: its tokens, the position of the first, and the
+    /// sequence's blocks. `None` for a sequence cancelled since the step was planned.
+    pub fn input(&self, entry: &(usize, SeqId, usize)) -> Option<StepInput<'_>> {
+        let &(slot, id, n) = entry;
+        let seq = self.slots.get(slot)?.as_ref().filter(|s| s.id == id)?;
+        let tokens = &seq.tokens.tokens;
+        Some(StepInput {
+            tokens: &tokens[seq.computed..seq.computed + n],
+            start: seq.computed,
+            blocks: &seq.blocks,
+            completes: seq.computed + n == tokens.len(),
+        })
     }
 }

@@ -9,7 +9,7 @@ use rand::{Rng, SeedableRng};
 use tokio_util::sync::CancellationToken;
 use turbine_protocols::{FinishReason, PreprocessedRequest, StopConditions};
 
-use super::scheduler::{Produced, Scheduler, SeqSpec, Step};
+use super::scheduler::{token_source, Counted, Produced, Scheduler, SeqSpec, Step, Stored, TokenSource};
 use super::{timing, MockerConfig, MockerEngine};
 use crate::pool::EventReplica;
 use crate::Engine;
@@ -34,7 +34,7 @@ fn spec(prompt_len: usize, max_tokens: u32, fill: u32) -> SeqSpec {
 
 /// Steps until idle, checking limits and invariants every step; returns every step and
 /// every token produced.
-fn drive(s: &mut Scheduler<()>, replica: &mut EventReplica, max_steps: usize) -> (Vec<Step>, Vec<Produced>) {
+fn drive(s: &mut Scheduler<(), Counted>, replica: &mut EventReplica, max_steps: usize) -> (Vec<Step>, Vec<Produced>) {
     let (mut steps, mut produced) = (Vec::new(), Vec::new());
     while !s.is_idle() {
         assert!(steps.len() < max_steps, "not done after {max_steps} steps");
@@ -53,7 +53,7 @@ fn drive(s: &mut Scheduler<()>, replica: &mut EventReplica, max_steps: usize) ->
     (steps, produced)
 }
 
-fn check_step(s: &Scheduler<()>, step: &Step) {
+fn check_step(s: &Scheduler<(), Counted>, step: &Step) {
     assert!(
         step.tokens() <= s.config_budget(),
         "token budget exceeded: {} tokens",
@@ -70,7 +70,7 @@ fn check_step(s: &Scheduler<()>, step: &Step) {
     );
 }
 
-impl Scheduler<()> {
+impl Scheduler<(), Counted> {
     fn config_budget(&self) -> usize {
         self.config().max_num_batched_tokens
     }
@@ -154,6 +154,103 @@ fn shared_prefix_is_served_from_cache() {
     assert_eq!(second[0].cached_tokens, Some(16));
     assert_eq!(steps[0].prefill_tokens, 4);
     assert_eq!(replica.registered, EventReplica::of(&s.snapshot()));
+}
+
+#[test]
+fn blocks_of_generated_tokens_are_hashed_from_the_tokens_the_reader_sees() {
+    // A 10-token prompt with 4-token blocks: generated tokens fill the block the prompt
+    // left partial, then blocks of their own.
+    let mut s = Scheduler::new(config(64, 64, 8));
+    let mut replica = EventReplica::default();
+    let prompt: Vec<u32> = (100..110).collect();
+    s.add(
+        0,
+        SeqSpec {
+            prompt: prompt.clone(),
+            max_tokens: 15,
+            stop_token_ids: vec![],
+        },
+        (),
+    );
+    let (_, produced) = drive(&mut s, &mut replica, 40);
+    let mut tokens = prompt;
+    tokens.extend(produced.iter().map(|p| p.token));
+    // The last token is produced but never computed, so its block is not registered.
+    let expected = turbine_tokens::block_hashes(&tokens[..tokens.len() - 1], 4);
+    assert_eq!(expected.len(), 6);
+    assert_eq!(
+        replica.registered,
+        expected.iter().map(|h| h.sequence).collect(),
+        "every full block, prompt and generated, registered under its hash"
+    );
+}
+
+#[test]
+fn stored_and_counted_tokens_schedule_alike() {
+    // An engine that computes the mocker's tokens and has them stored must see the same
+    // steps, tokens and KV events as the mocker, whose tokens are only counted; and what
+    // it is asked to compute after a preemption includes the tokens it generated.
+    let cfg = config(12, 64, 8);
+    let mut counted: Scheduler<(), Counted> = Scheduler::new(cfg.clone());
+    let mut stored: Scheduler<u64, Stored> = Scheduler::new(cfg.clone());
+    for i in 0..4 {
+        counted.add(i, spec(5, 16, i as u32 + 1), ());
+        stored.add(i, spec(5, 16, i as u32 + 1), 0);
+    }
+    let (mut a, mut b) = (EventReplica::default(), EventReplica::default());
+    let mut preempted = 0;
+    while !counted.is_idle() {
+        let step = counted.schedule();
+        assert_eq!(stored.schedule(), step);
+        preempted += step.preempted.len();
+        for entry in &step.entries {
+            let input = stored.input(entry).expect("a live sequence");
+            assert_eq!(input.tokens.len(), entry.2);
+            assert!(input.blocks.len() * 4 >= input.start + entry.2);
+        }
+        let (mut from_counted, mut from_stored) = (Vec::new(), Vec::new());
+        counted.complete(&step, |_, p| {
+            from_counted.push(p);
+            true
+        });
+        stored.complete_with(
+            &step,
+            |i, generated| {
+                let token = token_source(&cfg, step.entries[i].1).token(*generated as u32);
+                *generated += 1;
+                token
+            },
+            |_, p| {
+                from_stored.push(p);
+                true
+            },
+        );
+        assert_eq!(from_counted, from_stored);
+        for e in counted.take_events() {
+            a.apply(&e).expect("consistent events");
+        }
+        for e in stored.take_events() {
+            b.apply(&e).expect("consistent events");
+        }
+        assert_eq!(a.registered, b.registered);
+    }
+    assert!(preempted > 0, "memory pressure forces preemption, and recomputation");
+    assert!(stored.is_idle());
+}
+
+#[test]
+fn tokens_are_those_of_a_sequential_splitmix64() {
+    // The generator the mocker used before tokens were computed by position.
+    let mut state: u64 = 42;
+    let s = TokenSource::new(42, &(5..1005));
+    for i in 0..100 {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        assert_eq!(s.token(i), 5 + (z % 1000) as u32);
+    }
 }
 
 #[test]

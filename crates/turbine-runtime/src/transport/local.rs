@@ -73,13 +73,13 @@ impl LocalRegistry {
                 cancel_on_drop: token.drop_guard(),
             }),
         };
-        Ok(ResponseStream::new(stream.boxed()))
+        Ok(ResponseStream::local(stream))
     }
 }
 
 /// The handler's stream with what must end with it: the in-flight count, and the token
 /// that cancels the request if the stream is dropped before its end.
-struct Guarded<S> {
+pub(crate) struct Guarded<S> {
     inner: S,
     guards: Option<Guards>,
 }

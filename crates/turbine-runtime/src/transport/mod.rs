@@ -131,12 +131,27 @@ impl RequestError {
 
 /// The responses of one call. Dropping it before it ends cancels the request.
 pub struct ResponseStream<T> {
-    inner: BoxStream<'static, Result<T, RequestError>>,
+    inner: Responses<T>,
+}
+
+/// The local transport's stream is held inline rather than boxed once more: every output
+/// of an in-process call goes through it, and each box is one more pointer to chase.
+enum Responses<T> {
+    Remote(BoxStream<'static, Result<T, RequestError>>),
+    Local(local::Guarded<BoxStream<'static, Result<T, HandlerError>>>),
 }
 
 impl<T> ResponseStream<T> {
     pub(crate) fn new(inner: BoxStream<'static, Result<T, RequestError>>) -> Self {
-        Self { inner }
+        Self {
+            inner: Responses::Remote(inner),
+        }
+    }
+
+    pub(crate) fn local(inner: local::Guarded<BoxStream<'static, Result<T, HandlerError>>>) -> Self {
+        Self {
+            inner: Responses::Local(inner),
+        }
     }
 }
 
@@ -150,7 +165,10 @@ impl<T> Stream for ResponseStream<T> {
     type Item = Result<T, RequestError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.inner.as_mut().poll_next(cx)
+        match &mut self.inner {
+            Responses::Remote(s) => s.as_mut().poll_next(cx),
+            Responses::Local(s) => Pin::new(s).poll_next(cx),
+        }
     }
 }
 
