@@ -262,24 +262,41 @@ fn synthetic_prompt(
     }
 }
 
-/// Text of about `len` tokens under `codec`, made of words spelled from `ids` so that it is as
-/// deterministic (and as shared between prompts) as the ids.
+/// Text of `len` tokens under `codec` (give or take a token where the text is cut), made of
+/// words spelled from `ids` so that it is as deterministic, and as shared between prompts, as
+/// the ids.
 fn words(codec: &dyn TextCodec, ids: &[u32], len: u32) -> String {
     const LETTERS: &[u8] = b"etaoinshrdlucmfwyp";
+    if len == 0 || ids.is_empty() {
+        return String::new();
+    }
+    let len = len as usize;
     let mut text = String::with_capacity(ids.len());
-    for (i, id) in ids.iter().enumerate() {
-        // Every fifth character a space: word-like text that real tokenizers split as usual.
-        if i % 5 == 4 {
-            text.push(' ');
-        } else {
-            text.push(char::from(LETTERS[*id as usize % LETTERS.len()]));
+    let mut next = 0usize;
+    // One character per id first: exactly `len` tokens for a byte-level tokenizer. A real
+    // one packs several characters into a token, so the text grows (the ids read again,
+    // shifted each pass) until it encodes to at least `len` tokens.
+    loop {
+        let target = text.len() + ids.len().max(len.saturating_sub(codec.encode(&text).len()) * 2);
+        while text.len() < target {
+            // Every fifth character a space: word-like text that tokenizers split as usual.
+            if next % 5 == 4 {
+                text.push(' ');
+            } else {
+                let id = ids[next % ids.len()] as usize + next / ids.len();
+                text.push(char::from(LETTERS[id % LETTERS.len()]));
+            }
+            next += 1;
+        }
+        let encoded = codec.encode(&text);
+        if encoded.len() >= len {
+            return if encoded.len() == len {
+                text
+            } else {
+                codec.decode(&encoded[..len])
+            };
         }
     }
-    let encoded = codec.encode(&text);
-    if encoded.len() <= len as usize {
-        return text;
-    }
-    codec.decode(&encoded[..len as usize])
 }
 
 #[cfg(test)]
@@ -373,6 +390,57 @@ mod tests {
             let Prompt::Text(text) = &t.prompt else { panic!() };
             assert_eq!(text.len(), 100, "{text}");
         }
+    }
+
+    /// Three characters to a token, as a real tokenizer packs several.
+    struct Packing;
+
+    impl TextCodec for Packing {
+        fn encode(&self, text: &str) -> Vec<u32> {
+            text.as_bytes()
+                .chunks(3)
+                .map(|c| c.iter().fold(0u32, |a, &b| a * 256 + u32::from(b)))
+                .collect()
+        }
+
+        fn decode(&self, ids: &[u32]) -> String {
+            ids.iter()
+                .flat_map(|&id| {
+                    let b = id.to_be_bytes();
+                    b.into_iter().skip_while(|&x| x == 0).collect::<Vec<_>>()
+                })
+                .map(char::from)
+                .collect()
+        }
+    }
+
+    #[test]
+    fn text_prompts_have_their_length_under_a_packing_tokenizer() {
+        let w = Workload::Synthetic {
+            spec: synthetic(0.5, 1),
+            text: Some(Arc::new(Packing)),
+            token_ids: 32..256,
+        };
+        let prompts: Vec<String> = w
+            .jobs()
+            .take(5)
+            .map(|s| match s.job {
+                Job::Request(RequestSpec {
+                    prompt: Prompt::Text(t),
+                    ..
+                }) => t,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        for p in &prompts {
+            assert_eq!(Packing.encode(p).len(), 100, "{p:?}");
+        }
+        // Two groups: some pair of the five shares its first 50 tokens' text.
+        let shared = prompts
+            .iter()
+            .enumerate()
+            .any(|(i, a)| prompts[i + 1..].iter().any(|b| a[..150] == b[..150]));
+        assert!(shared, "{prompts:?}");
     }
 
     #[test]
