@@ -230,5 +230,8 @@ async fn poisson_arrivals_average_the_rate_and_stop_at_the_duration() {
         .unwrap();
     // 60 expected; a Poisson count's standard deviation is about 8.
     assert!((30..=90).contains(&out.records.len()), "{}", out.records.len());
-    assert!(out.records.iter().all(|r| r.start < 0.6));
+    // Nothing is dispatched after 0.6 s; a task dispatched just before may start a little
+    // later on a busy machine.
+    let last = out.records.iter().map(|r| r.start).fold(0.0, f64::max);
+    assert!(last < 0.75, "a request started at {last} s");
 }
