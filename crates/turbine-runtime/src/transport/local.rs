@@ -80,8 +80,11 @@ impl LocalRegistry {
 /// The handler's stream with what must end with it: the in-flight count, and the token
 /// that cancels the request if the stream is dropped before its end.
 pub(crate) struct Guarded<S> {
-    inner: S,
+    // Declared, so dropped, before `inner`: a dropped stream cancels its request before the
+    // handler's receiver goes, so a handler that watches its context sees the cancellation
+    // rather than only a closed channel.
     guards: Option<Guards>,
+    inner: S,
 }
 
 struct Guards {
