@@ -106,6 +106,19 @@ fn help_is_accurate() -> Result<()> {
     Ok(())
 }
 
+/// Runs the binary with `args` and checks that it fails with `needle` on stderr's first line.
+fn fails_with_first_line_naming(args: &[&str], needle: &str) -> Result<()> {
+    let out = Command::new(BIN).args(args).output()?;
+    assert!(!out.status.success(), "{args:?} succeeded");
+    let err = String::from_utf8(out.stderr)?;
+    let first = err.lines().next().unwrap_or_default();
+    assert!(
+        first.contains(needle),
+        "{args:?}: first line {first:?} should name {needle:?}"
+    );
+    Ok(())
+}
+
 #[test]
 fn bad_arguments_fail_with_one_line_naming_the_value() -> Result<()> {
     for (args, needle) in [
@@ -114,14 +127,7 @@ fn bad_arguments_fail_with_one_line_naming_the_value() -> Result<()> {
         (&["serve", "--engine", "gpt"], "gpt"),
         (&["serve", "--host", "not-an-ip"], "not-an-ip"),
     ] {
-        let out = Command::new(BIN).args(args).output()?;
-        assert!(!out.status.success(), "{args:?} succeeded");
-        let err = String::from_utf8(out.stderr)?;
-        let first = err.lines().next().unwrap_or_default();
-        assert!(
-            first.contains(needle),
-            "{args:?}: first line {first:?} should name {needle:?}"
-        );
+        fails_with_first_line_naming(&args, needle)?;
     }
     Ok(())
 }
@@ -522,14 +528,7 @@ fn bench_and_trace_refuse_bad_input_with_one_line() -> Result<()> {
         ),
         (vec!["bench", "compare", "/nonexistent.json"], "/nonexistent.json"),
     ] {
-        let out = Command::new(BIN).args(&args).output()?;
-        assert!(!out.status.success(), "{args:?} succeeded");
-        let err = String::from_utf8(out.stderr)?;
-        let first = err.lines().next().unwrap_or_default();
-        assert!(
-            first.contains(needle),
-            "{args:?}: first line {first:?} should name {needle:?}"
-        );
+        fails_with_first_line_naming(&args, needle)?;
     }
     Ok(())
 }
