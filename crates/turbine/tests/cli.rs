@@ -127,7 +127,7 @@ fn bad_arguments_fail_with_one_line_naming_the_value() -> Result<()> {
         (&["serve", "--engine", "gpt"], "gpt"),
         (&["serve", "--host", "not-an-ip"], "not-an-ip"),
     ] {
-        fails_with_first_line_naming(&args, needle)?;
+        fails_with_first_line_naming(args, needle)?;
     }
     Ok(())
 }
