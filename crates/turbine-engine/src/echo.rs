@@ -3,10 +3,9 @@
 
 use std::time::Duration;
 
-use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use turbine_protocols::{EngineOutput, FinishReason, PreprocessedRequest};
+use turbine_protocols::{EngineOutput, FinishReason, OutputTokens, PreprocessedRequest};
 
 use crate::{Engine, EngineError, EngineStream};
 
@@ -54,7 +53,7 @@ impl Engine for EchoEngine {
 }
 
 fn receiver_stream(mut rx: mpsc::Receiver<Result<EngineOutput, EngineError>>) -> EngineStream {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
+    EngineStream::new(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)))
 }
 
 /// The whole output of echoing `request`: one token per output, honouring `max_tokens` and
@@ -73,14 +72,14 @@ fn echo_outputs(request: &PreprocessedRequest) -> Vec<EngineOutput> {
             break;
         }
         outputs.push(EngineOutput {
-            token_ids: vec![token],
+            token_ids: OutputTokens::from_slice(&[token]),
             ..Default::default()
         });
     }
     match outputs.last_mut() {
         Some(last) => last.finish_reason = Some(finish),
         None => outputs.push(EngineOutput {
-            token_ids: vec![],
+            token_ids: OutputTokens::new(),
             finish_reason: Some(finish),
             cached_tokens: None,
         }),
@@ -93,6 +92,7 @@ fn echo_outputs(request: &PreprocessedRequest) -> Vec<EngineOutput> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::StreamExt;
     use turbine_protocols::StopConditions;
 
     fn req(tokens: &[u32], max_tokens: Option<u32>, stop_token_ids: Vec<u32>) -> PreprocessedRequest {

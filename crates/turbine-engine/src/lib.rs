@@ -9,10 +9,13 @@ mod echo;
 pub mod mocker;
 pub mod pool;
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
+use futures::Stream;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use turbine_protocols::kv::{KvEvent, KvSnapshot, WorkerLoad};
@@ -22,7 +25,56 @@ pub use echo::{EchoConfig, EchoEngine};
 pub use mocker::{output, scheduler, MockerConfig, MockerConfigError, MockerEngine};
 
 /// What an engine streams: outputs, the last of which carries a `finish_reason`.
-pub type EngineStream = BoxStream<'static, Result<EngineOutput, EngineError>>;
+///
+/// The shared scheduler's output slots are held inline, any other stream boxed: every
+/// token an engine produces passes through here, and a box is one more pointer to chase
+/// and one more call that cannot be inlined, per token, for the engines that produce
+/// the most.
+pub struct EngineStream(Outputs);
+
+enum Outputs {
+    Counted(output::OutputReader<scheduler::TokenSource>),
+    Buffered(output::OutputReader<output::Buffered>),
+    Boxed(BoxStream<'static, Result<EngineOutput, EngineError>>),
+}
+
+impl EngineStream {
+    /// Any stream of outputs, for engines that do not use the shared scheduler's slots.
+    pub fn new(stream: impl Stream<Item = Result<EngineOutput, EngineError>> + Send + 'static) -> Self {
+        Self(Outputs::Boxed(Box::pin(stream)))
+    }
+}
+
+impl From<output::OutputReader<scheduler::TokenSource>> for EngineStream {
+    fn from(reader: output::OutputReader<scheduler::TokenSource>) -> Self {
+        Self(Outputs::Counted(reader))
+    }
+}
+
+impl From<output::OutputReader<output::Buffered>> for EngineStream {
+    fn from(reader: output::OutputReader<output::Buffered>) -> Self {
+        Self(Outputs::Buffered(reader))
+    }
+}
+
+impl Stream for EngineStream {
+    type Item = Result<EngineOutput, EngineError>;
+
+    #[inline]
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        match &mut self.0 {
+            Outputs::Counted(r) => Pin::new(r).poll_next(cx),
+            Outputs::Buffered(r) => Pin::new(r).poll_next(cx),
+            Outputs::Boxed(s) => s.as_mut().poll_next(cx),
+        }
+    }
+}
+
+impl std::fmt::Debug for EngineStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineStream").finish_non_exhaustive()
+    }
+}
 
 /// An inference engine.
 ///

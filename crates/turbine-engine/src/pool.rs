@@ -12,10 +12,9 @@
 //! - every block is either referenced or on the free list, never both.
 
 use std::collections::hash_map::Entry;
-use std::collections::HashMap;
 
 use turbine_protocols::kv::{CachedBlock, KvEvent, KvEventData, KvSnapshot, StoredBlock};
-use turbine_tokens::{BlockHash, SequenceHash};
+use turbine_tokens::{BlockHash, HashMapOfHashes, SequenceHash};
 
 /// Index of a block in the pool.
 pub type BlockId = u32;
@@ -40,7 +39,7 @@ pub struct BlockPool {
     head: BlockId,
     tail: BlockId,
     free: usize,
-    cached: HashMap<SequenceHash, BlockId>,
+    cached: HashMapOfHashes<BlockId>,
     next_event_id: u64,
     events: Vec<KvEvent>,
 }
@@ -66,7 +65,7 @@ impl BlockPool {
             head: NIL,
             tail: NIL,
             free: 0,
-            cached: HashMap::new(),
+            cached: HashMapOfHashes::default(),
             next_event_id: 0,
             events: Vec::new(),
         };
@@ -242,7 +241,10 @@ impl BlockPool {
 
     /// The events recorded since the last call.
     pub fn take_events(&mut self) -> Vec<KvEvent> {
-        std::mem::take(&mut self.events)
+        // The next step's events usually number about as many: sized now, their vector is
+        // not grown (and copied) event by event.
+        let room = self.events.len();
+        std::mem::replace(&mut self.events, Vec::with_capacity(room))
     }
 
     /// Every registered block with its parent, sorted by sequence hash so that two

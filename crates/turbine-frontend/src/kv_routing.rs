@@ -87,7 +87,7 @@ impl KvRouter {
                     event = events.next() => {
                         let Some(event) = event else { return };
                         let Some(router) = weak.upgrade() else { return };
-                        match serde_json::from_slice::<KvEventMessage>(&event.payload) {
+                        match KvEventMessage::decode(&event.payload) {
                             Ok(message) => router.apply(message),
                             Err(e) => tracing::warn!(error = %e, "undecodable KV event message"),
                         }

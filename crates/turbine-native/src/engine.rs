@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use candle_core::Device;
-use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use turbine_engine::output::{output_slot, Buffered, OutputWriter};
@@ -224,7 +223,7 @@ impl Engine for NativeEngine {
                 _ = done_rx => {}
             }
         });
-        Ok(out_rx.boxed())
+        Ok(out_rx.into())
     }
 
     fn kv_cache(&self) -> Option<KvCache> {

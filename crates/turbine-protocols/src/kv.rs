@@ -3,6 +3,10 @@
 
 use serde::{Deserialize, Serialize};
 
+mod wire;
+
+pub use wire::{KvWireError, KV_WIRE_VERSION};
+
 /// One change to a worker's set of cached blocks. `event_id` increases by one per event on
 /// each worker, so that a gap shows a lost event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,7 +64,8 @@ pub struct KvSnapshot {
 }
 
 /// Published on the event plane: a worker's KV events, in order, as many as one engine
-/// step produced (one message per step instead of one per block).
+/// step produced (one message per step instead of one per block), in the binary
+/// encoding of [`KvEventMessage::encode`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvEventMessage {
     /// The instance id of the worker's generate endpoint.

@@ -9,5 +9,6 @@ pub mod llm;
 pub mod openai;
 
 pub use llm::{
-    EngineOutput, FinishReason, ModelCard, PreprocessedRequest, SamplingOptions, StopConditions, TokenizerKind,
+    EngineOutput, FinishReason, ModelCard, OutputTokens, PreprocessedRequest, SamplingOptions, StopConditions,
+    TokenizerKind,
 };

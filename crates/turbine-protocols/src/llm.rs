@@ -49,11 +49,16 @@ pub struct StopConditions {
     pub stop_token_ids: Vec<u32>,
 }
 
+/// The tokens of one output. A few are held inline: a busy engine streams one token per
+/// output a million times a second, and a heap allocation each would cost as much as the
+/// rest of delivering it. Serialized as a plain list.
+pub type OutputTokens = smallvec::SmallVec<[u32; 4]>;
+
 /// One step of an engine's output stream.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct EngineOutput {
     /// Tokens produced since the previous output (usually one).
-    pub token_ids: Vec<u32>,
+    pub token_ids: OutputTokens,
     /// Set on the last output of a stream, and only there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finish_reason: Option<FinishReason>,
@@ -116,7 +121,7 @@ mod tests {
     #[test]
     fn wire_format_is_stable() {
         let out = EngineOutput {
-            token_ids: vec![7],
+            token_ids: OutputTokens::from_slice(&[7]),
             finish_reason: Some(FinishReason::Length),
             cached_tokens: None,
         };

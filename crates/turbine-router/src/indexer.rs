@@ -90,24 +90,6 @@ impl WorkerSet {
     }
 }
 
-/// Block hashes are already uniformly distributed: hashing them again is wasted time.
-#[derive(Default)]
-struct PassThrough(u64);
-
-impl Hasher for PassThrough {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
-
 /// Where a block sits: its segment (the high half) and its index there (the low half). One
 /// word, written and read whole: a read of a value written in halves waits for every store
 /// ahead of it, the map's cache-missing ones included.
@@ -828,7 +810,7 @@ fn common_prefix(a: &[u64], b: &[u64]) -> usize {
 /// start a chain; any left over (a malformed cycle) come last.
 fn chain_order(snapshot: &KvSnapshot) -> Vec<usize> {
     let blocks = &snapshot.blocks;
-    let index: HashMap<u64, usize, BuildHasherDefault<PassThrough>> = blocks
+    let index: turbine_tokens::HashMapOfHashes<usize> = blocks
         .iter()
         .enumerate()
         .map(|(i, b)| (b.block.sequence_hash, i))

@@ -16,6 +16,31 @@ pub type LocalHash = u64;
 /// Hash of a block together with every block before it: equal sequence hashes mean equal prefixes.
 pub type SequenceHash = u64;
 
+/// Hashes block hashes as themselves: they are already uniformly distributed, and hashing
+/// them again costs more than the lookup. For maps keyed by [`SequenceHash`] or
+/// [`LocalHash`] ([`HashMapOfHashes`]); other keys are folded in byte by byte.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PassThrough(u64);
+
+impl std::hash::Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+/// A map keyed by block hashes.
+pub type HashMapOfHashes<V> = std::collections::HashMap<u64, V, std::hash::BuildHasherDefault<PassThrough>>;
+
 /// The local hash of one block of token ids.
 pub fn local_hash(tokens: &[u32]) -> LocalHash {
     // Blocks are small (16 to 64 tokens): hash from the stack, as engines do this for every

@@ -56,7 +56,9 @@ fn main() {
         let max_tokens = 100_000;
         // Room for every sequence to grow for the whole run without preemption.
         let num_blocks = seqs * (prompt_len + 4000) / 16;
-        let tokens = Arc::new(AtomicU64::new(0));
+        // One counter per consumer, each with one writer: a shared counter would cost the
+        // harness a locked add per token, charged to what it measures.
+        let mut counters = Vec::new();
         let mut running = Vec::new();
         let mut hosted = Vec::new();
         let mut engines = Vec::new();
@@ -81,10 +83,11 @@ fn main() {
                     stop: StopConditions { max_tokens: Some(max_tokens), stop_token_ids: vec![] }, sampling: Default::default(),
                 };
                 let mut stream = client.call(worker.instance(), request).await.expect("accepted");
-                let tokens = tokens.clone();
+                let count = Arc::new(AtomicU64::new(0));
+                counters.push(count.clone());
                 running.push(tokio::spawn(async move {
                     while let Some(Ok(out)) = stream.next().await {
-                        tokens.fetch_add(out.token_ids.len() as u64, Ordering::Relaxed);
+                        count.store(count.load(Ordering::Relaxed) + out.token_ids.len() as u64, Ordering::Relaxed);
                     }
                 }));
             }
@@ -96,10 +99,11 @@ fn main() {
         let busy = |engines: &[MockerEngine]| engines.iter().map(|e| e.busy_time().as_secs_f64()).sum::<f64>();
         let simulated = |engines: &[MockerEngine]| engines.iter().map(|e| e.simulated_time().as_secs_f64()).sum::<f64>();
         let (cpu0, eng0, sim0) = (cpu_seconds("/proc/self/stat"), busy(&engines), simulated(&engines));
-        let (tokens0, t0) = (tokens.load(Ordering::Relaxed), Instant::now());
+        let tokens = || counters.iter().map(|c| c.load(Ordering::Relaxed)).sum::<u64>();
+        let (tokens0, t0) = (tokens(), Instant::now());
         tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
         let (cpu1, eng1, sim1) = (cpu_seconds("/proc/self/stat"), busy(&engines), simulated(&engines));
-        let (tokens1, wall) = (tokens.load(Ordering::Relaxed), t0.elapsed().as_secs_f64());
+        let (tokens1, wall) = (tokens(), t0.elapsed().as_secs_f64());
         let (all, engine) = ((cpu1 - cpu0) / wall, (eng1 - eng0) / wall);
         let rate = (tokens1 - tokens0) as f64 / wall;
         // Every engine is busy throughout, so on schedule its steps fill the wall time.

@@ -43,14 +43,9 @@ pub(crate) fn start_publishing(runtime: &Runtime, cache: &KvCache, p: Publish, s
                 e = rx.recv() => match e { Some(e) => e, None => return },
             };
             let message = KvEventMessage { worker, events: batch };
-            // Sized for the usual event, one block stored, about 150 bytes: grown from
-            // serde_json's default, the buffer was copied twice per message.
-            let mut json = Vec::with_capacity(64 + 192 * message.events.len());
-            // Messages of plain data always serialize.
-            if serde_json::to_writer(&mut json, &message).is_err() {
-                json.clear();
-            }
-            let payload = Bytes::from(json);
+            let mut bytes = Vec::new();
+            message.encode(&mut bytes);
+            let payload = Bytes::from(bytes);
             {
                 // In the history before they are published, so that a router that sees a
                 // gap when they arrive finds everything up to them there; moved, not

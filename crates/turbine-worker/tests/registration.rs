@@ -132,7 +132,7 @@ async fn publishes_kv_events_and_load_and_answers_state_requests() -> Result<()>
     let mut replica = EventReplica::default();
     let mut last = None;
     while let Ok(Some(e)) = tokio::time::timeout(Duration::from_millis(200), kv_events.next()).await {
-        let m: KvEventMessage = serde_json::from_slice(&e.payload)?;
+        let m = KvEventMessage::decode(&e.payload)?;
         assert_eq!(m.worker, id.0);
         for event in &m.events {
             replica.apply(event)?;

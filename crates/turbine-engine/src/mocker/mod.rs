@@ -15,7 +15,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use turbine_protocols::kv::{KvEvent, KvSnapshot, WorkerLoad};
@@ -199,7 +198,7 @@ impl Engine for MockerEngine {
                 _ = done_rx => {}
             }
         });
-        Ok(out_rx.boxed())
+        Ok(out_rx.into())
     }
 
     fn kv_cache(&self) -> Option<KvCache> {

@@ -9,9 +9,11 @@
 //!
 //! At a million tokens a second the cost is memory traffic and atomic operations, not
 //! instructions: per token the engine touches one small shared allocation with one atomic
-//! update of its state word, and wakes the reader only if it is waiting. The reader's
-//! waker is kept, not handed over per wake-up: a stream is polled by one task, so the
-//! engine reads it without a lock.
+//! add to its state word, and wakes the reader only if it is waiting. The reader's waker
+//! is kept, not handed over per wake-up: a stream is polled by one task, so the engine
+//! reads it without a lock. Its wait stays set once made, so a reader that keeps up finds
+//! its next token, or goes back to waiting, with plain loads: a token that arrives while
+//! it is not waiting costs at most one wake-up for nothing, which its task absorbs.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -19,7 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, Waker};
 
 use futures::Stream;
-use turbine_protocols::{EngineOutput, FinishReason};
+use turbine_protocols::{EngineOutput, FinishReason, OutputTokens};
 
 use super::scheduler::TokenSource;
 use crate::EngineError;
@@ -32,7 +34,7 @@ pub trait TokenValues: Send + Unpin + 'static {
     fn store(shared: &Self::Shared, token: u32);
     /// The sequence's tokens `from..to` (counting from its first generated token): those
     /// counted since the reader last took.
-    fn take(&self, shared: &Self::Shared, from: u32, to: u32) -> Vec<u32>;
+    fn take(&self, shared: &Self::Shared, from: u32, to: u32) -> OutputTokens;
 }
 
 /// Token values handed over in the slot, for an engine that computes them.
@@ -48,7 +50,7 @@ impl TokenValues for Buffered {
         lock(shared).push(token);
     }
 
-    fn take(&self, shared: &Self::Shared, from: u32, to: u32) -> Vec<u32> {
+    fn take(&self, shared: &Self::Shared, from: u32, to: u32) -> OutputTokens {
         let mut tokens = lock(shared);
         // Tokens stored after the count was read stay for the next output.
         let n = ((to - from) as usize).min(tokens.len());
@@ -62,8 +64,12 @@ impl TokenValues for TokenSource {
 
     fn store((): &(), _: u32) {}
 
-    fn take(&self, (): &(), from: u32, to: u32) -> Vec<u32> {
-        (from..to).map(|i| self.token(i)).collect()
+    fn take(&self, (): &(), from: u32, to: u32) -> OutputTokens {
+        let mut tokens = OutputTokens::new();
+        for i in from..to {
+            tokens.push(self.token(i));
+        }
+        tokens
     }
 }
 
@@ -74,7 +80,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 // The slot's state word: tokens counted so far, how the sequence finished (set with its
 // last token, in the same update, so that a reader that sees it has seen every token),
 // whether either side has gone, and whether the reader waits to be woken, through which
-// of its wakers.
+// of its wakers. `WAITING` (the first waker) stays set until the reader moves to another
+// task; `WAITING_OTHER` is cleared by the wake-up it asked for.
 const COUNT_MASK: u64 = 0xFFFF_FFFF;
 const FINISH_SHIFT: u32 = 32;
 const FINISH_MASK: u64 = 0xFF << FINISH_SHIFT;
@@ -142,6 +149,8 @@ impl<S> Slot<S> {
         if !other.as_ref().is_some_and(|w| w.will_wake(waker)) {
             *other = Some(waker.clone());
         }
+        // The first waker's task no longer reads: stop waking it.
+        self.state.fetch_and(!WAITING, Ordering::Relaxed);
         WAITING_OTHER
     }
 }
@@ -185,14 +194,15 @@ impl<K: TokenValues> OutputWriter<K> {
             self.0.cached_tokens.store(c.min(NO_CACHED - 1), Ordering::Relaxed);
         }
         K::store(&self.0.shared, token);
-        // Counts the token and takes the reader's wait in one update: a reader that lags is
-        // woken once for all the tokens it will find.
-        let add = 1 | finish_code(finish);
-        let (Ok(old) | Err(old)) = self.0.state.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |s| {
-            Some((s + add) & !(WAITING | WAITING_OTHER))
-        });
+        // The count and the finish are the writer's alone: one add, which cannot carry out
+        // of the count (a sequence never reaches 2^32 tokens).
+        let old = self.0.state.fetch_add(1 | finish_code(finish), Ordering::AcqRel);
         if old & READER_GONE != 0 {
             return false;
+        }
+        if old & WAITING_OTHER != 0 {
+            // Taken with the waker it names; the reader sets it again if it waits again.
+            self.0.state.fetch_and(!WAITING_OTHER, Ordering::AcqRel);
         }
         self.0.wake(old);
         true
@@ -248,6 +258,9 @@ impl<K: TokenValues> OutputReader<K> {
 impl<K: TokenValues> Stream for OutputReader<K> {
     type Item = Result<EngineOutput, EngineError>;
 
+    // Inlined into the request plane's poll, which otherwise moves each output through
+    // one more call.
+    #[inline]
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         if self.done {
             return Poll::Ready(None);
@@ -259,6 +272,11 @@ impl<K: TokenValues> Stream for OutputReader<K> {
         // Wait, then look again, so that a token counted in between is not missed (if one
         // was, the wait stays set, and the next token wakes the task once for nothing).
         let wait = self.slot.keep(cx.waker());
+        if wait == WAITING && state & WAITING != 0 {
+            // Already waiting, through this waker, as the state just read says: only the
+            // reader clears that, so any token counted after that load wakes this task.
+            return Poll::Pending;
+        }
         let state = self.slot.state.fetch_or(wait, Ordering::AcqRel);
         match self.ready(state) {
             Some(ready) => Poll::Ready(ready),
@@ -290,13 +308,13 @@ mod tests {
         assert!(w.push(token(1), None, None));
         let first = r.next().await.unwrap().unwrap();
         assert_eq!(
-            (first.token_ids, first.cached_tokens, first.finish_reason),
+            (first.token_ids.to_vec(), first.cached_tokens, first.finish_reason),
             (vec![token(0), token(1)], Some(0), None)
         );
         assert!(w.push(token(2), None, Some(FinishReason::Length)));
         let last = r.next().await.unwrap().unwrap();
         assert_eq!(
-            (last.token_ids, last.cached_tokens, last.finish_reason),
+            (last.token_ids.to_vec(), last.cached_tokens, last.finish_reason),
             (vec![token(2)], None, Some(FinishReason::Length))
         );
         assert!(r.next().await.is_none());
@@ -312,7 +330,7 @@ mod tests {
     #[tokio::test]
     async fn a_waiting_reader_is_woken_by_the_next_token() {
         let (w, mut r) = output_slot(Buffered);
-        let reader = tokio::spawn(async move { r.next().await.unwrap().unwrap().token_ids });
+        let reader = tokio::spawn(async move { r.next().await.unwrap().unwrap().token_ids.to_vec() });
         tokio::task::yield_now().await;
         assert!(w.push(9, None, None));
         assert_eq!(reader.await.unwrap(), vec![9]);
@@ -324,14 +342,44 @@ mod tests {
         let waker = futures::task::noop_waker();
         assert!(r.poll_next_unpin(&mut Context::from_waker(&waker)).is_pending());
         let reader = tokio::spawn(async move {
-            let first = r.next().await.unwrap().unwrap().token_ids;
-            (first, r.next().await.unwrap().unwrap().token_ids)
+            let first = r.next().await.unwrap().unwrap().token_ids.to_vec();
+            (first, r.next().await.unwrap().unwrap().token_ids.to_vec())
         });
         tokio::task::yield_now().await;
         assert!(w.push(1, None, None));
         tokio::task::yield_now().await;
         assert!(w.push(2, None, None));
         assert_eq!(reader.await.unwrap(), (vec![1], vec![2]));
+    }
+
+    /// A writer on another thread racing a reader that waits between tokens: no token and
+    /// no wake-up is lost (a lost one hangs the reader, and the timeout fails the test).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reader_racing_a_writer_on_another_thread_gets_everything() {
+        const N: u32 = 200_000;
+        let (w, mut r) = output_slot(Buffered);
+        let writer = std::thread::spawn(move || {
+            for i in 0..N {
+                let finish = (i + 1 == N).then_some(FinishReason::Length);
+                assert!(w.push(i, None, finish));
+                if i % 1024 == 0 {
+                    std::thread::yield_now();
+                }
+            }
+        });
+        let read = async {
+            let mut next = 0;
+            while let Some(out) = r.next().await {
+                for t in out.unwrap().token_ids {
+                    assert_eq!(t, next);
+                    next += 1;
+                }
+            }
+            next
+        };
+        let got = tokio::time::timeout(std::time::Duration::from_secs(30), read).await;
+        writer.join().unwrap();
+        assert_eq!(got.expect("no wake-up lost"), N);
     }
 
     #[tokio::test]

@@ -240,7 +240,7 @@ fn stored_and_counted_tokens_schedule_alike() {
 
 #[test]
 fn tokens_are_those_of_a_sequential_splitmix64() {
-    // The generator the mocker used before tokens were computed by position.
+    // A sequential SplitMix64, each output scaled into the vocabulary by multiply-high.
     let mut state: u64 = 42;
     let s = TokenSource::new(42, &(5..1005));
     for i in 0..100 {
@@ -249,8 +249,21 @@ fn tokens_are_those_of_a_sequential_splitmix64() {
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^= z >> 31;
-        assert_eq!(s.token(i), 5 + (z % 1000) as u32);
+        assert_eq!(s.token(i), 5 + ((u128::from(z) * 1000) >> 64) as u32);
     }
+}
+
+#[test]
+fn tokens_cover_the_vocabulary_evenly() {
+    let s = TokenSource::new(7, &(100..110));
+    let mut counts = [0u32; 10];
+    for i in 0..100_000 {
+        let t = s.token(i);
+        assert!((100..110).contains(&t), "token {t} outside the vocabulary");
+        counts[(t - 100) as usize] += 1;
+    }
+    // 10,000 expected each; a binomial standard deviation is 95.
+    assert!(counts.iter().all(|&c| (9_500..10_500).contains(&c)), "{counts:?}");
 }
 
 #[test]
