@@ -242,10 +242,9 @@ impl Dispatcher {
         request: PreprocessedRequest,
         options: &RouteOptions,
     ) -> Result<(Outputs, InstanceId), ApiError> {
+        // Watched even with migration off: a request on a worker that left and went silent
+        // then fails, instead of waiting on its open connection for ever.
         let (mut outputs, first) = self.dispatch(served, request.clone(), options).await?;
-        if self.migration_limit == 0 {
-            return Ok((outputs, first));
-        }
         let (d, options, model) = (self.clone(), options.clone(), served.card.name.clone());
         let stale = served.clone();
         let stream = async_stream::stream! {

@@ -220,6 +220,59 @@ async fn requests_migrate_off_a_frozen_worker_once_its_lease_expires() -> Result
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_migration_a_frozen_workers_requests_fail_instead_of_hanging() -> Result<()> {
+    let etcd = Etcd::start()?;
+    let worker = [
+        "--discovery",
+        &etcd.url,
+        "--engine",
+        "mocker",
+        "--speedup",
+        "2",
+        "--lease-ttl-secs",
+        "2",
+    ];
+    let (frozen, _) = start_worker(&worker)?;
+    let (_survivor, _) = start_worker(&worker)?;
+    let (_frontend, url) = start_frontend(&["--discovery", &etcd.url, "--migration-limit", "0"])?;
+    let http = reqwest::Client::new();
+    wait_for_instances(&http, &url, "mocker", 2, Duration::from_secs(10)).await?;
+    let clients: Vec<_> = (0..40)
+        .map(|i| {
+            let (http, url) = (http.clone(), url.clone());
+            let body = json!({"model": "mocker", "prompt": format!("request {i}"), "max_tokens": 300, "stream": true});
+            tokio::spawn(async move {
+                anyhow::Ok(
+                    http.post(format!("{url}/v1/completions"))
+                        .json(&body)
+                        .send()
+                        .await?
+                        .text()
+                        .await?,
+                )
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    frozen.signal("STOP")?;
+    // The lease (2 s) and the silence after it (1 s) end the frozen worker's streams.
+    let (mut failed, mut finished) = (0, 0);
+    for (i, client) in clients.into_iter().enumerate() {
+        let text = tokio::time::timeout(Duration::from_secs(20), client)
+            .await
+            .with_context(|| format!("request {i} still waiting on the frozen worker"))???;
+        if text.contains("\"error\"") {
+            failed += 1;
+        } else {
+            anyhow::ensure!(text.contains("\"finish_reason\":\"length\""), "request {i}: {text}");
+            finished += 1;
+        }
+    }
+    anyhow::ensure!(failed > 0 && finished > 0, "{failed} failed, {finished} finished");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarting_etcd_during_load_loses_no_request() -> Result<()> {
     let mut etcd = Etcd::start()?;
     let discovery = etcd.url.clone();
