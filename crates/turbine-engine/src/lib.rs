@@ -6,6 +6,7 @@
 //! tokens back until it finishes or its cancellation token fires.
 
 mod echo;
+pub mod host;
 pub mod mocker;
 pub mod pool;
 

@@ -7,17 +7,15 @@
 //! publish KV events and load. Compute blocks that thread, never the async runtime.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
 use candle_core::Device;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
-use turbine_engine::output::{output_slot, Buffered, OutputWriter};
-use turbine_engine::scheduler::{Scheduler, SeqId, SeqSpec, Step, Stored};
-use turbine_engine::{Engine, EngineError, EngineStream, KvCache, KvCacheSource, MockerConfig};
-use turbine_protocols::kv::{KvEvent, KvSnapshot, WorkerLoad};
-use turbine_protocols::llm::SamplingOptions;
+use turbine_engine::host::{self, Command, EngineHandle};
+use turbine_engine::output::Buffered;
+use turbine_engine::scheduler::{Scheduler, SeqSpec, Step, Stored};
+use turbine_engine::{Engine, EngineError, EngineStream, KvCache, MockerConfig};
+use turbine_protocols::kv::{KvEvent, WorkerLoad};
 use turbine_protocols::PreprocessedRequest;
 
 use crate::model::{LoadReport, Model, SeqInput};
@@ -55,17 +53,8 @@ impl Default for NativeConfig {
     }
 }
 
-enum Msg {
-    Add {
-        id: SeqId,
-        spec: SeqSpec,
-        sampling: SamplingOptions,
-        out: OutputWriter<Buffered>,
-        done: oneshot::Sender<()>,
-    },
-    Cancel(SeqId),
-    Subscribe(mpsc::UnboundedSender<Vec<KvEvent>>),
-    Snapshot(oneshot::Sender<KvSnapshot>),
+/// The native engine's own messages, beside those every engine on the shared scheduler takes.
+enum Own {
     Export {
         tokens: Vec<u32>,
         reply: oneshot::Sender<KvBlocks>,
@@ -77,15 +66,19 @@ enum Msg {
     },
 }
 
+type Handle = EngineHandle<Buffered, Sampler, Own>;
+/// Where a sequence's tokens go, with the sampler that picks them.
+type Sink = host::Sink<Buffered, Sampler>;
+
 /// A running native engine. Cloning shares it; the thread ends when every clone is gone.
 #[derive(Debug, Clone)]
 pub struct NativeEngine {
-    tx: mpsc::UnboundedSender<Msg>,
-    load: watch::Receiver<WorkerLoad>,
-    next_id: Arc<AtomicU64>,
+    handle: Handle,
     /// The longest sequence, prompt and output: the model's context or the pool, if smaller.
     max_len: usize,
     vocab_size: usize,
+    /// Seeds requests that name no seed of their own.
+    seed: u64,
 }
 
 impl NativeEngine {
@@ -120,8 +113,7 @@ impl NativeEngine {
         scheduling.validate().map_err(|e| NativeError::Config(e.to_string()))?;
         let kv = PagedKv::new(c.num_layers, num_blocks, config.block_size, c.num_kv_heads, c.head_dim);
         let scheduler = Scheduler::new(scheduling);
-        let (load_tx, load) = watch::channel(scheduler.load());
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (handle, ends) = Handle::new(scheduler.load());
         tracing::info!(
             blocks = num_blocks,
             block_size = config.block_size,
@@ -135,9 +127,9 @@ impl NativeEngine {
             kv,
             scheduler,
             subscribers: Vec::new(),
-            load: load_tx,
-            seed: config.seed,
+            load: ends.load,
         };
+        let rx = ends.commands;
         std::thread::Builder::new()
             .name("turbine-native".into())
             .spawn(move || looper.run(rx))
@@ -146,11 +138,10 @@ impl NativeEngine {
                 source,
             })?;
         Ok(Self {
-            tx,
-            load,
-            next_id: Arc::default(),
+            handle,
             max_len,
             vocab_size,
+            seed: config.seed,
         })
     }
 }
@@ -160,9 +151,7 @@ impl NativeEngine {
     /// with their layout: what a prefill worker hands a decode worker.
     pub async fn export_prefix(&self, tokens: Vec<u32>) -> Result<KvBlocks, EngineError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Msg::Export { tokens, reply })
-            .map_err(|_| EngineError::Stopped)?;
+        self.handle.send(Own::Export { tokens, reply })?;
         rx.await.map_err(|_| EngineError::Stopped)
     }
 
@@ -171,9 +160,7 @@ impl NativeEngine {
     /// prefill. Blocks already cached are kept; returns how many were added.
     pub async fn import_prefix(&self, tokens: Vec<u32>, kv: KvBlocks) -> Result<usize, EngineError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Msg::Import { tokens, kv, reply })
-            .map_err(|_| EngineError::Stopped)?;
+        self.handle.send(Own::Import { tokens, kv, reply })?;
         rx.await
             .map_err(|_| EngineError::Stopped)?
             .map_err(|e| EngineError::InvalidRequest(e.to_string()))
@@ -204,60 +191,14 @@ impl Engine for NativeEngine {
             max_tokens: request.stop.max_tokens.unwrap_or(room).min(room),
             stop_token_ids: request.stop.stop_token_ids,
         };
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (out, out_rx) = output_slot(Buffered);
-        let (done, done_rx) = oneshot::channel();
-        self.tx
-            .send(Msg::Add {
-                id,
-                spec,
-                sampling: request.sampling,
-                out,
-                done,
-            })
-            .map_err(|_| EngineError::Stopped)?;
-        let tx = self.tx.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = cancel.cancelled() => { let _ = tx.send(Msg::Cancel(id)); }
-                _ = done_rx => {}
-            }
-        });
-        Ok(out_rx.into())
+        let id = self.handle.next_id();
+        let sampler = Sampler::new(&request.sampling, self.seed ^ id.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        self.handle.submit(id, spec, Buffered, sampler, cancel)
     }
 
     fn kv_cache(&self) -> Option<KvCache> {
-        Some(KvCache::new(self.clone()))
+        Some(KvCache::new(self.handle.clone()))
     }
-}
-
-impl KvCacheSource for NativeEngine {
-    fn subscribe(&self) -> mpsc::UnboundedReceiver<Vec<KvEvent>> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let _ = self.tx.send(Msg::Subscribe(tx));
-        rx
-    }
-
-    fn load(&self) -> watch::Receiver<WorkerLoad> {
-        self.load.clone()
-    }
-
-    fn snapshot(&self) -> futures::future::BoxFuture<'static, Result<KvSnapshot, EngineError>> {
-        let (tx, rx) = oneshot::channel();
-        let sent = self.tx.send(Msg::Snapshot(tx));
-        Box::pin(async move {
-            sent.map_err(|_| EngineError::Stopped)?;
-            rx.await.map_err(|_| EngineError::Stopped)
-        })
-    }
-}
-
-/// Where a sequence's tokens go, how they are picked, and what ends its cancellation
-/// watcher when dropped.
-struct Sink {
-    out: OutputWriter<Buffered>,
-    sampler: Sampler,
-    _done: oneshot::Sender<()>,
 }
 
 struct Loop {
@@ -266,35 +207,15 @@ struct Loop {
     scheduler: Scheduler<Sink, Stored>,
     subscribers: Vec<mpsc::UnboundedSender<Vec<KvEvent>>>,
     load: watch::Sender<WorkerLoad>,
-    seed: u64,
 }
 
 impl Loop {
-    fn handle(&mut self, msg: Msg) {
-        match msg {
-            Msg::Add {
-                id,
-                spec,
-                sampling,
-                out,
-                done,
-            } => {
-                let fallback = self.seed ^ id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-                let sink = Sink {
-                    out,
-                    sampler: Sampler::new(&sampling, fallback),
-                    _done: done,
-                };
-                self.scheduler.add(id, spec, sink);
-            }
-            Msg::Cancel(id) => {
-                self.scheduler.cancel(id);
-            }
-            Msg::Subscribe(tx) => self.subscribers.push(tx),
-            Msg::Snapshot(reply) => {
-                let _ = reply.send(self.scheduler.snapshot());
-            }
-            Msg::Export { tokens, reply } => {
+    fn handle(&mut self, command: Command<Buffered, Sampler, Own>) {
+        let Some(own) = host::apply(command, &mut self.scheduler, &mut self.subscribers) else {
+            return;
+        };
+        match own {
+            Own::Export { tokens, reply } => {
                 let hashes = turbine_tokens::block_hashes(&tokens, self.kv.block_size());
                 let pool = self.scheduler.pool_mut();
                 // Held while copied, so that nothing evicts them meanwhile.
@@ -308,7 +229,7 @@ impl Loop {
                     Err(e) => tracing::error!(error = %e, "exporting cached blocks"),
                 }
             }
-            Msg::Import { tokens, kv, reply } => {
+            Own::Import { tokens, kv, reply } => {
                 let _ = reply.send(self.import(&tokens, &kv));
             }
         }
@@ -357,7 +278,7 @@ impl Loop {
         self.load.send_replace(self.scheduler.load());
     }
 
-    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
+    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command<Buffered, Sampler, Own>>) {
         loop {
             loop {
                 match rx.try_recv() {
@@ -408,7 +329,7 @@ impl Loop {
         let mut logits = logits;
         self.scheduler.complete_with(
             step,
-            |i, sink| sink.sampler.sample(&mut logits[rows[i]]),
+            |i, sink| sink.extra.sample(&mut logits[rows[i]]),
             |sink, p| sink.out.push(p.token, p.cached_tokens, p.finish),
         );
         Ok(())

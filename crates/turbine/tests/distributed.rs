@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use common::{
-    complete, instances, metric, start_frontend, start_nats, start_worker, wait_for_instances, Etcd, Load, BIN,
+    complete, instances, metric, start_frontend, start_nats, start_worker, wait_for_instances, Etcd, Load, Proc, BIN,
 };
 use serde_json::{json, Value};
 
@@ -187,59 +187,69 @@ async fn requests_migrate_when_their_worker_is_killed() -> Result<()> {
     Ok(())
 }
 
+/// A worker to freeze and one to survive, on 2 s leases, behind a frontend started with
+/// `frontend_args` besides discovery, once it lists both.
+struct FreezeTest {
+    frozen: Proc,
+    _survivor: Proc,
+    _frontend: Proc,
+    _etcd: Etcd,
+    url: String,
+    http: reqwest::Client,
+}
+
+impl FreezeTest {
+    async fn start(frontend_args: &[&str]) -> Result<Self> {
+        let etcd = Etcd::start()?;
+        let worker = [
+            "--discovery",
+            &etcd.url,
+            "--engine",
+            "mocker",
+            "--speedup",
+            "2",
+            "--lease-ttl-secs",
+            "2",
+        ];
+        let (frozen, _) = start_worker(&worker)?;
+        let (_survivor, _) = start_worker(&worker)?;
+        let (_frontend, url) = start_frontend(&[&["--discovery", etcd.url.as_str()], frontend_args].concat())?;
+        let http = reqwest::Client::new();
+        wait_for_instances(&http, &url, "mocker", 2, Duration::from_secs(10)).await?;
+        Ok(Self {
+            frozen,
+            _survivor,
+            _frontend,
+            _etcd: etcd,
+            url,
+            http,
+        })
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_migrate_off_a_frozen_worker_once_its_lease_expires() -> Result<()> {
-    let etcd = Etcd::start()?;
-    let worker = [
-        "--discovery",
-        &etcd.url,
-        "--engine",
-        "mocker",
-        "--speedup",
-        "2",
-        "--lease-ttl-secs",
-        "2",
-    ];
-    let (frozen, _) = start_worker(&worker)?;
-    let (_survivor, _) = start_worker(&worker)?;
-    let (_frontend, url) = start_frontend(&["--discovery", &etcd.url])?;
-    let http = reqwest::Client::new();
-    wait_for_instances(&http, &url, "mocker", 2, Duration::from_secs(10)).await?;
+    let t = FreezeTest::start(&[]).await?;
     // Long enough that its streams are mid-generation when it freezes, however slow the machine.
-    let before = Load::start(&http, &url, "mocker", 200, 300);
+    let before = Load::start(&t.http, &t.url, "mocker", 200, 300);
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Its connections stay open and its streams just stop: only its lease tells.
-    frozen.signal("STOP")?;
+    t.frozen.signal("STOP")?;
     // Half of these go to the frozen worker while it is still listed, and wait there.
-    let during = Load::start(&http, &url, "mocker", 20, 60);
+    let during = Load::start(&t.http, &t.url, "mocker", 20, 60);
     before.finish().await?;
     during.finish().await?;
-    let migrated = metric(&http, &url, "turbine_frontend_migrations_total{model=\"mocker\"}").await?;
+    let migrated = metric(&t.http, &t.url, "turbine_frontend_migrations_total{model=\"mocker\"}").await?;
     assert!(migrated >= 1.0, "no migrations counted");
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_migration_a_frozen_workers_requests_fail_instead_of_hanging() -> Result<()> {
-    let etcd = Etcd::start()?;
-    let worker = [
-        "--discovery",
-        &etcd.url,
-        "--engine",
-        "mocker",
-        "--speedup",
-        "2",
-        "--lease-ttl-secs",
-        "2",
-    ];
-    let (frozen, _) = start_worker(&worker)?;
-    let (_survivor, _) = start_worker(&worker)?;
-    let (_frontend, url) = start_frontend(&["--discovery", &etcd.url, "--migration-limit", "0"])?;
-    let http = reqwest::Client::new();
-    wait_for_instances(&http, &url, "mocker", 2, Duration::from_secs(10)).await?;
+    let t = FreezeTest::start(&["--migration-limit", "0"]).await?;
     let clients: Vec<_> = (0..40)
         .map(|i| {
-            let (http, url) = (http.clone(), url.clone());
+            let (http, url) = (t.http.clone(), t.url.clone());
             let body = json!({"model": "mocker", "prompt": format!("request {i}"), "max_tokens": 300, "stream": true});
             tokio::spawn(async move {
                 anyhow::Ok(
@@ -254,7 +264,7 @@ async fn without_migration_a_frozen_workers_requests_fail_instead_of_hanging() -
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    frozen.signal("STOP")?;
+    t.frozen.signal("STOP")?;
     // The lease (2 s) and the silence after it (1 s) end the frozen worker's streams.
     let (mut failed, mut finished) = (0, 0);
     for (i, client) in clients.into_iter().enumerate() {

@@ -15,14 +15,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use turbine_protocols::kv::{KvEvent, KvSnapshot, WorkerLoad};
+use turbine_protocols::kv::KvEvent;
 use turbine_protocols::PreprocessedRequest;
 
+use crate::host::{self, Command, EngineHandle, LoopEnds};
 use crate::{Engine, EngineError, EngineStream, KvCache};
-use output::{output_slot, OutputWriter};
-use scheduler::{token_source, Counted, Scheduler, SeqId, SeqSpec, TokenSource};
+use scheduler::{token_source, Counted, Scheduler, SeqSpec, TokenSource};
 
 /// The mocker's settings; the defaults are those of a vLLM worker on one large GPU.
 #[derive(Debug, Clone, PartialEq)]
@@ -93,40 +93,19 @@ impl MockerConfig {
     }
 }
 
-enum Msg {
-    Add {
-        id: SeqId,
-        spec: SeqSpec,
-        out: OutputWriter<TokenSource>,
-        done: oneshot::Sender<()>,
-    },
-    Cancel(SeqId),
-    Subscribe(mpsc::UnboundedSender<Vec<KvEvent>>),
-    Snapshot(oneshot::Sender<KvSnapshot>),
-}
+/// The mocker has no messages of its own.
+type Handle = EngineHandle<TokenSource, (), std::convert::Infallible>;
+type Sink = host::Sink<TokenSource, ()>;
 
 /// A running mocker. Cloning shares the engine.
 #[derive(Debug, Clone)]
 pub struct MockerEngine {
-    tx: mpsc::UnboundedSender<Msg>,
+    handle: Handle,
     /// Nanoseconds the engine's loop has spent working (not waiting).
     busy_ns: Arc<AtomicU64>,
     /// Nanoseconds of simulated steps, by the timing model.
     simulated_ns: Arc<AtomicU64>,
-    load: watch::Receiver<WorkerLoad>,
-    next_id: Arc<AtomicU64>,
     config: Arc<MockerConfig>,
-}
-
-impl std::fmt::Debug for Msg {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Msg::Add { id, .. } => write!(f, "Add({id})"),
-            Msg::Cancel(id) => write!(f, "Cancel({id})"),
-            Msg::Subscribe(_) => f.write_str("Subscribe"),
-            Msg::Snapshot(_) => f.write_str("Snapshot"),
-        }
-    }
 }
 
 impl MockerEngine {
@@ -134,18 +113,15 @@ impl MockerEngine {
     /// dropped.
     pub fn start(config: MockerConfig) -> Result<Self, MockerConfigError> {
         config.validate()?;
-        let (tx, rx) = mpsc::unbounded_channel();
         let scheduler = Scheduler::new(config.clone());
-        let (load_tx, load) = watch::channel(scheduler.load());
+        let (handle, ends) = Handle::new(scheduler.load());
         let busy_ns = Arc::new(AtomicU64::new(0));
         let simulated_ns = Arc::new(AtomicU64::new(0));
-        tokio::spawn(run(scheduler, rx, load_tx, busy_ns.clone(), simulated_ns.clone()));
+        tokio::spawn(run(scheduler, ends, busy_ns.clone(), simulated_ns.clone()));
         Ok(Self {
-            tx,
+            handle,
             busy_ns,
             simulated_ns,
-            load,
-            next_id: Arc::default(),
             config: Arc::new(config),
         })
     }
@@ -183,55 +159,14 @@ impl Engine for MockerEngine {
             max_tokens,
             stop_token_ids: request.stop.stop_token_ids,
         };
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = self.handle.next_id();
         // The same tokens as the scheduler's for this sequence, which it only counts.
-        let (out, out_rx) = output_slot(token_source(&self.config, id));
-        let (done, done_rx) = oneshot::channel();
-        self.tx
-            .send(Msg::Add { id, spec, out, done })
-            .map_err(|_| EngineError::Stopped)?;
-        // Forward cancellation to the loop; the watcher ends with the sequence.
-        let tx = self.tx.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = cancel.cancelled() => { let _ = tx.send(Msg::Cancel(id)); }
-                _ = done_rx => {}
-            }
-        });
-        Ok(out_rx.into())
+        self.handle.submit(id, spec, token_source(&self.config, id), (), cancel)
     }
 
     fn kv_cache(&self) -> Option<KvCache> {
-        Some(KvCache::new(self.clone()))
+        Some(KvCache::new(self.handle.clone()))
     }
-}
-
-impl crate::KvCacheSource for MockerEngine {
-    fn subscribe(&self) -> mpsc::UnboundedReceiver<Vec<KvEvent>> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let _ = self.tx.send(Msg::Subscribe(tx));
-        rx
-    }
-
-    fn load(&self) -> watch::Receiver<WorkerLoad> {
-        self.load.clone()
-    }
-
-    fn snapshot(&self) -> futures::future::BoxFuture<'static, Result<KvSnapshot, EngineError>> {
-        let (tx, rx) = oneshot::channel();
-        let sent = self.tx.send(Msg::Snapshot(tx));
-        Box::pin(async move {
-            sent.map_err(|_| EngineError::Stopped)?;
-            rx.await.map_err(|_| EngineError::Stopped)
-        })
-    }
-}
-
-/// Where a sequence's tokens go, and what ends its cancellation watcher when dropped.
-#[derive(Debug)]
-struct Sink {
-    out: OutputWriter<TokenSource>,
-    _done: oneshot::Sender<()>,
 }
 
 struct Loop {
@@ -240,18 +175,9 @@ struct Loop {
 }
 
 impl Loop {
-    fn handle(&mut self, msg: Msg) {
-        match msg {
-            Msg::Add { id, spec, out, done } => self.scheduler.add(id, spec, Sink { out, _done: done }),
-            Msg::Cancel(id) => {
-                self.scheduler.cancel(id);
-            }
-            Msg::Subscribe(tx) => self.subscribers.push(tx),
-            Msg::Snapshot(reply) => {
-                // Events are flushed after every change, so the snapshot and the events
-                // already sent agree on `last_event_id`.
-                let _ = reply.send(self.scheduler.snapshot());
-            }
+    fn handle(&mut self, command: Command<TokenSource, (), std::convert::Infallible>) {
+        if let Some(never) = host::apply(command, &mut self.scheduler, &mut self.subscribers) {
+            match never {}
         }
     }
 
@@ -266,11 +192,11 @@ const LOAD_UPDATE_INTERVAL: Duration = Duration::from_millis(5);
 
 async fn run(
     scheduler: Scheduler<Sink, Counted>,
-    mut rx: mpsc::UnboundedReceiver<Msg>,
-    load: watch::Sender<WorkerLoad>,
+    ends: LoopEnds<TokenSource, (), std::convert::Infallible>,
     busy_ns: Arc<AtomicU64>,
     simulated_ns: Arc<AtomicU64>,
 ) {
+    let LoopEnds { commands: mut rx, load } = ends;
     use tokio::time::Instant;
     let mut l = Loop {
         scheduler,
