@@ -186,6 +186,9 @@ impl Loop {
     }
 }
 
+/// The most lateness the engine makes up by running its next steps early.
+const CATCH_UP: Duration = Duration::from_millis(10);
+
 /// Shortest interval between two load updates while busy: computing the load visits
 /// every sequence, which at every step would cost as much as the step itself.
 const LOAD_UPDATE_INTERVAL: Duration = Duration::from_millis(5);
@@ -204,8 +207,12 @@ async fn run(
     };
     // When the last step ended by the timing model. Steps are chained from it rather than
     // from the moment the timer fired: tokio timers round up to the millisecond, which at
-    // high speedups is the length of a whole step, and chaining keeps that error from
-    // adding up.
+    // high speedups is the length of a whole step, and a busy runtime runs the engine's
+    // task after the readers queued ahead of it. Chaining lets the next steps make that
+    // lateness up, so the engine keeps its modelled throughput (32 engines of 128
+    // sequences at speedup 10 kept 81-93% of it when only 2 ms were made up, all of it
+    // with 10 ms). A lag beyond `CATCH_UP` (a stalled process) is dropped, not made up in
+    // a burst.
     let mut clock: Option<Instant> = None;
     let mut load_published = Instant::now();
     loop {
@@ -231,7 +238,7 @@ async fn run(
             continue;
         }
         let start = match clock {
-            Some(c) if now.saturating_duration_since(c) < Duration::from_millis(2) => c,
+            Some(c) if now.saturating_duration_since(c) < CATCH_UP => c,
             _ => now,
         };
         let duration = l.scheduler.duration(&step);
