@@ -413,6 +413,44 @@ async fn ttft_of_a_2000_token_prompt_follows_the_timing_model() {
     assert_eq!(rest.len(), 2);
 }
 
+/// A runtime too busy to run the engine on time, here a clock that jumps 5 ms at a time
+/// past steps of about a millisecond: the engine makes the lateness up with early steps,
+/// so its simulated time keeps up with the clock.
+#[tokio::test(start_paused = true)]
+async fn an_engine_woken_late_makes_the_lateness_up() {
+    let engine = MockerEngine::start(MockerConfig {
+        speedup: 5.0,
+        ..Default::default()
+    })
+    .expect("valid");
+    let mut stream = engine
+        .generate(request(16, 100_000), CancellationToken::new())
+        .expect("accepted");
+    stream.next().await.expect("first token").expect("no error");
+    let reader = tokio::spawn(async move { while stream.next().await.is_some() {} });
+    let (simulated, start) = (engine.simulated_time(), tokio::time::Instant::now());
+    for _ in 0..40 {
+        tokio::time::advance(Duration::from_millis(5)).await;
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+    }
+    let kept = (engine.simulated_time() - simulated).as_secs_f64() / start.elapsed().as_secs_f64();
+    assert!(kept > 0.95, "the engine kept {:.0}% of its schedule", kept * 100.0);
+    // A stall longer than it makes up is dropped, not replayed as a burst of steps.
+    let simulated = engine.simulated_time();
+    tokio::time::advance(Duration::from_millis(50)).await;
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+    let burst = engine.simulated_time() - simulated;
+    assert!(
+        burst < Duration::from_millis(5),
+        "{burst:?} of steps ran at once after a stall"
+    );
+    reader.abort();
+}
+
 #[tokio::test(start_paused = true)]
 async fn speedup_divides_time_and_seed_fixes_tokens() {
     let run = |speedup: f64| async move {
