@@ -12,7 +12,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use common::{complete, instances, start_frontend, start_worker, wait_for_instances, Etcd};
+use common::{complete, echo_worker_args, instances, start_frontend, start_worker, wait_for_instances, Etcd};
 
 fn ms(d: Duration) -> String {
     format!("{:.0} ms", d.as_secs_f64() * 1e3)
@@ -27,16 +27,7 @@ async fn main() -> Result<()> {
     let ttl_arg = ttl.to_string();
 
     let etcd = Etcd::start()?;
-    let worker = [
-        "--engine",
-        "echo",
-        "--discovery",
-        &etcd.url,
-        "--echo-delay-ms",
-        "0",
-        "--lease-ttl-secs",
-        &ttl_arg,
-    ];
+    let worker = echo_worker_args(&etcd.url, &ttl_arg);
     // A survivor keeps the model served, so that requests meanwhile have somewhere to go.
     let (_survivor, _) = start_worker(&worker)?;
     let (_frontend, url) = start_frontend(&["--discovery", &etcd.url])?;

@@ -10,23 +10,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use common::{
-    complete, instances, metric, start_frontend, start_nats, start_worker, wait_for_instances, Etcd, Load, Proc, BIN,
+    complete, echo_worker_args, instances, metric, start_frontend, start_nats, start_worker, wait_for_instances, Etcd,
+    Load, Proc, BIN,
 };
 use serde_json::{json, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frontend_and_workers_in_separate_processes() -> Result<()> {
     let etcd = Etcd::start()?;
-    let worker_args = [
-        "--engine",
-        "echo",
-        "--discovery",
-        &etcd.url,
-        "--echo-delay-ms",
-        "0",
-        "--lease-ttl-secs",
-        "2",
-    ];
+    let worker_args = echo_worker_args(&etcd.url, "2");
     let (mut doomed, _) = start_worker(&worker_args)?;
     let (mut graceful, _) = start_worker(&worker_args)?;
     let (_frontend, url) = start_frontend(&["--discovery", &etcd.url])?;

@@ -186,6 +186,21 @@ pub fn start_worker(args: &[&str]) -> Result<(Proc, String)> {
     Ok((proc, id))
 }
 
+/// The arguments of an echo worker that answers at once, registered in etcd at
+/// `discovery` under a lease of `lease_ttl_secs`.
+pub fn echo_worker_args<'a>(discovery: &'a str, lease_ttl_secs: &'a str) -> [&'a str; 8] {
+    [
+        "--engine",
+        "echo",
+        "--discovery",
+        discovery,
+        "--echo-delay-ms",
+        "0",
+        "--lease-ttl-secs",
+        lease_ttl_secs,
+    ]
+}
+
 /// Starts `turbine frontend ARGS` on a free port; returns it and its base URL.
 pub fn start_frontend(args: &[&str]) -> Result<(Proc, String)> {
     let mut all = vec!["frontend", "--port", "0"];
