@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use common::{
-    complete, echo_worker_args, instances, metric, start_frontend, start_nats, start_worker, wait_for_instances, Etcd,
-    Load, Proc, BIN,
+    complete, echo_worker_args, instances, metric, mocker_worker_args, start_frontend, start_nats, start_worker,
+    wait_for_instances, Etcd, Load, Proc, BIN,
 };
 use serde_json::{json, Value};
 
@@ -193,16 +193,7 @@ struct FreezeTest {
 impl FreezeTest {
     async fn start(frontend_args: &[&str]) -> Result<Self> {
         let etcd = Etcd::start()?;
-        let worker = [
-            "--discovery",
-            &etcd.url,
-            "--engine",
-            "mocker",
-            "--speedup",
-            "2",
-            "--lease-ttl-secs",
-            "2",
-        ];
+        let worker = mocker_worker_args(&etcd.url, "2");
         let (frozen, _) = start_worker(&worker)?;
         let (_survivor, _) = start_worker(&worker)?;
         let (_frontend, url) = start_frontend(&[&["--discovery", etcd.url.as_str()], frontend_args].concat())?;
@@ -279,16 +270,7 @@ async fn restarting_etcd_during_load_loses_no_request() -> Result<()> {
     let mut etcd = Etcd::start()?;
     let discovery = etcd.url.clone();
     const TTL: Duration = Duration::from_secs(2);
-    let worker = [
-        "--discovery",
-        &discovery,
-        "--engine",
-        "mocker",
-        "--speedup",
-        "2",
-        "--lease-ttl-secs",
-        "2",
-    ];
+    let worker = mocker_worker_args(&discovery, "2");
     let mut ids = BTreeSet::new();
     let mut workers = Vec::new();
     for _ in 0..3 {

@@ -201,6 +201,21 @@ pub fn echo_worker_args<'a>(discovery: &'a str, lease_ttl_secs: &'a str) -> [&'a
     ]
 }
 
+/// The arguments of a mocker worker at speedup 2, registered in etcd at `discovery` under
+/// a lease of `lease_ttl_secs`.
+pub fn mocker_worker_args<'a>(discovery: &'a str, lease_ttl_secs: &'a str) -> [&'a str; 8] {
+    [
+        "--discovery",
+        discovery,
+        "--engine",
+        "mocker",
+        "--speedup",
+        "2",
+        "--lease-ttl-secs",
+        lease_ttl_secs,
+    ]
+}
+
 /// Starts `turbine frontend ARGS` on a free port; returns it and its base URL.
 pub fn start_frontend(args: &[&str]) -> Result<(Proc, String)> {
     let mut all = vec!["frontend", "--port", "0"];
