@@ -273,11 +273,12 @@ fn words(codec: &dyn TextCodec, ids: &[u32], len: u32) -> String {
     let len = len as usize;
     let mut text = String::with_capacity(ids.len());
     let mut next = 0usize;
+    let mut encoded = codec.encode(&text);
     // One character per id first: exactly `len` tokens for a byte-level tokenizer. A real
     // one packs several characters into a token, so the text grows (the ids read again,
     // shifted each pass) until it encodes to at least `len` tokens.
     loop {
-        let target = text.len() + ids.len().max(len.saturating_sub(codec.encode(&text).len()) * 2);
+        let target = text.len() + ids.len().max(len.saturating_sub(encoded.len()) * 2);
         while text.len() < target {
             // Every fifth character a space: word-like text that tokenizers split as usual.
             if next % 5 == 4 {
@@ -288,7 +289,7 @@ fn words(codec: &dyn TextCodec, ids: &[u32], len: u32) -> String {
             }
             next += 1;
         }
-        let encoded = codec.encode(&text);
+        encoded = codec.encode(&text);
         if encoded.len() >= len {
             return if encoded.len() == len {
                 text

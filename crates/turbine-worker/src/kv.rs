@@ -43,9 +43,7 @@ pub(crate) fn start_publishing(runtime: &Runtime, cache: &KvCache, p: Publish, s
                 e = rx.recv() => match e { Some(e) => e, None => return },
             };
             let message = KvEventMessage { worker, events: batch };
-            let mut bytes = Vec::new();
-            message.encode(&mut bytes);
-            let payload = Bytes::from(bytes);
+            let payload = Bytes::from(message.to_bytes());
             {
                 // In the history before they are published, so that a router that sees a
                 // gap when they arrive finds everything up to them there; moved, not
