@@ -12,6 +12,7 @@ use futures::StreamExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
+use turbine_etcd::proto::{CompactionRequest, RangeRequest};
 use turbine_runtime::{
     error_chain, Discovery, DiscoveryError, EtcdDiscovery, EtcdOptions, KeyValue, MemoryDiscovery, Watch, WatchEvent,
 };
@@ -108,15 +109,22 @@ async fn watch_resynchronises_when_its_revision_is_compacted() -> anyhow::Result
     direct.put("c/changed", b"2".to_vec(), None).await?;
     direct.delete("c/gone").await?;
     direct.put("d/elsewhere", b"1".to_vec(), None).await?;
-    let mut client = etcd_client::Client::connect([etcd.endpoint()], None).await?;
+    let client = turbine_etcd::Client::new(&[etcd.endpoint()], &turbine_etcd::ConnectOptions::default())?;
     let revision = client
-        .get("c/", None)
+        .range(RangeRequest {
+            key: b"c/".to_vec(),
+            count_only: true,
+            ..RangeRequest::default()
+        })
         .await?
-        .header()
+        .header
         .context("no response header")?
-        .revision();
+        .revision;
     client
-        .compact(revision, Some(etcd_client::CompactionOptions::new().with_physical()))
+        .compact(CompactionRequest {
+            revision,
+            physical: true,
+        })
         .await?;
     proxy.restore().await?;
 

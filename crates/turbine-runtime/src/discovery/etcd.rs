@@ -9,13 +9,15 @@ use std::future::Future;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use etcd_client::{
-    Client, ConnectOptions, EventType, GetOptions, PutOptions, SortOrder, SortTarget, WatchOptions, WatchResponse,
-};
 use futures::StreamExt;
 use rand::Rng;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use turbine_etcd::proto::{
+    DeleteRangeRequest, EventType, LeaseGrantRequest, LeaseRevokeRequest, PutRequest, RangeRequest, SortOrder,
+    SortTarget, WatchCreateRequest, WatchResponse,
+};
+use turbine_etcd::{prefix_end, Client, Code, ConnectOptions};
 
 use super::{Discovery, DiscoveryError, KeyValue, LeaseId, Watch, WatchEvent};
 use crate::error_chain;
@@ -69,21 +71,23 @@ impl EtcdDiscovery {
                 source,
             }))
         };
-        let connect_options = ConnectOptions::new()
-            .with_connect_timeout(options.connect_timeout)
-            .with_timeout(options.request_timeout)
+        let connect_options = ConnectOptions {
+            connect_timeout: options.connect_timeout,
             // Pings find a dead connection under an open watch; etcd refuses pings more often
             // than every 5 s by default.
-            .with_keep_alive(Duration::from_secs(10), options.request_timeout);
-        let client = Client::connect(endpoints, Some(connect_options))
-            .await
-            .map_err(unreachable)?;
+            keep_alive_interval: Duration::from_secs(10),
+            keep_alive_timeout: options.request_timeout,
+        };
+        let client = Client::new(endpoints, &connect_options).map_err(unreachable)?;
         let this = Self { client, options };
-        // The client connects lazily, so only a request tells whether etcd is there.
-        let mut kv = this.client.kv_client();
-        // Any key will do (etcd rejects an empty one); reading it needs a leader, so an answer
-        // means etcd can serve requests.
-        let probe = kv.get("turbine", Some(GetOptions::new().with_count_only()));
+        // The client connects lazily, so only a request tells whether etcd is there. Any key
+        // will do (etcd rejects an empty one); reading it needs a leader, so an answer means
+        // etcd can serve requests.
+        let probe = this.client.range(RangeRequest {
+            key: b"turbine".to_vec(),
+            count_only: true,
+            ..RangeRequest::default()
+        });
         match tokio::time::timeout(this.options.connect_timeout, probe).await {
             Ok(Ok(_)) => Ok(this),
             Ok(Err(e)) => Err(unreachable(e)),
@@ -99,7 +103,7 @@ impl EtcdDiscovery {
     async fn request<T>(
         &self,
         lease: Option<LeaseId>,
-        call: impl Future<Output = Result<T, etcd_client::Error>>,
+        call: impl Future<Output = Result<T, turbine_etcd::Error>>,
     ) -> Result<T, DiscoveryError> {
         match tokio::time::timeout(self.options.request_timeout, call).await {
             Ok(result) => result.map_err(|e| classify(lease, e)),
@@ -113,20 +117,22 @@ impl EtcdDiscovery {
 
     /// The keys under `prefix`, sorted, and the store revision they were read at.
     async fn range(&self, prefix: &str) -> Result<(Vec<KeyValue>, i64), DiscoveryError> {
-        let options = GetOptions::new()
-            .with_prefix()
-            .with_sort(SortTarget::Key, SortOrder::Ascend);
-        let mut response = self
-            .request(None, self.client.kv_client().get(prefix, Some(options)))
-            .await?;
-        let revision = response.header().map_or(0, |h| h.revision());
+        let request = RangeRequest {
+            key: prefix.as_bytes().to_vec(),
+            range_end: prefix_end(prefix.as_bytes()),
+            sort_order: SortOrder::Ascend as i32,
+            sort_target: SortTarget::Key as i32,
+            ..RangeRequest::default()
+        };
+        let response = self.request(None, self.client.range(request)).await?;
+        let revision = response.header.map_or(0, |h| h.revision);
         let kvs = response
-            .take_kvs()
-            .iter()
+            .kvs
+            .into_iter()
             .filter_map(|kv| {
                 Some(KeyValue {
-                    key: utf8_key(kv)?.to_owned(),
-                    value: kv.value().to_vec(),
+                    key: utf8_key(&kv.key)?.to_owned(),
+                    value: kv.value,
                 })
             })
             .collect();
@@ -143,48 +149,46 @@ impl Discovery for EtcdDiscovery {
         // etcd counts whole seconds; rounding up never expires a lease earlier than asked.
         let seconds = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
         let seconds = i64::try_from(seconds).map_err(|_| DiscoveryError::InvalidTtl(ttl))?;
-        let response = self
-            .request(None, self.client.lease_client().grant(seconds, None))
-            .await?;
-        Ok(LeaseId(response.id()))
+        let request = LeaseGrantRequest { ttl: seconds, id: 0 };
+        let response = self.request(None, self.client.lease_grant(request)).await?;
+        if !response.error.is_empty() {
+            return Err(unavailable(EtcdError::Refused(response.error)));
+        }
+        Ok(LeaseId(response.id))
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<(), DiscoveryError> {
-        let mut leases = self.client.lease_client();
-        let answer = tokio::time::timeout(self.options.request_timeout, leases.keep_alive(lease.0)).await;
-        match answer {
-            // The client already waited for etcd's first answer and checked its TTL.
-            Ok(Ok(_)) => Ok(()),
-            // etcd answers a keep-alive for an unknown lease with TTL 0, which the client
-            // reports only as text; ask for the lease's TTL rather than trust the wording.
-            Ok(Err(e @ etcd_client::Error::LeaseKeepAliveError(_))) => {
-                let ttl = self.request(Some(lease), leases.time_to_live(lease.0, None)).await?;
-                if ttl.ttl() <= 0 {
-                    Err(DiscoveryError::LeaseNotFound(lease))
-                } else {
-                    Err(unavailable(e))
-                }
-            }
-            Ok(Err(e)) => Err(classify(Some(lease), e)),
-            Err(_) => Err(self.timed_out()),
+        let response = self.request(Some(lease), self.client.lease_keep_alive(lease.0)).await?;
+        // etcd answers a keep-alive for a lease it does not have (expired or revoked) with
+        // TTL 0 rather than an error.
+        if response.ttl <= 0 {
+            return Err(DiscoveryError::LeaseNotFound(lease));
         }
+        Ok(())
     }
 
     async fn revoke_lease(&self, lease: LeaseId) -> Result<(), DiscoveryError> {
-        self.request(Some(lease), self.client.lease_client().revoke(lease.0))
-            .await?;
+        let request = LeaseRevokeRequest { id: lease.0 };
+        self.request(Some(lease), self.client.lease_revoke(request)).await?;
         Ok(())
     }
 
     async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<(), DiscoveryError> {
-        let options = lease.map(|l| PutOptions::new().with_lease(l.0));
-        self.request(lease, self.client.kv_client().put(key, value, options))
-            .await?;
+        let request = PutRequest {
+            key: key.as_bytes().to_vec(),
+            value,
+            lease: lease.map_or(0, |l| l.0),
+        };
+        self.request(lease, self.client.put(request)).await?;
         Ok(())
     }
 
     async fn delete(&self, key: &str) -> Result<(), DiscoveryError> {
-        self.request(None, self.client.kv_client().delete(key, None)).await?;
+        let request = DeleteRangeRequest {
+            key: key.as_bytes().to_vec(),
+            range_end: Vec::new(),
+        };
+        self.request(None, self.client.delete_range(request)).await?;
         Ok(())
     }
 
@@ -218,12 +222,14 @@ enum EtcdError {
     Unreachable {
         endpoints: String,
         #[source]
-        source: etcd_client::Error,
+        source: turbine_etcd::Error,
     },
     #[error("etcd at {endpoints} did not answer within {timeout:?}")]
     ConnectTimeout { endpoints: String, timeout: Duration },
     #[error("etcd did not answer within {0:?}")]
     Timeout(Duration),
+    #[error("etcd refused: {0}")]
+    Refused(String),
 }
 
 /// Events a watcher may hold before it stops reading etcd; etcd then holds the backlog (or
@@ -284,13 +290,14 @@ impl Watcher {
 
     /// Watches from `next_revision` and forwards events until the stream breaks.
     async fn follow(&mut self) -> Break {
-        let options = WatchOptions::new()
-            .with_prefix()
-            .with_start_revision(self.next_revision);
-        let mut watch_client = self.discovery.client.watch_client();
+        let request = WatchCreateRequest {
+            key: self.prefix.as_bytes().to_vec(),
+            range_end: prefix_end(self.prefix.as_bytes()),
+            start_revision: self.next_revision,
+        };
         let mut stream = tokio::select! {
             () = self.tx.closed() => return Break::Closed,
-            stream = self.discovery.request(None, watch_client.watch(self.prefix.as_str(), Some(options))) => {
+            stream = self.discovery.request(None, self.discovery.client.watch(request)) => {
                 match stream {
                     Ok(stream) => stream,
                     Err(e) => return Break::Lost(error_chain(&e)),
@@ -305,21 +312,21 @@ impl Watcher {
             let response = match message {
                 Ok(Some(response)) => response,
                 Ok(None) => return Break::Lost("etcd ended the watch stream".to_owned()),
-                Err(e) => return Break::Lost(e.to_string()),
+                Err(e) => return Break::Lost(error_chain(&e)),
             };
-            if response.compact_revision() > 0 {
+            if response.compact_revision > 0 {
                 tracing::info!(
                     prefix = %self.prefix,
                     revision = self.next_revision,
-                    compacted = response.compact_revision(),
+                    compacted = response.compact_revision,
                     "etcd watch revision compacted; resynchronising"
                 );
                 return Break::Compacted;
             }
-            if response.canceled() {
-                return Break::Lost(format!("etcd cancelled the watch: {}", response.cancel_reason()));
+            if response.canceled {
+                return Break::Lost(format!("etcd cancelled the watch: {}", response.cancel_reason));
             }
-            if response.created() && self.retry > self.discovery.options.watch_retry_min {
+            if response.created && self.retry > self.discovery.options.watch_retry_min {
                 tracing::info!(prefix = %self.prefix, revision = self.next_revision, "etcd watch re-established");
             }
             self.retry = self.discovery.options.watch_retry_min;
@@ -331,18 +338,18 @@ impl Watcher {
 
     /// Passes one response's events on, in order.
     async fn forward(&mut self, response: &WatchResponse) -> Result<(), Break> {
-        for event in response.events() {
-            let Some(kv) = event.kv() else { continue };
+        for event in &response.events {
+            let Some(kv) = &event.kv else { continue };
             // Every event of a revision arrives in one response, so resuming after the last
             // one seen never splits a transaction.
-            self.next_revision = self.next_revision.max(kv.mod_revision() + 1);
-            let Some(key) = utf8_key(kv) else { continue };
-            let event = match event.event_type() {
+            self.next_revision = self.next_revision.max(kv.mod_revision + 1);
+            let Some(key) = utf8_key(&kv.key) else { continue };
+            let event = match event.r#type() {
                 EventType::Put => {
-                    self.known.insert(key.to_owned(), kv.value().to_vec());
+                    self.known.insert(key.to_owned(), kv.value.clone());
                     WatchEvent::Put(KeyValue {
                         key: key.to_owned(),
-                        value: kv.value().to_vec(),
+                        value: kv.value.clone(),
                     })
                 }
                 EventType::Delete => {
@@ -387,27 +394,25 @@ impl Watcher {
 
 /// The key as text; keys that are not UTF-8 were not written through [`Discovery`] and are
 /// skipped rather than failing every reader of the prefix.
-fn utf8_key(kv: &etcd_client::KeyValue) -> Option<&str> {
-    match kv.key_str() {
+fn utf8_key(key: &[u8]) -> Option<&str> {
+    match std::str::from_utf8(key) {
         Ok(key) => Some(key),
         Err(_) => {
-            tracing::warn!(key = ?String::from_utf8_lossy(kv.key()), "skipping etcd key that is not UTF-8");
+            tracing::warn!(key = ?String::from_utf8_lossy(key), "skipping etcd key that is not UTF-8");
             None
         }
     }
 }
 
-fn unavailable(e: etcd_client::Error) -> DiscoveryError {
+fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> DiscoveryError {
     DiscoveryError::Unavailable(Box::new(e))
 }
 
 /// etcd answers NOT_FOUND for a request naming a lease it does not have, and for nothing
 /// else that [`Discovery`] sends.
-fn classify(lease: Option<LeaseId>, e: etcd_client::Error) -> DiscoveryError {
-    match (&e, lease) {
-        (etcd_client::Error::GRpcStatus(status), Some(lease)) if status.code() == tonic::Code::NotFound => {
-            DiscoveryError::LeaseNotFound(lease)
-        }
+fn classify(lease: Option<LeaseId>, e: turbine_etcd::Error) -> DiscoveryError {
+    match (e.code(), lease) {
+        (Some(Code::NotFound), Some(lease)) => DiscoveryError::LeaseNotFound(lease),
         _ => unavailable(e),
     }
 }
