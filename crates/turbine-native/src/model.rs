@@ -453,20 +453,27 @@ pub fn write_converted_gguf(src: &Path, dst: &Path) -> Result<LoadReport, Native
     let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (*n, t)).collect();
     // Written next to the destination and renamed, so a reader never sees half a file.
     let partial = dst.with_extension("gguf.partial");
-    let mut out = std::io::BufWriter::new(File::create(&partial).map_err(|source| NativeError::Io {
-        path: partial.clone(),
-        source,
-    })?);
-    gguf_file::write(&mut out, &metadata, &refs).map_err(gguf_err(&partial))?;
-    std::io::Write::flush(&mut out).map_err(|source| NativeError::Io {
-        path: partial.clone(),
-        source,
-    })?;
-    drop(out);
-    std::fs::rename(&partial, dst).map_err(|source| NativeError::Io {
-        path: dst.to_path_buf(),
-        source,
-    })?;
+    let written = (|| {
+        let mut out = std::io::BufWriter::new(File::create(&partial).map_err(|source| NativeError::Io {
+            path: partial.clone(),
+            source,
+        })?);
+        gguf_file::write(&mut out, &metadata, &refs).map_err(gguf_err(&partial))?;
+        std::io::Write::flush(&mut out).map_err(|source| NativeError::Io {
+            path: partial.clone(),
+            source,
+        })?;
+        drop(out);
+        std::fs::rename(&partial, dst).map_err(|source| NativeError::Io {
+            path: dst.to_path_buf(),
+            source,
+        })
+    })();
+    if let Err(e) = written {
+        // A write that failed (a full disk, most often) leaves nothing behind to fill it further.
+        let _ = std::fs::remove_file(&partial);
+        return Err(e);
+    }
     let mut converted: Vec<_> = converted
         .into_iter()
         .map(|(from, n)| (from, n, "Q8_0".to_string()))
