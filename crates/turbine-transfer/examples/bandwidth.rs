@@ -1,0 +1,182 @@
+//! Transfer bandwidth against its floors, between two processes on this host: shared memory
+//! against a plain memcpy, TCP against a raw loopback socket. Prints a Markdown table.
+//!
+//! `cargo run --release -p turbine-transfer --example bandwidth [-- --iters N]`
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use turbine_transfer::{Agent, AgentMetadata, AgentOptions, Backend, Compat, Desc, DescList, Post};
+
+const SIZES_MIB: [u64; 4] = [1, 4, 16, 64];
+const MAX: u64 = 64 << 20;
+const BLOCK: u64 = 64 << 10;
+
+fn compat() -> Compat {
+    Compat::new([("bench", "bandwidth")])
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn gbps(bytes: u64, secs: f64) -> f64 {
+    bytes as f64 / secs / 1e9
+}
+
+/// The peer process: a shared region and a host region of `MAX` bytes, and a raw socket
+/// that answers a length with that many bytes.
+fn peer() -> Result<()> {
+    let mut options = AgentOptions::new("peer", compat());
+    options.listen = Some("127.0.0.1:0".parse()?);
+    let agent = Agent::new(options)?;
+    let shared = agent.register_shared(MAX)?;
+    let host = agent.register_host(MAX)?;
+    let fill: Vec<u8> = (0..MAX).map(|i| i as u8).collect();
+    agent.write_local(
+        Desc {
+            region: shared,
+            offset: 0,
+            len: MAX,
+        },
+        &fill,
+    )?;
+    agent.write_local(
+        Desc {
+            region: host,
+            offset: 0,
+            len: MAX,
+        },
+        &fill,
+    )?;
+    let raw = TcpListener::bind("127.0.0.1:0")?;
+    let raw_addr = raw.local_addr()?;
+    std::thread::spawn(move || {
+        for stream in raw.incoming().flatten() {
+            let fill = fill.clone();
+            std::thread::spawn(move || serve_raw(stream, &fill));
+        }
+    });
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{}",
+        serde_json::to_string(&(agent.metadata(), raw_addr, shared.0, host.0))?
+    )?;
+    out.flush()?;
+    // Lives until the parent closes our stdin.
+    let mut sink = Vec::new();
+    std::io::stdin().read_to_end(&mut sink)?;
+    Ok(())
+}
+
+fn serve_raw(mut stream: TcpStream, fill: &[u8]) {
+    let _ = stream.set_nodelay(true);
+    let mut len = [0u8; 8];
+    while stream.read_exact(&mut len).is_ok() {
+        let n = u64::from_le_bytes(len) as usize;
+        if stream.write_all(&fill[..n.min(fill.len())]).is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--peer") {
+        return peer();
+    }
+    let iters = match args.iter().position(|a| a == "--iters") {
+        Some(i) => args
+            .get(i + 1)
+            .context("--iters needs a number")?
+            .parse::<usize>()
+            .context("--iters")?,
+        None => 7,
+    };
+    let mut child = Command::new(std::env::current_exe()?)
+        .arg("--peer")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+    let (meta, raw_addr, shared, host): (AgentMetadata, std::net::SocketAddr, u32, u32) =
+        serde_json::from_str(&line).context("the peer's metadata")?;
+
+    let mut shm_options = AgentOptions::new("bench-shm", compat());
+    shm_options.listen = Some("127.0.0.1:0".parse()?);
+    let shm_agent = Agent::new(shm_options)?;
+    let mut tcp_options = AgentOptions::new("bench-tcp", compat());
+    tcp_options.listen = Some("127.0.0.1:0".parse()?);
+    tcp_options.shared_memory = false;
+    let tcp_agent = Agent::new(tcp_options)?;
+    let shm_local = shm_agent.register_host(MAX)?;
+    let tcp_local = tcp_agent.register_host(MAX)?;
+    let shm_peer = shm_agent.connect(meta.clone()).await?;
+    let tcp_peer = tcp_agent.connect(meta).await?;
+    let mut raw = TcpStream::connect(raw_addr)?;
+    raw.set_nodelay(true)?;
+
+    let src = vec![7u8; MAX as usize];
+    let mut dst = vec![0u8; MAX as usize];
+    let mut raw_buf = vec![0u8; MAX as usize];
+    println!(
+        "| size | memcpy GB/s | shared memory READ GB/s | ratio | raw loopback socket GB/s | TCP READ GB/s | ratio |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for mib in SIZES_MIB {
+        let len = mib << 20;
+        let blocks = (len / BLOCK) as u32;
+        let (mut memcpy, mut shm, mut sock, mut tcp) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..iters {
+            let t = Instant::now();
+            dst[..len as usize].copy_from_slice(&src[..len as usize]);
+            std::hint::black_box(&dst);
+            memcpy.push(gbps(len, t.elapsed().as_secs_f64()));
+
+            let remote = DescList::blocks(turbine_transfer::RegionId(shared), BLOCK, 0..blocks);
+            let local = DescList::blocks(shm_local, BLOCK, 0..blocks);
+            let t = Instant::now();
+            let done = shm_agent
+                .post(Post::read(1), &local, &shm_peer, &remote)?
+                .wait()
+                .await?;
+            shm.push(gbps(len, t.elapsed().as_secs_f64()));
+            if done.backend != Backend::SharedMemory {
+                bail!("shared-memory READ went over {:?}", done.backend);
+            }
+
+            let t = Instant::now();
+            raw.write_all(&len.to_le_bytes())?;
+            raw.read_exact(&mut raw_buf[..len as usize])?;
+            sock.push(gbps(len, t.elapsed().as_secs_f64()));
+
+            let remote = DescList::blocks(turbine_transfer::RegionId(host), BLOCK, 0..blocks);
+            let local = DescList::blocks(tcp_local, BLOCK, 0..blocks);
+            let t = Instant::now();
+            let done = tcp_agent
+                .post(Post::read(2), &local, &tcp_peer, &remote)?
+                .wait()
+                .await?;
+            tcp.push(gbps(len, t.elapsed().as_secs_f64()));
+            if done.backend != Backend::Tcp {
+                bail!("TCP READ went over {:?}", done.backend);
+            }
+        }
+        let (m, s, r, t) = (median(memcpy), median(shm), median(sock), median(tcp));
+        println!(
+            "| {mib} MiB | {m:.2} | {s:.2} | {:.0}% | {r:.2} | {t:.2} | {:.0}% |",
+            100.0 * s / m,
+            100.0 * t / r
+        );
+    }
+    drop(child.stdin.take());
+    child.wait()?;
+    Ok(())
+}
