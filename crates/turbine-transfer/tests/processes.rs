@@ -146,6 +146,7 @@ async fn a_peer_killed_mid_transfer_fails_it_without_hanging() -> Result<()> {
 }
 
 type Case = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>>>>;
+type CaseFn = fn() -> Case;
 
 fn main() -> Result<()> {
     if std::env::args().nth(1).as_deref() == Some("--peer") {
@@ -156,7 +157,7 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     let mut failed = 0;
-    let cases: [(&str, fn() -> Case); 3] = [
+    let cases: [(&str, CaseFn); 3] = [
         ("reads_from_another_process_over_shared_memory", || {
             Box::pin(reads_from_another_process(Backend::SharedMemory))
         }),
