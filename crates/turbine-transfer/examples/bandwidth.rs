@@ -176,6 +176,24 @@ async fn main() -> Result<()> {
             100.0 * t / r
         );
     }
+    // Fixed cost per transfer: one 4 KiB block.
+    let mut lat = Vec::new();
+    for (agent, peer, local, region) in [
+        (&shm_agent, &shm_peer, shm_local, shared),
+        (&tcp_agent, &tcp_peer, tcp_local, host),
+    ] {
+        let mut us = Vec::new();
+        for _ in 0..iters.max(50) {
+            let remote = DescList::blocks(turbine_transfer::RegionId(region), 4096, [0]);
+            let local = DescList::blocks(local, 4096, [0]);
+            let t = Instant::now();
+            agent.post(Post::read(3), &local, peer, &remote)?.wait().await?;
+            us.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        lat.push(median(us));
+    }
+    println!();
+    println!("4 KiB READ latency, median: shared memory {:.0} us, TCP {:.0} us", lat[0], lat[1]);
     drop(child.stdin.take());
     child.wait()?;
     Ok(())
