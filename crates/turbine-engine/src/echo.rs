@@ -82,6 +82,7 @@ fn echo_outputs(request: &PreprocessedRequest) -> Vec<EngineOutput> {
             token_ids: OutputTokens::new(),
             finish_reason: Some(finish),
             cached_tokens: None,
+            kv_transfer: None,
         }),
     }
     // The echo engine caches nothing.
@@ -105,6 +106,7 @@ mod tests {
                 stop_token_ids,
             },
             sampling: Default::default(),
+            disagg: None,
         }
     }
 

@@ -7,6 +7,7 @@
 
 mod echo;
 pub mod host;
+pub mod kv_transfer;
 pub mod mocker;
 pub mod pool;
 
@@ -23,6 +24,7 @@ use turbine_protocols::kv::{KvEvent, KvSnapshot, WorkerLoad};
 use turbine_protocols::{EngineOutput, PreprocessedRequest};
 
 pub use echo::{EchoConfig, EchoEngine};
+pub use kv_transfer::{KvBlocks, KvLayout, KvTransfer};
 pub use mocker::{output, scheduler, MockerConfig, MockerConfigError, MockerEngine};
 
 /// What an engine streams: outputs, the last of which carries a `finish_reason`.
@@ -88,6 +90,11 @@ pub trait Engine: Send + Sync + 'static {
 
     /// The engine's KV cache, for engines that have one: its events, load and contents.
     fn kv_cache(&self) -> Option<KvCache> {
+        None
+    }
+
+    /// Moving the engine's KV blocks to and from other engines (disaggregated serving).
+    fn kv_transfer(&self) -> Option<std::sync::Arc<dyn KvTransfer>> {
         None
     }
 }

@@ -648,6 +648,7 @@ async fn generate(
                 stop_token_ids: prepared.stop_token_ids.clone(),
             },
             sampling,
+            disagg: None,
         };
         let span = tracing::info_span!("request", request_id = %request.request_id, model = %served.card.name);
         let (outputs, worker) = d

@@ -38,6 +38,9 @@ pub struct FrontendConfig {
     /// How many times a request may move to another worker when its worker is lost
     /// mid-stream (0: never; the client sees the error).
     pub migration_limit: u32,
+    /// Disaggregated models: prompts shorter than this many tokens are prefilled by their
+    /// decode worker, where moving the KV would cost more than computing it.
+    pub disagg_min_tokens: usize,
 }
 
 impl Default for FrontendConfig {
@@ -50,6 +53,7 @@ impl Default for FrontendConfig {
             kv_temperature: 0.0,
             kv_events: true,
             migration_limit: 3,
+            disagg_min_tokens: 0,
         }
     }
 }
@@ -105,6 +109,7 @@ impl Frontend {
             active,
             &metrics,
             config.migration_limit,
+            config.disagg_min_tokens,
         );
         let app = http::App {
             dispatcher: Arc::new(dispatcher),

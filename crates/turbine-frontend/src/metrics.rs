@@ -39,6 +39,8 @@ pub(crate) struct Metrics {
     disconnects: IntCounterVec,
     pub(crate) decision: Histogram,
     pub(crate) migrations: IntCounterVec,
+    /// Where each request of a disaggregated model was prefilled, and why.
+    pub(crate) disagg: IntCounterVec,
     pub(crate) kv_fallback: prometheus::IntCounter,
 }
 
@@ -143,6 +145,12 @@ impl Metrics {
                 "migrations_total",
                 "Requests moved to another worker after theirs was lost mid-stream.",
                 &["model"],
+            ),
+            disagg: counter(
+                &r,
+                "disagg_decisions_total",
+                "Requests of models with prefill workers, by where their prompt was prefilled: remote, or local because it was short or no prefill worker answered.",
+                &["model", "decision"],
             ),
             decision: register(
                 &r,

@@ -33,8 +33,11 @@ pub(crate) struct ServedModel {
     pub(crate) text: LoadedText,
     /// Where its workers answer KV state requests, if they publish KV events.
     pub(crate) kv_state_endpoint: Option<String>,
-    /// Sorted by id, so that routers see a stable order.
+    /// The workers that generate (aggregated and decode), sorted by id, so that routers see
+    /// a stable order.
     pub(crate) instances: Vec<Instance>,
+    /// Prefill workers of disaggregated serving, sorted by id: they only take prefills.
+    pub(crate) prefill: Vec<Instance>,
 }
 
 #[derive(Debug, Clone)]
@@ -193,14 +196,21 @@ impl State {
                     .unwrap_or_else(|| Err(Arc::from("tokenizer not loaded"))),
                 kv_state_endpoint: entry.kv_state_endpoint.clone(),
                 instances: Vec::new(),
+                prefill: Vec::new(),
             });
             // A model entry whose instance is not (yet) visible is listed but not routable.
             if let Some(instance) = by_id.get(&(entry.endpoint.clone(), *id)) {
-                served.instances.push((*instance).clone());
+                let pool = if entry.role.generates() {
+                    &mut served.instances
+                } else {
+                    &mut served.prefill
+                };
+                pool.push((*instance).clone());
             }
         }
         for served in models.values_mut() {
             served.instances.sort_by_key(|i| i.id);
+            served.prefill.sort_by_key(|i| i.id);
         }
         let now = std::time::Instant::now();
         self.recent
@@ -208,6 +218,7 @@ impl State {
         for (name, served) in &models {
             let mut departed = served.clone();
             departed.instances.clear();
+            departed.prefill.clear();
             self.recent.insert(name.clone(), (departed, now));
         }
         for (name, (departed, _)) in &self.recent {

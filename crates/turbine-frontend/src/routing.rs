@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
-use turbine_protocols::{EngineOutput, PreprocessedRequest};
+use turbine_protocols::{Disagg, EngineOutput, KvTransferParams, PreprocessedRequest};
 use turbine_router::{Router, RouterMode, WorkerId};
 use turbine_runtime::{Client, ErrorKind, HandlerError, Instance, InstanceId, RequestError, ResponseStream, Runtime};
 
@@ -62,6 +62,9 @@ pub(crate) struct Dispatcher {
     /// How many times one request may move to another worker when its worker is lost.
     migration_limit: u32,
     migrations: prometheus::IntCounterVec,
+    disagg: prometheus::IntCounterVec,
+    /// Prompts with fewer uncached tokens than this are prefilled by their decode worker.
+    disagg_min_tokens: usize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -77,11 +80,14 @@ impl Dispatcher {
         active: Replicated,
         metrics: &crate::metrics::Metrics,
         migration_limit: u32,
+        disagg_min_tokens: usize,
     ) -> Self {
         Self {
             decision_latency: metrics.decision.clone(),
             migration_limit,
             migrations: metrics.migrations.clone(),
+            disagg: metrics.disagg.clone(),
+            disagg_min_tokens,
             models,
             client: runtime.client(),
             mode,
@@ -244,7 +250,11 @@ impl Dispatcher {
     ) -> Result<(Outputs, InstanceId), ApiError> {
         // Watched even with migration off: a request on a worker that left and went silent
         // then fails, instead of waiting on its open connection for ever.
-        let (mut outputs, first) = self.dispatch(served, request.clone(), options).await?;
+        let mut first_leg = request.clone();
+        if let Some(kv) = self.remote_prefill(served, &request, options).await {
+            first_leg.disagg = Some(Disagg::Decode { kv });
+        }
+        let (mut outputs, first) = self.dispatch(served, first_leg, options).await?;
         let (d, options, model) = (self.clone(), options.clone(), served.card.name.clone());
         let stale = served.clone();
         let stream = async_stream::stream! {
@@ -299,6 +309,65 @@ impl Dispatcher {
             }
         };
         Ok((stream.boxed(), first))
+    }
+
+    /// Disaggregated serving: has a prefill worker compute the prompt and hold its KV, and
+    /// returns where, for the decode worker. `None` (the decode worker prefills) when the
+    /// model has no prefill workers, the prompt is too short to be worth moving, or no
+    /// prefill worker could do it; each decision is counted.
+    async fn remote_prefill(
+        self: &Arc<Self>,
+        served: &ServedModel,
+        request: &PreprocessedRequest,
+        options: &RouteOptions,
+    ) -> Option<KvTransferParams> {
+        if served.prefill.is_empty() {
+            return None;
+        }
+        let model = served.card.name.as_str();
+        let count = |decision: &str| self.disagg.with_label_values(&[model, decision]).inc();
+        let block = served.card.kv_block_size.unwrap_or(1).max(1) as usize;
+        let full_blocks = request.token_ids.len() / block;
+        if full_blocks == 0 || request.token_ids.len() < self.disagg_min_tokens {
+            count("local_short");
+            return None;
+        }
+        let mut leg = request.clone();
+        leg.request_id = format!("{}-prefill", request.request_id);
+        leg.disagg = Some(Disagg::Prefill);
+        let mut candidates: Vec<&Instance> = served.prefill.iter().collect();
+        while !candidates.is_empty() {
+            let pos = self.pick(served, &candidates, &leg, options)?;
+            let instance = candidates.swap_remove(pos);
+            let called = self.client.call(instance, leg.clone()).await;
+            let params = match called {
+                Ok(mut stream) => {
+                    let mut params = None;
+                    while let Some(item) = stream.next().await {
+                        match item {
+                            Ok(output) if output.kv_transfer.is_some() => params = output.kv_transfer,
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::warn!(request_id = %leg.request_id, worker = %instance.id, error = %e, "prefill failed");
+                                break;
+                            }
+                        }
+                    }
+                    params
+                }
+                Err(e) => {
+                    tracing::warn!(request_id = %leg.request_id, worker = %instance.id, error = %e, "prefill worker cannot take the request");
+                    None
+                }
+            };
+            self.active.ended(&leg.request_id);
+            if let Some(params) = params {
+                count("remote");
+                return Some(*params);
+            }
+        }
+        count("local_prefill_failed");
+        None
     }
 
     /// Starts `request` on one of `served`'s workers; returns its outputs and that worker.

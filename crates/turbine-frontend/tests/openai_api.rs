@@ -58,6 +58,7 @@ async fn start_worker(runtime: &Runtime, plane: Plane, delay: Duration) -> Resul
             ..Default::default()
         },
         load_report_interval: Duration::from_millis(100),
+        disagg: None,
     };
     Ok((Worker::start(runtime, Arc::new(engine), config).await?, served))
 }

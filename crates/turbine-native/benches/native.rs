@@ -63,6 +63,7 @@ fn request(tokens: Vec<u32>, max_tokens: u32) -> PreprocessedRequest {
             temperature: Some(0.0),
             ..Default::default()
         },
+        disagg: None,
     }
 }
 

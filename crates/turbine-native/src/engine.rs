@@ -7,14 +7,16 @@
 //! publish KV events and load. Compute blocks that thread, never the async runtime.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::Device;
+use futures::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use turbine_engine::host::{self, Command, EngineHandle};
 use turbine_engine::output::Buffered;
 use turbine_engine::scheduler::{Scheduler, SeqSpec, Step, Stored};
-use turbine_engine::{Engine, EngineError, EngineStream, KvCache, MockerConfig};
+use turbine_engine::{Engine, EngineError, EngineStream, KvCache, KvLayout, KvTransfer, MockerConfig};
 use turbine_protocols::kv::{KvEvent, WorkerLoad};
 use turbine_protocols::PreprocessedRequest;
 
@@ -64,6 +66,10 @@ enum Own {
         kv: KvBlocks,
         reply: oneshot::Sender<Result<usize, NativeError>>,
     },
+    CachedPrefix {
+        tokens: Vec<u32>,
+        reply: oneshot::Sender<usize>,
+    },
 }
 
 type Handle = EngineHandle<Buffered, Sampler, Own>;
@@ -79,6 +85,7 @@ pub struct NativeEngine {
     vocab_size: usize,
     /// Seeds requests that name no seed of their own.
     seed: u64,
+    layout: KvLayout,
 }
 
 impl NativeEngine {
@@ -112,6 +119,7 @@ impl NativeEngine {
         };
         scheduling.validate().map_err(|e| NativeError::Config(e.to_string()))?;
         let kv = PagedKv::new(c.num_layers, num_blocks, config.block_size, c.num_kv_heads, c.head_dim);
+        let layout = kv.layout();
         let scheduler = Scheduler::new(scheduling);
         let (handle, ends) = Handle::new(scheduler.load());
         tracing::info!(
@@ -142,6 +150,7 @@ impl NativeEngine {
             max_len,
             vocab_size,
             seed: config.seed,
+            layout,
         })
     }
 }
@@ -159,11 +168,49 @@ impl NativeEngine {
     /// `kv.num_blocks` blocks of `tokens`, so that requests with that prefix skip its
     /// prefill. Blocks already cached are kept; returns how many were added.
     pub async fn import_prefix(&self, tokens: Vec<u32>, kv: KvBlocks) -> Result<usize, EngineError> {
-        let (reply, rx) = oneshot::channel();
-        self.handle.send(Own::Import { tokens, kv, reply })?;
-        rx.await
-            .map_err(|_| EngineError::Stopped)?
-            .map_err(|e| EngineError::InvalidRequest(e.to_string()))
+        import(self.handle.clone(), tokens, kv).await
+    }
+}
+
+async fn import(handle: Handle, tokens: Vec<u32>, kv: KvBlocks) -> Result<usize, EngineError> {
+    let (reply, rx) = oneshot::channel();
+    handle.send(Own::Import { tokens, kv, reply })?;
+    rx.await
+        .map_err(|_| EngineError::Stopped)?
+        .map_err(|e| EngineError::InvalidRequest(e.to_string()))
+}
+
+/// The native engine's side of disaggregated serving.
+struct NativeKv {
+    handle: Handle,
+    layout: KvLayout,
+}
+
+impl KvTransfer for NativeKv {
+    fn layout(&self) -> KvLayout {
+        self.layout.clone()
+    }
+
+    fn cached_prefix(&self, tokens: Vec<u32>) -> BoxFuture<'static, Result<usize, EngineError>> {
+        let handle = self.handle.clone();
+        Box::pin(async move {
+            let (reply, rx) = oneshot::channel();
+            handle.send(Own::CachedPrefix { tokens, reply })?;
+            rx.await.map_err(|_| EngineError::Stopped)
+        })
+    }
+
+    fn export_prefix(&self, tokens: Vec<u32>) -> BoxFuture<'static, Result<KvBlocks, EngineError>> {
+        let handle = self.handle.clone();
+        Box::pin(async move {
+            let (reply, rx) = oneshot::channel();
+            handle.send(Own::Export { tokens, reply })?;
+            rx.await.map_err(|_| EngineError::Stopped)
+        })
+    }
+
+    fn import_blocks(&self, tokens: Vec<u32>, kv: KvBlocks) -> BoxFuture<'static, Result<usize, EngineError>> {
+        Box::pin(import(self.handle.clone(), tokens, kv))
     }
 }
 
@@ -199,6 +246,13 @@ impl Engine for NativeEngine {
     fn kv_cache(&self) -> Option<KvCache> {
         Some(KvCache::new(self.handle.clone()))
     }
+
+    fn kv_transfer(&self) -> Option<Arc<dyn KvTransfer>> {
+        Some(Arc::new(NativeKv {
+            handle: self.handle.clone(),
+            layout: self.layout.clone(),
+        }))
+    }
 }
 
 struct Loop {
@@ -232,6 +286,10 @@ impl Loop {
             Own::Import { tokens, kv, reply } => {
                 let _ = reply.send(self.import(&tokens, &kv));
             }
+            Own::CachedPrefix { tokens, reply } => {
+                let hashes = turbine_tokens::block_hashes(&tokens, self.kv.block_size());
+                let _ = reply.send(self.scheduler.pool_mut().match_prefix(&hashes));
+            }
         }
     }
 
@@ -244,33 +302,45 @@ impl Loop {
             )));
         }
         let hashes = turbine_tokens::block_hashes(tokens, self.kv.block_size());
-        let n = kv.num_blocks;
-        if n > hashes.len() || n == 0 || kv.data.len() % n != 0 {
+        let (first, n) = (kv.first_block, kv.num_blocks);
+        let end = first + n;
+        if end > hashes.len() || n == 0 || kv.data.len() % n != 0 {
             return Err(NativeError::KvLayout(format!(
-                "{n} blocks of KV for {} full blocks of tokens",
+                "blocks {first}..{end} of KV for {} full blocks of tokens",
                 hashes.len()
             )));
         }
         let pool = self.scheduler.pool_mut();
-        let have = pool.match_prefix(&hashes[..n]);
+        let have = pool.match_prefix(&hashes[..end]);
+        if have < first {
+            // The blocks these continue were evicted since the caller looked: importing them
+            // would register KV with no prefix to attach to.
+            return Err(NativeError::KvLayout(format!(
+                "the {first} blocks before the imported ones are no longer cached here ({have} are)"
+            )));
+        }
+        if have == end {
+            return Ok(0);
+        }
         let per_block = kv.data.len() / n;
         let fresh = KvBlocks {
             layout: kv.layout.clone(),
-            data: kv.data[have * per_block..].to_vec(),
-            num_blocks: n - have,
+            data: kv.data[(have - first) * per_block..].to_vec(),
+            num_blocks: end - have,
+            first_block: have,
         };
-        let Some(blocks) = pool.allocate(n - have) else {
-            return Err(NativeError::KvLayout(format!("no room for {} blocks", n - have)));
+        let Some(blocks) = pool.allocate(end - have) else {
+            return Err(NativeError::KvLayout(format!("no room for {} blocks", end - have)));
         };
         let written = self.kv.import(&fresh, &blocks);
         let pool = self.scheduler.pool_mut();
         if written.is_ok() {
             let parent = have.checked_sub(1).map(|i| hashes[i].sequence);
-            pool.register(&blocks, &hashes[have..n], parent);
+            pool.register(&blocks, &hashes[have..end], parent);
         }
         // Unreferenced, the blocks stay cached until evicted, like any finished request's.
         pool.release(blocks.iter().rev().copied());
-        written.map(|()| n - have)
+        written.map(|()| end - have)
     }
 
     fn flush(&mut self) {

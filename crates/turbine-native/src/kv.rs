@@ -6,31 +6,9 @@
 //! same block ids would index device buffers read by a paged-attention kernel instead of
 //! being gathered.
 
-use serde::{Deserialize, Serialize};
+pub use turbine_engine::{KvBlocks, KvLayout};
 
 use crate::NativeError;
-
-/// How exported KV bytes are laid out, so that an importer can check it matches its own.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KvLayout {
-    pub num_layers: usize,
-    pub num_kv_heads: usize,
-    pub head_dim: usize,
-    pub block_size: usize,
-    /// Element type of the bytes: `f32`, little-endian.
-    pub dtype: String,
-    /// Axis order within one block of one layer, keys then values.
-    pub order: String,
-}
-
-/// Some blocks' keys and values, leaving one engine for another (disaggregated serving).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct KvBlocks {
-    pub layout: KvLayout,
-    /// Per block: for each layer, its keys then its values.
-    pub data: Vec<u8>,
-    pub num_blocks: usize,
-}
 
 #[derive(Debug)]
 pub struct PagedKv {
@@ -137,6 +115,7 @@ impl PagedKv {
             layout: self.layout(),
             data,
             num_blocks: blocks.len(),
+            first_block: 0,
         })
     }
 

@@ -45,6 +45,7 @@ fn request(prompt: Vec<u32>, max_tokens: u32, sampling: SamplingOptions) -> Prep
             ..Default::default()
         },
         sampling,
+        disagg: None,
     }
 }
 

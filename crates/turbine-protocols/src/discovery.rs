@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ModelCard;
+use crate::{ModelCard, WorkerRole};
 
 /// What a worker registers for each model it serves.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -17,6 +17,9 @@ pub struct ModelEntry {
     /// absent for engines that publish no KV events.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_state_endpoint: Option<String>,
+    /// Aggregated unless the worker was started for one phase of disaggregated serving.
+    #[serde(default, skip_serializing_if = "WorkerRole::is_aggregated")]
+    pub role: WorkerRole,
 }
 
 /// Prefix under which every model of `namespace` is registered.

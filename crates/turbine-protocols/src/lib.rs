@@ -3,11 +3,13 @@
 //!
 //! This crate does no I/O; it is the vocabulary the other crates share.
 
+pub mod disagg;
 pub mod discovery;
 pub mod kv;
 pub mod llm;
 pub mod openai;
 
+pub use disagg::{Disagg, KvTransferParams, WorkerRole};
 pub use llm::{
     EngineOutput, FinishReason, ModelCard, OutputTokens, PreprocessedRequest, SamplingOptions, StopConditions,
     TokenizerKind,

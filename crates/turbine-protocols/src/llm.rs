@@ -13,6 +13,9 @@ pub struct PreprocessedRequest {
     pub stop: StopConditions,
     #[serde(default)]
     pub sampling: SamplingOptions,
+    /// Set when serving is disaggregated: which phase this worker is asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disagg: Option<crate::Disagg>,
 }
 
 /// How an engine picks each token. Unset fields take OpenAI's defaults (temperature 1,
@@ -65,6 +68,10 @@ pub struct EngineOutput {
     /// Prompt tokens the engine served from its cache; reported once, on the first output.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cached_tokens: Option<u32>,
+    /// A prefill worker's answer: where the prompt's KV waits. Boxed, since every decode
+    /// output carries this field empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_transfer: Option<Box<crate::KvTransferParams>>,
 }
 
 /// Why a stream ended.
@@ -124,6 +131,7 @@ mod tests {
             token_ids: OutputTokens::from_slice(&[7]),
             finish_reason: Some(FinishReason::Length),
             cached_tokens: None,
+            kv_transfer: None,
         };
         expect![[r#"{"token_ids":[7],"finish_reason":"length"}"#]].assert_eq(&serde_json::to_string(&out).unwrap());
         let card = ModelCard {

@@ -193,7 +193,10 @@ async fn main() -> Result<()> {
         lat.push(median(us));
     }
     println!();
-    println!("4 KiB READ latency, median: shared memory {:.0} us, TCP {:.0} us", lat[0], lat[1]);
+    println!(
+        "4 KiB READ latency, median: shared memory {:.0} us, TCP {:.0} us",
+        lat[0], lat[1]
+    );
     drop(child.stdin.take());
     child.wait()?;
     Ok(())

@@ -71,6 +71,7 @@ fn main() {
                 model: ModelCard { name: "mocker".into(), context_length: 1 << 20, tokenizer: TokenizerKind::Bytes, kv_block_size: Some(16) },
                 serve: ServeOptions::default(),
                 load_report_interval: Duration::from_millis(100),
+                disagg: None,
             };
             let worker = Worker::start(&runtime, Arc::new(engine) as Arc<dyn Engine>, config).await.expect("worker");
             let client = runtime.client::<PreprocessedRequest, EngineOutput>();
@@ -81,6 +82,7 @@ fn main() {
                     // Distinct prompts: no prefix sharing, every sequence pays its prefill.
                     token_ids: (0..prompt_len as u32).map(|t| t + (w * seqs + s) as u32 * 1000).collect(),
                     stop: StopConditions { max_tokens: Some(max_tokens), stop_token_ids: vec![] }, sampling: Default::default(),
+                    disagg: None,
                 };
                 let mut stream = client.call(worker.instance(), request).await.expect("accepted");
                 let count = Arc::new(AtomicU64::new(0));

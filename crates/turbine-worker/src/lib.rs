@@ -6,6 +6,7 @@
 //! engines with a KV cache it also publishes their KV events and load on the event plane,
 //! keeps the most recent events, and answers routers that need to resynchronise.
 
+pub mod disagg;
 mod kv;
 
 use std::sync::Arc;
@@ -18,7 +19,9 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use turbine_engine::{Engine, EngineError};
 use turbine_protocols::discovery::{model_key, ModelEntry};
 use turbine_protocols::kv::{KvStateRequest, KvStateResponse};
-use turbine_protocols::{EngineOutput, ModelCard, PreprocessedRequest};
+use turbine_protocols::{Disagg as Disagg_, EngineOutput, ModelCard, PreprocessedRequest, WorkerRole};
+
+pub use disagg::{Disagg, DisaggConfig, DisaggError, DisaggStats};
 use turbine_runtime::{
     EndpointId, EndpointServer, ErrorKind, Handler, HandlerError, Instance, InstanceId, RequestContext, Runtime,
     ServeError, ServeOptions,
@@ -34,6 +37,8 @@ pub struct WorkerConfig {
     pub serve: ServeOptions,
     /// Shortest interval between two load reports.
     pub load_report_interval: Duration,
+    /// Set for a worker with a role in disaggregated serving (prefill or decode).
+    pub disagg: Option<DisaggConfig>,
 }
 
 /// Recent KV events a worker keeps, so that a router that missed a few can catch up
@@ -44,6 +49,8 @@ pub const KV_EVENT_HISTORY: usize = 1024;
 pub enum WorkerError {
     #[error("cannot serve the worker's endpoints")]
     Serve(#[from] ServeError),
+    #[error("cannot take part in disaggregated serving")]
+    Disagg(#[from] DisaggError),
 }
 
 /// A running worker; [`Worker::run`] serves it until shutdown.
@@ -51,6 +58,7 @@ pub enum WorkerError {
 pub struct Worker {
     generate: EndpointServer<PreprocessedRequest, EngineOutput>,
     kv_state: Option<EndpointServer<KvStateRequest, KvStateResponse>>,
+    disagg: Option<Arc<Disagg>>,
     _publishers: DropGuard,
 }
 
@@ -84,22 +92,38 @@ impl Worker {
             None => None,
         };
 
-        let handler = Arc::new(EngineHandler { engine });
+        let disagg = match &config.disagg {
+            Some(d) if !d.role.is_aggregated() => Some(Disagg::start(
+                engine.as_ref(),
+                &format!("{}-{id}", config.endpoint.component),
+                &config.model.name,
+                d.clone(),
+                stop_publishers.clone(),
+            )?),
+            _ => None,
+        };
+        let role = disagg.as_ref().map(|d| d.role()).unwrap_or_default();
+        let handler = Arc::new(EngineHandler {
+            engine,
+            disagg: disagg.clone(),
+        });
         let generate = EndpointServer::start(runtime, config.endpoint.clone(), handler, serve).await?;
         let entry = ModelEntry {
             card: config.model.clone(),
             endpoint: config.endpoint.to_string(),
             kv_state_endpoint: kv_state.as_ref().map(|s| s.instance().endpoint.to_string()),
+            role,
         };
         let key = model_key(&config.endpoint.namespace, &config.model.name, id.0);
         // A struct of strings and numbers always serializes.
         generate
             .register(key, serde_json::to_vec(&entry).unwrap_or_default())
             .await?;
-        tracing::info!(model = %config.model.name, instance = %id, kv_events = kv_state.is_some(), "model registered");
+        tracing::info!(model = %config.model.name, instance = %id, kv_events = kv_state.is_some(), ?role, "model registered");
         Ok(Self {
             generate,
             kv_state,
+            disagg,
             _publishers: stop_publishers.drop_guard(),
         })
     }
@@ -113,12 +137,18 @@ impl Worker {
         self.generate.in_flight()
     }
 
+    /// Its part in disaggregated serving, if it has one.
+    pub fn disagg(&self) -> Option<&Arc<Disagg>> {
+        self.disagg.as_ref()
+    }
+
     /// Serves until `shutdown` completes, then deregisters and drains (see [`EndpointServer::run`]).
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
         shutdown.await;
         let Self {
             generate,
             kv_state,
+            disagg,
             _publishers,
         } = self;
         let kv = async {
@@ -127,11 +157,20 @@ impl Worker {
             }
         };
         futures::join!(generate.run(async {}), kv);
+        // Blocks staged for decode workers stay readable until they are read or their
+        // leases expire: a prefill worker that stopped taking requests waits for both.
+        if let Some(d) = disagg {
+            let deadline = tokio::time::Instant::now() + d.lease_duration();
+            while d.leases() > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
     }
 }
 
 struct EngineHandler {
     engine: Arc<dyn Engine>,
+    disagg: Option<Arc<Disagg>>,
 }
 
 #[async_trait]
@@ -143,6 +182,36 @@ impl Handler<PreprocessedRequest, EngineOutput> for EngineHandler {
     ) -> Result<BoxStream<'static, Result<EngineOutput, HandlerError>>, HandlerError> {
         let request_id = request.request_id.clone();
         tracing::debug!(%request_id, prompt_tokens = request.token_ids.len(), "generate");
+        let mut request = request;
+        let cancel = ctx.token();
+        match (request.disagg.take(), &self.disagg) {
+            (None, _) => {}
+            (Some(Disagg_::Prefill), Some(d)) if d.role() == WorkerRole::Prefill => {
+                let output = tokio::select! {
+                    out = d.prefill(self.engine.as_ref(), request, ctx.token()) => out.map_err(handler_error)?,
+                    () = cancel.cancelled() => return Err(HandlerError::new(ErrorKind::Cancelled, "cancelled during prefill")),
+                };
+                return Ok(futures::stream::once(async move { Ok(output) }).boxed());
+            }
+            (Some(Disagg_::Prefill), _) => {
+                return Err(HandlerError::new(
+                    ErrorKind::InvalidRequest,
+                    "this worker is not a prefill worker",
+                ));
+            }
+            (Some(Disagg_::Decode { kv }), Some(d)) => {
+                let fetched = tokio::select! {
+                    f = d.fetch(&request.token_ids, &kv) => f,
+                    () = cancel.cancelled() => return Err(HandlerError::new(ErrorKind::Cancelled, "cancelled while fetching KV")),
+                };
+                match fetched {
+                    Ok(blocks) => tracing::debug!(%request_id, blocks, "fetched KV from the prefill worker"),
+                    Err(e) => tracing::warn!(%request_id, error = %e, "fetching KV failed; prefilling here"),
+                }
+            }
+            // A decode request to a worker without a transfer agent: it prefills itself.
+            (Some(Disagg_::Decode { .. }), None) => {}
+        }
         let stream = self.engine.generate(request, ctx.token()).map_err(handler_error)?;
         Ok(stream.map(|r| r.map_err(handler_error)).boxed())
     }

@@ -35,6 +35,7 @@ fn config(model: &str) -> Result<WorkerConfig> {
             ..Default::default()
         },
         load_report_interval: Duration::from_millis(10),
+        disagg: None,
     })
 }
 
@@ -48,6 +49,7 @@ fn request(tokens: Vec<u32>, max_tokens: u32) -> PreprocessedRequest {
             stop_token_ids: vec![],
         },
         sampling: Default::default(),
+        disagg: None,
     }
 }
 
@@ -67,6 +69,7 @@ async fn registers_serves_and_deregisters() -> Result<()> {
         card: config.model,
         endpoint: "ns/worker/generate".into(),
         kv_state_endpoint: None,
+        role: Default::default(),
     };
     assert_eq!(entry, want, "the echo engine has no KV cache to report");
     assert_eq!(discovery.list(&instance_key(&config.endpoint, id)).await?.len(), 1);

@@ -278,6 +278,10 @@ pub struct FrontendArgs {
     /// mid-stream (the prompt and the tokens so far are sent again); 0 turns migration off.
     #[arg(long, default_value_t = 3)]
     migration_limit: u32,
+    /// Disaggregated models: prompts shorter than this many tokens are prefilled on their
+    /// decode worker instead of a prefill worker (prompts under one KV block always are).
+    #[arg(long, default_value_t = 0)]
+    disagg_min_tokens: usize,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -316,6 +320,7 @@ impl FrontendArgs {
             kv_overlap_weight: self.kv_overlap_weight,
             kv_temperature: self.kv_temperature,
             migration_limit: self.migration_limit,
+            disagg_min_tokens: self.disagg_min_tokens,
             ..FrontendConfig::default()
         };
         Ok((SocketAddr::new(self.host, self.port), config))
@@ -344,4 +349,47 @@ pub async fn signal_to(token: CancellationToken) {
         _ = term => tracing::info!("SIGTERM received"),
     }
     token.cancel();
+}
+
+/// How prefill and decode workers move KV blocks (disaggregated serving).
+#[derive(Debug, Args)]
+pub struct TransferArgs {
+    /// Address the KV transfer agent listens on, for peers in other processes.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    transfer_listen: SocketAddr,
+    /// KV blocks a worker can stage at once: a prefill worker's held for decode workers, a
+    /// decode worker's being received.
+    #[arg(long, default_value_t = 128)]
+    staging_blocks: usize,
+    /// Milliseconds a prefill worker holds staged KV that no decode worker reads.
+    #[arg(long, default_value_t = 30_000)]
+    kv_lease_ms: u64,
+    /// Milliseconds a decode worker waits for a prompt's KV before prefilling it itself.
+    #[arg(long, default_value_t = 5_000)]
+    kv_transfer_timeout_ms: u64,
+    /// Stage in host memory only: decode workers on the same host then read over TCP too.
+    #[arg(long)]
+    no_shared_memory: bool,
+}
+
+impl TransferArgs {
+    pub fn parse(&self, role: turbine_protocols::WorkerRole) -> anyhow::Result<turbine_worker::DisaggConfig> {
+        if self.staging_blocks == 0 {
+            bail!("--staging-blocks must be at least 1, got 0");
+        }
+        if self.kv_lease_ms == 0 {
+            bail!("--kv-lease-ms must be at least 1, got 0");
+        }
+        if self.kv_transfer_timeout_ms == 0 {
+            bail!("--kv-transfer-timeout-ms must be at least 1, got 0");
+        }
+        Ok(turbine_worker::DisaggConfig {
+            role,
+            listen: self.transfer_listen,
+            staging_blocks: self.staging_blocks,
+            lease: Duration::from_millis(self.kv_lease_ms),
+            transfer_timeout: Duration::from_millis(self.kv_transfer_timeout_ms),
+            shared_memory: !self.no_shared_memory,
+        })
+    }
 }

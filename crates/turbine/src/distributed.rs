@@ -19,7 +19,7 @@ use turbine_runtime::{
 };
 use turbine_worker::{Worker, WorkerConfig};
 
-use crate::args::{signal_to, EngineArgs, EngineSetup, FrontendArgs};
+use crate::args::{signal_to, EngineArgs, EngineSetup, FrontendArgs, TransferArgs};
 
 /// Where the processes of one deployment meet.
 #[derive(Debug, Args)]
@@ -143,6 +143,19 @@ pub struct WorkerCmdArgs {
     /// Seconds after the worker stops renewing its registration (a crash) before it disappears.
     #[arg(long, default_value_t = 10)]
     lease_ttl_secs: u64,
+    /// What the worker does: prefill and decode its own requests, or one phase of
+    /// disaggregated serving.
+    #[arg(long, value_enum, default_value_t = RoleArg::Aggregated)]
+    role: RoleArg,
+    #[command(flatten)]
+    transfer: TransferArgs,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum RoleArg {
+    Aggregated,
+    Prefill,
+    Decode,
 }
 
 pub async fn worker(args: WorkerCmdArgs) -> anyhow::Result<()> {
@@ -157,6 +170,15 @@ pub async fn worker(args: WorkerCmdArgs) -> anyhow::Result<()> {
             args.listen
         );
     }
+    let role = match args.role {
+        RoleArg::Aggregated => turbine_protocols::WorkerRole::Aggregated,
+        RoleArg::Prefill => turbine_protocols::WorkerRole::Prefill,
+        RoleArg::Decode => turbine_protocols::WorkerRole::Decode,
+    };
+    let disagg = match role {
+        turbine_protocols::WorkerRole::Aggregated => None,
+        _ => Some(args.transfer.parse(role)?),
+    };
     let runtime = cluster.runtime().await?;
     let config = WorkerConfig {
         endpoint: EndpointId::new(cluster.namespace.clone(), "worker", "generate"),
@@ -171,6 +193,7 @@ pub async fn worker(args: WorkerCmdArgs) -> anyhow::Result<()> {
             ..ServeOptions::default()
         },
         load_report_interval: Duration::from_millis(100),
+        disagg,
     };
     let worker = Worker::start(&runtime, engine.engine(0)?, config)
         .await

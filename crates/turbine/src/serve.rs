@@ -12,7 +12,9 @@ use turbine_frontend::{Frontend, FrontendConfig};
 use turbine_runtime::{EndpointId, MemoryDiscovery, MemoryEventPlane, Runtime, ServeOptions, TransportOptions};
 use turbine_worker::{Worker, WorkerConfig};
 
-use crate::args::{EngineArgs, EngineSetup, FrontendArgs};
+use turbine_protocols::WorkerRole;
+
+use crate::args::{EngineArgs, EngineSetup, FrontendArgs, TransferArgs};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -20,8 +22,16 @@ pub struct ServeArgs {
     frontend: FrontendArgs,
     /// Number of workers [default: 1 for the native engine, whose one worker batches all
     /// requests on all cores; 2 for the others].
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["prefill_workers", "decode_workers"])]
     workers: Option<usize>,
+    /// Disaggregated serving: workers that only prefill prompts (needs --decode-workers).
+    #[arg(long, requires = "decode_workers")]
+    prefill_workers: Option<usize>,
+    /// Disaggregated serving: workers that decode, fetching prompts' KV from prefill workers.
+    #[arg(long, requires = "prefill_workers")]
+    decode_workers: Option<usize>,
+    #[command(flatten)]
+    transfer: TransferArgs,
     #[command(flatten)]
     engine: EngineArgs,
     /// How the frontend reaches the workers: in-process calls, or TCP on loopback as separate processes would.
@@ -42,7 +52,9 @@ enum RequestPlane {
 #[derive(Debug)]
 pub struct ServeConfig {
     listen: SocketAddr,
-    workers: usize,
+    /// Each worker's role, in start order.
+    roles: Vec<WorkerRole>,
+    transfer: Option<turbine_worker::DisaggConfig>,
     engine: EngineSetup,
     worker_transport: TransportOptions,
     frontend: FrontendConfig,
@@ -58,7 +70,20 @@ impl TryFrom<ServeArgs> for ServeConfig {
         }
         let (listen, frontend) = a.frontend.parse()?;
         let engine: EngineSetup = a.engine.try_into()?;
-        let workers = a.workers.unwrap_or(if engine.is_native() { 1 } else { 2 });
+        let (roles, transfer) = match (a.prefill_workers, a.decode_workers) {
+            (Some(p), Some(d)) => {
+                if p == 0 || d == 0 {
+                    bail!("--prefill-workers and --decode-workers must each be at least 1, got {p} and {d}");
+                }
+                let mut roles = vec![WorkerRole::Prefill; p];
+                roles.extend(std::iter::repeat_n(WorkerRole::Decode, d));
+                (roles, Some(a.transfer.parse(WorkerRole::Prefill)?))
+            }
+            _ => {
+                let n = a.workers.unwrap_or(if engine.is_native() { 1 } else { 2 });
+                (vec![WorkerRole::Aggregated; n], None)
+            }
+        };
         let worker_transport = match a.request_plane {
             RequestPlane::Local => TransportOptions::Local,
             RequestPlane::Tcp => TransportOptions::Tcp {
@@ -69,7 +94,8 @@ impl TryFrom<ServeArgs> for ServeConfig {
         Ok(Self {
             listen,
             engine,
-            workers,
+            roles,
+            transfer,
             worker_transport,
             frontend,
             grace_period: Duration::from_secs(a.grace_period_secs),
@@ -84,8 +110,12 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
 
     let endpoint = EndpointId::new(config.frontend.namespace.clone(), "worker", "generate");
     let mut workers = Vec::new();
-    for i in 0..config.workers {
+    for (i, &role) in config.roles.iter().enumerate() {
         let engine = config.engine.engine(i)?;
+        let disagg = config
+            .transfer
+            .clone()
+            .map(|t| turbine_worker::DisaggConfig { role, ..t });
         let worker_config = WorkerConfig {
             endpoint: endpoint.clone(),
             model: config.engine.model.clone(),
@@ -95,6 +125,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
                 ..ServeOptions::default()
             },
             load_report_interval: Duration::from_millis(100),
+            disagg,
         };
         let worker = Worker::start(&runtime, engine.clone(), worker_config)
             .await
@@ -106,7 +137,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let frontend = Frontend::start(&runtime, config.frontend.clone())
         .await
         .context("starting the frontend")?;
-    tracing::info!(workers = config.workers, model = %config.engine.model.name, "starting");
+    tracing::info!(workers = config.roles.len(), roles = ?config.roles, model = %config.engine.model.name, "starting");
     serve_http(frontend, config.listen, shutdown, config.grace_period, workers).await
 }
 

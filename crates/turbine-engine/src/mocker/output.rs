@@ -251,6 +251,7 @@ impl<K: TokenValues> OutputReader<K> {
             token_ids,
             finish_reason,
             cached_tokens,
+            kv_transfer: None,
         }
     }
 }

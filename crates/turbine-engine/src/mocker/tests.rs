@@ -391,6 +391,7 @@ fn request(len: usize, max_tokens: u32) -> PreprocessedRequest {
             stop_token_ids: vec![],
         },
         sampling: Default::default(),
+        disagg: None,
     }
 }
 

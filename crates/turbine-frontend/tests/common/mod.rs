@@ -77,6 +77,7 @@ impl Cluster {
                 model: card.clone(),
                 serve: ServeOptions::default(),
                 load_report_interval: std::time::Duration::from_millis(100),
+                disagg: None,
             };
             workers.push(turbine_worker::Worker::start(&runtime, Arc::new(engine), config).await?);
             counts.push(served);
