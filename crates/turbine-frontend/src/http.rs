@@ -850,7 +850,12 @@ async fn health(State(state): State<AppState>) -> Response {
         .iter()
         .map(|(name, m)| {
             let ids: Vec<String> = m.instances.iter().map(|i| i.id.to_string()).collect();
-            (name.clone(), serde_json::json!({ "instances": ids }))
+            let mut entry = serde_json::json!({ "instances": ids });
+            if !m.prefill.is_empty() {
+                let prefill: Vec<String> = m.prefill.iter().map(|i| i.id.to_string()).collect();
+                entry["prefill_instances"] = serde_json::json!(prefill);
+            }
+            (name.clone(), entry)
         })
         .collect();
     let healthy = !snapshot.models.is_empty() && snapshot.models.values().all(|m| !m.instances.is_empty());

@@ -104,12 +104,10 @@ impl Frontend {
         let dispatcher = routing::Dispatcher::new(
             runtime,
             models,
-            config.router_mode,
+            &config,
             kv,
             active,
             &metrics,
-            config.migration_limit,
-            config.disagg_min_tokens,
         );
         let app = http::App {
             dispatcher: Arc::new(dispatcher),
