@@ -72,6 +72,7 @@ pub enum FrontendError {
 #[derive(Debug)]
 pub struct Frontend {
     app: axum::Router,
+    metrics: Arc<metrics::Metrics>,
 }
 
 impl Frontend {
@@ -101,22 +102,22 @@ impl Frontend {
             _ => None,
         };
         let active = replica::Replicated::start(runtime, &config.namespace).await?;
-        let dispatcher = routing::Dispatcher::new(
-            runtime,
-            models,
-            &config,
-            kv,
-            active,
-            &metrics,
-        );
+        let dispatcher = routing::Dispatcher::new(runtime, models, &config, kv, active, &metrics);
         let app = http::App {
             dispatcher: Arc::new(dispatcher),
-            metrics,
+            metrics: metrics.clone(),
             max_body_bytes: config.max_body_bytes,
         };
         Ok(Self {
             app: http::app(Arc::new(app)),
+            metrics,
         })
+    }
+
+    /// Adds metrics of parts running beside the frontend in one process (the workers of
+    /// `turbine serve`) to its `/metrics`.
+    pub fn register_metrics(&self, collector: Box<dyn prometheus::core::Collector>) -> Result<(), prometheus::Error> {
+        self.metrics.register(collector)
     }
 
     /// Serves HTTP on `listener` until `shutdown` completes; then stops accepting and waits

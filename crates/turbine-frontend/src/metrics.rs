@@ -160,6 +160,10 @@ impl Metrics {
         }
     }
 
+    pub(crate) fn register(&self, collector: Box<dyn prometheus::core::Collector>) -> Result<(), prometheus::Error> {
+        self.registry.register(collector)
+    }
+
     /// The Prometheus text exposition of every metric.
     pub(crate) fn render(&self) -> String {
         let mut out = Vec::new();

@@ -8,6 +8,7 @@
 
 pub mod disagg;
 mod kv;
+pub mod metrics;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +23,7 @@ use turbine_protocols::kv::{KvStateRequest, KvStateResponse};
 use turbine_protocols::{Disagg as Disagg_, EngineOutput, ModelCard, PreprocessedRequest, WorkerRole};
 
 pub use disagg::{Disagg, DisaggConfig, DisaggError, DisaggStats};
+pub use metrics::TransferMetrics;
 use turbine_runtime::{
     EndpointId, EndpointServer, ErrorKind, Handler, HandlerError, Instance, InstanceId, RequestContext, Runtime,
     ServeError, ServeOptions,

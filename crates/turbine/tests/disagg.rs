@@ -141,7 +141,28 @@ fn serve(extra: &[&str]) -> Result<(Proc, String)> {
 async fn one_process_disaggregated_matches_aggregated() -> Result<()> {
     let (_agg, aggregated) = serve(&["--workers", "1"])?;
     let (_dis, disaggregated) = serve(&["--prefill-workers", "1", "--decode-workers", "1"])?;
-    same_answers(&reqwest::Client::new(), &aggregated, &disaggregated).await
+    let http = reqwest::Client::new();
+    same_answers(&http, &aggregated, &disaggregated).await?;
+    // The decode worker's reads show on the frontend's /metrics, one block per staged slot.
+    let metrics = http
+        .get(format!("{disaggregated}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let sum = |prefix: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let read = sum("turbine_transfer_bytes_total{backend=\"in_process\",op=\"read\"");
+    let fetched = sum("turbine_worker_disagg_total{event=\"blocks_fetched\"");
+    ensure!(read > 0.0 && fetched > 0.0, "no transfer in the metrics:\n{metrics}");
+    let staged = sum("turbine_worker_disagg_total{event=\"blocks_staged\"");
+    ensure!(staged >= fetched, "{staged} blocks staged, {fetched} fetched");
+    Ok(())
 }
 
 /// Frontend and workers as separate processes meeting in etcd. `shared_memory` false stages
@@ -166,7 +187,7 @@ async fn across_processes(shared_memory: bool) -> Result<()> {
         args.extend(["--role", r]);
         args
     };
-    let (_prefill, _) = start_worker(&role("prefill"))?;
+    let (mut prefill, _) = start_worker(&role("prefill"))?;
     let (_decode, decode_id) = start_worker(&role("decode"))?;
     let (_frontend, url) = start_frontend(&["--discovery", etcd.url.as_str()])?;
     wait_for_instances(&http, &url, MODEL, 1, Duration::from_secs(30))
@@ -186,7 +207,32 @@ async fn across_processes(shared_memory: bool) -> Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    same_answers(&http, &aggregated, &url).await
+    same_answers(&http, &aggregated, &url).await?;
+
+    // With the prefill worker killed (still listed until its lease expires), requests are
+    // prefilled on the decode worker, with the same answer and no error.
+    prefill.kill()?;
+    let body = json!({"model": MODEL, "prompt": tokens(7, 3 * BLOCK), "max_tokens": 6, "temperature": 0});
+    let want = answer(&complete(&http, &aggregated, &body).await?);
+    let started = std::time::Instant::now();
+    let got = answer(&complete(&http, &url, &body).await?);
+    ensure!(
+        got == want,
+        "after the prefill worker died: {got:?}, aggregated {want:?}"
+    );
+    ensure!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    let failed = metric(
+        &http,
+        &url,
+        &format!("turbine_frontend_disagg_decisions_total{{decision=\"local_prefill_failed\",model=\"{MODEL}\"}}"),
+    )
+    .await?;
+    ensure!(failed == 1.0, "local_prefill_failed = {failed}");
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
