@@ -115,29 +115,27 @@ impl TransferMetrics {
     }
 }
 
+impl TransferMetrics {
+    fn parts(&self) -> [&dyn Collector; 7] {
+        [
+            &self.bytes,
+            &self.seconds,
+            &self.completed,
+            &self.failures,
+            &self.in_flight,
+            &self.disagg,
+            &self.free_slots,
+        ]
+    }
+}
+
 impl Collector for TransferMetrics {
     fn desc(&self) -> Vec<&Desc> {
-        let mut all = Vec::new();
-        all.extend(self.bytes.desc());
-        all.extend(self.seconds.desc());
-        all.extend(self.completed.desc());
-        all.extend(self.failures.desc());
-        all.extend(self.in_flight.desc());
-        all.extend(self.disagg.desc());
-        all.extend(self.free_slots.desc());
-        all
+        self.parts().into_iter().flat_map(|c| c.desc()).collect()
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
         self.refresh();
-        let mut all = Vec::new();
-        all.extend(self.bytes.collect());
-        all.extend(self.seconds.collect());
-        all.extend(self.completed.collect());
-        all.extend(self.failures.collect());
-        all.extend(self.in_flight.collect());
-        all.extend(self.disagg.collect());
-        all.extend(self.free_slots.collect());
-        all
+        self.parts().into_iter().flat_map(|c| c.collect()).collect()
     }
 }

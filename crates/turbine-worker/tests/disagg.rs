@@ -1,0 +1,259 @@
+//! A prefill worker's staged KV and a decode worker's fetch, against an engine that keeps
+//! its blocks in a map: blocks arrive byte for byte, leases free their slots when read or
+//! expired, and a fetch that finds its slots reused by another lease fails without importing.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use futures::future::BoxFuture;
+use parking_lot::Mutex;
+use tokio_util::sync::CancellationToken;
+use turbine_engine::{Engine, EngineError, EngineStream, KvBlocks, KvLayout, KvTransfer};
+use turbine_protocols::{EngineOutput, FinishReason, PreprocessedRequest, WorkerRole};
+use turbine_worker::{Disagg, DisaggConfig};
+
+const BLOCK: usize = 4;
+
+fn layout() -> KvLayout {
+    KvLayout {
+        num_layers: 1,
+        num_kv_heads: 1,
+        head_dim: 2,
+        block_size: BLOCK,
+        dtype: "f32".into(),
+        order: "test".into(),
+    }
+}
+
+/// Cached blocks by the prompt prefix they end: a block's bytes are a function of it, so a
+/// block in the wrong place shows.
+#[derive(Default)]
+struct MapEngine {
+    blocks: Arc<Mutex<HashMap<Vec<u32>, Vec<u8>>>>,
+}
+
+fn bytes_of(prefix: &[u32]) -> Vec<u8> {
+    let seed: u32 = prefix.iter().fold(7, |a, &t| a.wrapping_mul(31).wrapping_add(t));
+    (0..layout().block_bytes()).map(|i| (seed as usize + i) as u8).collect()
+}
+
+fn cached(blocks: &HashMap<Vec<u32>, Vec<u8>>, tokens: &[u32]) -> usize {
+    (1..=tokens.len() / BLOCK)
+        .take_while(|&b| blocks.contains_key(&tokens[..b * BLOCK]))
+        .count()
+}
+
+impl Engine for MapEngine {
+    fn generate(&self, request: PreprocessedRequest, _cancel: CancellationToken) -> Result<EngineStream, EngineError> {
+        let mut blocks = self.blocks.lock();
+        for b in 1..=request.token_ids.len() / BLOCK {
+            let prefix = request.token_ids[..b * BLOCK].to_vec();
+            blocks.entry(prefix.clone()).or_insert_with(|| bytes_of(&prefix));
+        }
+        let done = EngineOutput {
+            token_ids: [1].into_iter().collect(),
+            finish_reason: Some(FinishReason::Length),
+            ..EngineOutput::default()
+        };
+        Ok(EngineStream::new(futures::stream::once(async move { Ok(done) })))
+    }
+
+    fn kv_transfer(&self) -> Option<Arc<dyn KvTransfer>> {
+        Some(Arc::new(MapKv(self.blocks.clone())))
+    }
+}
+
+struct MapKv(Arc<Mutex<HashMap<Vec<u32>, Vec<u8>>>>);
+
+impl KvTransfer for MapKv {
+    fn layout(&self) -> KvLayout {
+        layout()
+    }
+
+    fn cached_prefix(&self, tokens: Vec<u32>) -> BoxFuture<'static, Result<usize, EngineError>> {
+        let n = cached(&self.0.lock(), &tokens);
+        Box::pin(async move { Ok(n) })
+    }
+
+    fn export_prefix(&self, tokens: Vec<u32>) -> BoxFuture<'static, Result<KvBlocks, EngineError>> {
+        let blocks = self.0.lock();
+        let n = cached(&blocks, &tokens);
+        let data = (1..=n).flat_map(|b| blocks[&tokens[..b * BLOCK]].clone()).collect();
+        Box::pin(async move {
+            Ok(KvBlocks {
+                layout: layout(),
+                data,
+                num_blocks: n,
+                first_block: 0,
+            })
+        })
+    }
+
+    fn import_blocks(&self, tokens: Vec<u32>, kv: KvBlocks) -> BoxFuture<'static, Result<usize, EngineError>> {
+        let mut blocks = self.0.lock();
+        let result = if cached(&blocks, &tokens) < kv.first_block {
+            Err(EngineError::InvalidRequest("the blocks before are gone".into()))
+        } else {
+            let per = layout().block_bytes();
+            for i in 0..kv.num_blocks {
+                let b = kv.first_block + i + 1;
+                blocks.insert(tokens[..b * BLOCK].to_vec(), kv.data[i * per..(i + 1) * per].to_vec());
+            }
+            Ok(kv.num_blocks)
+        };
+        Box::pin(async move { result })
+    }
+}
+
+fn config(role: WorkerRole, lease: Duration) -> Result<DisaggConfig> {
+    Ok(DisaggConfig {
+        role,
+        listen: "127.0.0.1:0".parse()?,
+        staging_blocks: 4,
+        lease,
+        transfer_timeout: Duration::from_secs(5),
+        shared_memory: false,
+    })
+}
+
+fn request(tokens: Vec<u32>) -> PreprocessedRequest {
+    PreprocessedRequest {
+        request_id: "r".into(),
+        model: "m".into(),
+        token_ids: tokens,
+        stop: Default::default(),
+        sampling: Default::default(),
+        disagg: None,
+    }
+}
+
+async fn eventually(what: &str, f: impl Fn() -> bool) -> Result<()> {
+    for _ in 0..500 {
+        if f() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    anyhow::bail!("{what} never happened")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staged_blocks_arrive_whole_and_stale_ones_are_refused() -> Result<()> {
+    let stop = CancellationToken::new();
+    let (prefill_engine, decode_engine) = (MapEngine::default(), MapEngine::default());
+    let prefill = Disagg::start(
+        &prefill_engine,
+        "p",
+        "m",
+        config(WorkerRole::Prefill, Duration::from_millis(100))?,
+        stop.clone(),
+    )?;
+    let decode = Disagg::start(
+        &decode_engine,
+        "d",
+        "m",
+        config(WorkerRole::Decode, Duration::from_secs(1))?,
+        stop.clone(),
+    )?;
+
+    // Ten tokens: two full blocks move, the tail stays for the decode worker to compute.
+    let a: Vec<u32> = (100..110).collect();
+    let out = prefill
+        .prefill(&prefill_engine, request(a.clone()), CancellationToken::new())
+        .await?;
+    let params = *out.kv_transfer.context("no transfer params")?;
+    ensure!(params.slots.len() == 2 && prefill.free_slots() == 2, "{params:?}");
+    ensure!(decode.fetch(&a, &params).await.map_err(anyhow::Error::msg)? == 2);
+    for b in 1..=2 {
+        ensure!(
+            decode_engine.blocks.lock()[&a[..b * BLOCK]] == bytes_of(&a[..b * BLOCK]),
+            "block {b} changed"
+        );
+    }
+    // The read's notification releases the lease.
+    eventually("the lease release", || {
+        prefill.free_slots() == 4 && prefill.leases() == 0
+    })
+    .await?;
+
+    // A second fetch of the same prompt moves nothing: the decode worker holds both blocks.
+    let out = prefill
+        .prefill(&prefill_engine, request(a.clone()), CancellationToken::new())
+        .await?;
+    let again = *out.kv_transfer.context("no transfer params")?;
+    ensure!(decode.fetch(&a, &again).await.map_err(anyhow::Error::msg)? == 0);
+    eventually("the release of a lease nobody needed", || prefill.leases() == 0).await?;
+
+    // A lease that expires unread frees its slots; the next prompt reuses them, and a late
+    // reader of the first finds another lease in their headers.
+    let b: Vec<u32> = (200..208).collect();
+    let out = prefill
+        .prefill(&prefill_engine, request(b.clone()), CancellationToken::new())
+        .await?;
+    let late = *out.kv_transfer.context("no transfer params")?;
+    eventually("the lease's expiry", || prefill.leases() == 0).await?;
+    let c: Vec<u32> = (300..308).collect();
+    let out = prefill
+        .prefill(&prefill_engine, request(c.clone()), CancellationToken::new())
+        .await?;
+    let fresh = *out.kv_transfer.context("no transfer params")?;
+    ensure!(
+        fresh.slots == late.slots,
+        "the slots were not reused: {:?} then {:?}",
+        late.slots,
+        fresh.slots
+    );
+    let err = decode.fetch(&b, &late).await.err().context("a stale fetch succeeded")?;
+    ensure!(err.contains("released and reused"), "{err}");
+    ensure!(
+        cached(&decode_engine.blocks.lock(), &b) == 0,
+        "stale blocks were imported"
+    );
+    ensure!(decode.fetch(&c, &fresh).await.map_err(anyhow::Error::msg)? == 2);
+
+    // Nothing leaks: every slot is free again on both sides.
+    eventually("every slot free", || {
+        prefill.free_slots() == 4 && decode.free_slots() == 4
+    })
+    .await?;
+    let s = &decode.stats;
+    ensure!(s.fetch_failures.load(std::sync::atomic::Ordering::Relaxed) == 1);
+    stop.cancel();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_of_another_model_is_refused() -> Result<()> {
+    let stop = CancellationToken::new();
+    let (prefill_engine, decode_engine) = (MapEngine::default(), MapEngine::default());
+    let prefill = Disagg::start(
+        &prefill_engine,
+        "p",
+        "m",
+        config(WorkerRole::Prefill, Duration::from_secs(1))?,
+        stop.clone(),
+    )?;
+    let decode = Disagg::start(
+        &decode_engine,
+        "d",
+        "other",
+        config(WorkerRole::Decode, Duration::from_secs(1))?,
+        stop.clone(),
+    )?;
+    let a: Vec<u32> = (100..108).collect();
+    let out = prefill
+        .prefill(&prefill_engine, request(a.clone()), CancellationToken::new())
+        .await?;
+    let params = *out.kv_transfer.context("no transfer params")?;
+    let err = decode
+        .fetch(&a, &params)
+        .await
+        .err()
+        .context("an incompatible peer was used")?;
+    ensure!(err.contains("model: other here, m there"), "{err}");
+    ensure!(cached(&decode_engine.blocks.lock(), &a) == 0);
+    stop.cancel();
+    Ok(())
+}
