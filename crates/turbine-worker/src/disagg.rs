@@ -246,7 +246,14 @@ impl Disagg {
             return Err(EngineError::Stopped);
         }
         let exported = self.kv.export_prefix(tokens).await?;
-        let per_block = exported.data.len().checked_div(exported.num_blocks).unwrap_or(0);
+        let per_block = self.layout.block_bytes();
+        if exported.data.len() != exported.num_blocks * per_block {
+            return Err(EngineError::InvalidRequest(format!(
+                "the engine exported {} bytes for {} blocks of {per_block}",
+                exported.data.len(),
+                exported.num_blocks
+            )));
+        }
         let slots = self.staging.take(exported.num_blocks);
         let lease: u64 = rand::random();
         let mut slot = vec![0u8; self.staging.slot_bytes as usize];

@@ -257,3 +257,55 @@ async fn a_peer_of_another_model_is_refused() -> Result<()> {
     stop.cancel();
     Ok(())
 }
+
+/// The mocker moves block identities, and an import takes the time its bytes per token and
+/// bandwidth give: here 2 blocks of 16 tokens at 1 MB a token over 160 MB/s, 200 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mocker_moves_block_ids_in_simulated_time() -> Result<()> {
+    use turbine_engine::{MockerConfig, MockerEngine};
+    let stop = CancellationToken::new();
+    let mocker = || {
+        MockerEngine::start(MockerConfig {
+            kv_bytes_per_token: 1_000_000,
+            transfer_bytes_per_sec: 160e6,
+            speedup: 100.0,
+            ..MockerConfig::default()
+        })
+    };
+    let (prefill_engine, decode_engine) = (mocker()?, mocker()?);
+    let decode_kv = decode_engine.kv_transfer().context("kv transfer")?;
+    let prefill = Disagg::start(
+        &prefill_engine,
+        "p",
+        "m",
+        config(WorkerRole::Prefill, Duration::from_secs(1))?,
+        stop.clone(),
+    )?;
+    let decode = Disagg::start(
+        &decode_engine,
+        "d",
+        "m",
+        config(WorkerRole::Decode, Duration::from_secs(1))?,
+        stop.clone(),
+    )?;
+    let prompt: Vec<u32> = (1000..1040).collect();
+    let out = prefill
+        .prefill(&prefill_engine, request(prompt.clone()), CancellationToken::new())
+        .await?;
+    let params = *out.kv_transfer.context("no transfer params")?;
+    ensure!(params.slots.len() == 2, "{params:?}");
+    let started = std::time::Instant::now();
+    ensure!(decode.fetch(&prompt, &params).await.map_err(anyhow::Error::msg)? == 2);
+    let took = started.elapsed();
+    // 200 ms over a speedup of 100.
+    ensure!(took >= Duration::from_millis(2), "the import took {took:?}");
+    ensure!(decode_kv.cached_prefix(prompt.clone()).await? == 2);
+    // Another prompt's blocks in these slots are refused by their hashes, not imported.
+    let mut forged = params.clone();
+    forged.lease = 1;
+    let other: Vec<u32> = (5000..5040).collect();
+    ensure!(decode.fetch(&other, &forged).await.is_err());
+    ensure!(decode_kv.cached_prefix(other).await? == 0);
+    stop.cancel();
+    Ok(())
+}

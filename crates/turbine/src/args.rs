@@ -84,6 +84,14 @@ struct MockerArgs {
     /// Reuse cached KV blocks of shared prompt prefixes.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     prefix_caching: bool,
+    /// Mocker, disaggregated: KV bytes per token of the simulated model [default: Llama-3-8B
+    /// in bf16, 131072].
+    #[arg(long, default_value_t = 131_072)]
+    kv_bytes_per_token: u64,
+    /// Mocker, disaggregated: GB/s between prefill and decode workers, which with
+    /// --kv-bytes-per-token gives each KV import's simulated time.
+    #[arg(long, default_value_t = 25.0)]
+    transfer_gbps: f64,
 }
 
 /// A validated engine choice: builds engines and describes their model.
@@ -182,6 +190,8 @@ impl TryFrom<EngineArgs> for EngineSetup {
             seed: m.seed,
             enable_prefix_caching: m.prefix_caching,
             vocab,
+            kv_bytes_per_token: m.kv_bytes_per_token,
+            transfer_bytes_per_sec: m.transfer_gbps * 1e9,
         };
         mocker
             .validate()

@@ -15,13 +15,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use futures::future::BoxFuture;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use turbine_protocols::kv::KvEvent;
 use turbine_protocols::PreprocessedRequest;
 
 use crate::host::{self, Command, EngineHandle, LoopEnds};
-use crate::{Engine, EngineError, EngineStream, KvCache};
+use crate::{Engine, EngineError, EngineStream, KvBlocks, KvCache, KvLayout, KvTransfer};
 use scheduler::{token_source, Counted, Scheduler, SeqSpec, TokenSource};
 
 /// The mocker's settings; the defaults are those of a vLLM worker on one large GPU.
@@ -42,6 +43,10 @@ pub struct MockerConfig {
     /// Generated token ids are drawn uniformly from this range.
     pub vocab: std::ops::Range<u32>,
     pub enable_prefix_caching: bool,
+    /// Disaggregated serving: KV bytes per token of the simulated model, and the bandwidth
+    /// that moves them between workers, which together give an import's simulated time.
+    pub kv_bytes_per_token: u64,
+    pub transfer_bytes_per_sec: f64,
 }
 
 impl Default for MockerConfig {
@@ -55,6 +60,9 @@ impl Default for MockerConfig {
             seed: 0,
             vocab: 0..32000,
             enable_prefix_caching: true,
+            // Llama-3-8B in bf16 (32 layers, 8 KV heads of 128), over a 200 Gb/s RDMA link.
+            kv_bytes_per_token: 2 * 32 * 8 * 128 * 2,
+            transfer_bytes_per_sec: 25e9,
         }
     }
 }
@@ -65,6 +73,8 @@ pub enum MockerConfigError {
     Zero { name: &'static str, value: usize },
     #[error("speedup must be a positive number, got {0}")]
     Speedup(f64),
+    #[error("transfer bandwidth must be a positive number of bytes per second, got {0}")]
+    Bandwidth(f64),
 }
 
 impl MockerConfig {
@@ -81,6 +91,9 @@ impl MockerConfig {
                 return Err(MockerConfigError::Zero { name, value });
             }
         }
+        if !(self.transfer_bytes_per_sec.is_finite() && self.transfer_bytes_per_sec > 0.0) {
+            return Err(MockerConfigError::Bandwidth(self.transfer_bytes_per_sec));
+        }
         if !(self.speedup.is_finite() && self.speedup > 0.0) {
             return Err(MockerConfigError::Speedup(self.speedup));
         }
@@ -93,8 +106,25 @@ impl MockerConfig {
     }
 }
 
-/// The mocker has no messages of its own.
-type Handle = EngineHandle<TokenSource, (), std::convert::Infallible>;
+/// The mocker's own messages: its side of disaggregated serving.
+enum Own {
+    CachedPrefix {
+        tokens: Vec<u32>,
+        reply: oneshot::Sender<usize>,
+    },
+    Export {
+        tokens: Vec<u32>,
+        reply: oneshot::Sender<usize>,
+    },
+    Import {
+        tokens: Vec<u32>,
+        first: usize,
+        hashes: Vec<u64>,
+        reply: oneshot::Sender<Result<usize, String>>,
+    },
+}
+
+type Handle = EngineHandle<TokenSource, (), Own>;
 type Sink = host::Sink<TokenSource, ()>;
 
 /// A running mocker. Cloning shares the engine.
@@ -117,7 +147,13 @@ impl MockerEngine {
         let (handle, ends) = Handle::new(scheduler.load());
         let busy_ns = Arc::new(AtomicU64::new(0));
         let simulated_ns = Arc::new(AtomicU64::new(0));
-        tokio::spawn(run(scheduler, ends, busy_ns.clone(), simulated_ns.clone()));
+        tokio::spawn(run(
+            scheduler,
+            ends,
+            config.block_size,
+            busy_ns.clone(),
+            simulated_ns.clone(),
+        ));
         Ok(Self {
             handle,
             busy_ns,
@@ -167,18 +203,168 @@ impl Engine for MockerEngine {
     fn kv_cache(&self) -> Option<KvCache> {
         Some(KvCache::new(self.handle.clone()))
     }
+
+    fn kv_transfer(&self) -> Option<Arc<dyn KvTransfer>> {
+        Some(Arc::new(MockerKv {
+            handle: self.handle.clone(),
+            config: self.config.clone(),
+        }))
+    }
+}
+
+/// A mocker block's bytes start with the block's sequence hash, which the importer checks,
+/// so a block landing in the wrong place or a stale one shows; the rest of its (small)
+/// layout is zeros. The time a real block would take to move is simulated on import.
+const HASH_BYTES: usize = 8;
+
+/// The mocker's side of disaggregated serving: block identities move, and importing them
+/// takes the time the configured bytes per token and bandwidth give.
+struct MockerKv {
+    handle: Handle,
+    config: Arc<MockerConfig>,
+}
+
+fn mock_layout(block_size: usize) -> KvLayout {
+    KvLayout {
+        num_layers: 1,
+        num_kv_heads: 1,
+        head_dim: 1,
+        block_size,
+        dtype: "mock".into(),
+        order: "sequence_hash".into(),
+    }
+}
+
+impl KvTransfer for MockerKv {
+    fn layout(&self) -> KvLayout {
+        mock_layout(self.config.block_size)
+    }
+
+    fn cached_prefix(&self, tokens: Vec<u32>) -> BoxFuture<'static, Result<usize, EngineError>> {
+        let handle = self.handle.clone();
+        Box::pin(async move {
+            let (reply, rx) = oneshot::channel();
+            handle.send(Own::CachedPrefix { tokens, reply })?;
+            rx.await.map_err(|_| EngineError::Stopped)
+        })
+    }
+
+    fn export_prefix(&self, tokens: Vec<u32>) -> BoxFuture<'static, Result<KvBlocks, EngineError>> {
+        let handle = self.handle.clone();
+        let block_size = self.config.block_size;
+        Box::pin(async move {
+            let hashes = turbine_tokens::block_hashes(&tokens, block_size);
+            let (reply, rx) = oneshot::channel();
+            handle.send(Own::Export { tokens, reply })?;
+            let n = rx.await.map_err(|_| EngineError::Stopped)?;
+            let per_block = mock_layout(block_size).block_bytes();
+            let mut data = vec![0u8; n * per_block];
+            for (h, block) in hashes[..n].iter().zip(data.chunks_exact_mut(per_block)) {
+                block[..HASH_BYTES].copy_from_slice(&h.sequence.to_le_bytes());
+            }
+            Ok(KvBlocks {
+                layout: mock_layout(block_size),
+                data,
+                num_blocks: n,
+                first_block: 0,
+            })
+        })
+    }
+
+    fn import_blocks(&self, tokens: Vec<u32>, kv: KvBlocks) -> BoxFuture<'static, Result<usize, EngineError>> {
+        let handle = self.handle.clone();
+        let config = self.config.clone();
+        Box::pin(async move {
+            let layout = mock_layout(config.block_size);
+            let per_block = layout.block_bytes();
+            if kv.layout != layout || kv.data.len() != kv.num_blocks * per_block {
+                return Err(EngineError::InvalidRequest(format!(
+                    "not the mocker's KV: {:?}",
+                    kv.layout
+                )));
+            }
+            let bytes = (kv.num_blocks * config.block_size) as f64 * config.kv_bytes_per_token as f64;
+            let simulated = Duration::from_secs_f64(bytes / config.transfer_bytes_per_sec / config.speedup);
+            tokio::time::sleep(simulated).await;
+            let hashes = kv
+                .data
+                .chunks_exact(per_block)
+                .map(|c| u64::from_le_bytes(c[..HASH_BYTES].try_into().unwrap_or_default()))
+                .collect();
+            let (reply, rx) = oneshot::channel();
+            handle.send(Own::Import {
+                tokens,
+                first: kv.first_block,
+                hashes,
+                reply,
+            })?;
+            rx.await
+                .map_err(|_| EngineError::Stopped)?
+                .map_err(EngineError::InvalidRequest)
+        })
+    }
 }
 
 struct Loop {
     scheduler: Scheduler<Sink, Counted>,
     subscribers: Vec<mpsc::UnboundedSender<Vec<KvEvent>>>,
+    block_size: usize,
 }
 
 impl Loop {
-    fn handle(&mut self, command: Command<TokenSource, (), std::convert::Infallible>) {
-        if let Some(never) = host::apply(command, &mut self.scheduler, &mut self.subscribers) {
-            match never {}
+    fn handle(&mut self, command: Command<TokenSource, (), Own>) {
+        let Some(own) = host::apply(command, &mut self.scheduler, &mut self.subscribers) else {
+            return;
+        };
+        let block_size = self.block_size;
+        match own {
+            Own::CachedPrefix { tokens, reply } | Own::Export { tokens, reply } => {
+                let hashes = turbine_tokens::block_hashes(&tokens, block_size);
+                let _ = reply.send(self.scheduler.pool_mut().match_prefix(&hashes));
+            }
+            Own::Import {
+                tokens,
+                first,
+                hashes: sent,
+                reply,
+            } => {
+                let _ = reply.send(self.import(&tokens, first, &sent));
+            }
         }
+    }
+
+    /// Registers blocks `first..` of `tokens`, whose sequence hashes the prefill worker
+    /// sent, as cached: what an imported block's KV would make them.
+    fn import(&mut self, tokens: &[u32], first: usize, sent: &[u64]) -> Result<usize, String> {
+        let hashes = turbine_tokens::block_hashes(tokens, self.block_size);
+        let end = first + sent.len();
+        if end > hashes.len() {
+            return Err(format!(
+                "blocks {first}..{end} for {} full blocks of tokens",
+                hashes.len()
+            ));
+        }
+        if let Some(i) = (first..end).find(|&i| hashes[i].sequence != sent[i - first]) {
+            return Err(format!("block {i} is another prompt's"));
+        }
+        let pool = self.scheduler.pool_mut();
+        let have = pool.match_prefix(&hashes[..end]);
+        if have < first {
+            return Err(format!(
+                "the {first} blocks before the imported ones are no longer cached ({have} are)"
+            ));
+        }
+        if have == end {
+            return Ok(0);
+        }
+        let blocks = pool
+            .allocate(end - have)
+            .ok_or_else(|| format!("no room for {} blocks", end - have))?;
+        let parent = have.checked_sub(1).map(|i| hashes[i].sequence);
+        pool.register(&blocks, &hashes[have..end], parent);
+        pool.release(blocks.iter().rev().copied());
+        self.flush_events();
+        Ok(end - have)
     }
 
     fn flush_events(&mut self) {
@@ -195,7 +381,8 @@ const LOAD_UPDATE_INTERVAL: Duration = Duration::from_millis(5);
 
 async fn run(
     scheduler: Scheduler<Sink, Counted>,
-    ends: LoopEnds<TokenSource, (), std::convert::Infallible>,
+    ends: LoopEnds<TokenSource, (), Own>,
+    block_size: usize,
     busy_ns: Arc<AtomicU64>,
     simulated_ns: Arc<AtomicU64>,
 ) {
@@ -204,6 +391,7 @@ async fn run(
     let mut l = Loop {
         scheduler,
         subscribers: Vec::new(),
+        block_size,
     };
     // When the last step ended by the timing model. Steps are chained from it rather than
     // from the moment the timer fired: tokio timers round up to the millisecond, which at
