@@ -33,15 +33,31 @@ pub struct DisaggConfig {
     pub role: WorkerRole,
     /// Where the transfer agent listens for peers in other processes.
     pub listen: SocketAddr,
-    /// Staging slots: blocks a prefill worker can hold for decode workers at once, or a
-    /// decode worker can receive at once.
-    pub staging_blocks: usize,
+    /// Staging: blocks a prefill worker can hold for decode workers at once, or a decode
+    /// worker can receive at once.
+    pub staging: StagingSize,
     /// How long a prefill worker holds staged blocks that nobody reads.
     pub lease: Duration,
     /// How long a decode worker waits for its blocks before prefilling them itself.
     pub transfer_timeout: Duration,
     /// Stage in shared memory, which decode workers on the same host read directly.
     pub shared_memory: bool,
+}
+
+/// How much a worker stages, in blocks or in bytes (as many blocks as fit, at least one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StagingSize {
+    Blocks(usize),
+    Bytes(u64),
+}
+
+impl StagingSize {
+    fn slots(self, slot_bytes: u64) -> usize {
+        match self {
+            StagingSize::Blocks(n) => n.max(1),
+            StagingSize::Bytes(b) => usize::try_from(b / slot_bytes.max(1)).unwrap_or(usize::MAX).max(1),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -136,7 +152,8 @@ impl Disagg {
         options.shared_memory = config.shared_memory;
         let agent = Agent::new(options)?;
         let slot_bytes = HEADER + layout.block_bytes() as u64;
-        let len = slot_bytes * config.staging_blocks as u64;
+        let slots = config.staging.slots(slot_bytes);
+        let len = slot_bytes * slots as u64;
         let region = if config.shared_memory && config.role == WorkerRole::Prefill {
             agent.register_shared(len)?
         } else {
@@ -145,7 +162,7 @@ impl Disagg {
         let staging = Staging {
             region,
             slot_bytes,
-            free: Mutex::new((0..config.staging_blocks as u32).rev().collect()),
+            free: Mutex::new((0..slots as u32).rev().collect()),
         };
         let notifications = agent.notifications();
         let this = Arc::new(Disagg {

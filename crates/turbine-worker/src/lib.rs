@@ -22,7 +22,7 @@ use turbine_protocols::discovery::{model_key, ModelEntry};
 use turbine_protocols::kv::{KvStateRequest, KvStateResponse};
 use turbine_protocols::{Disagg as Disagg_, EngineOutput, ModelCard, PreprocessedRequest, WorkerRole};
 
-pub use disagg::{Disagg, DisaggConfig, DisaggError, DisaggStats};
+pub use disagg::{Disagg, DisaggConfig, DisaggError, DisaggStats, StagingSize};
 pub use metrics::TransferMetrics;
 use turbine_runtime::{
     EndpointId, EndpointServer, ErrorKind, Handler, HandlerError, Instance, InstanceId, RequestContext, Runtime,

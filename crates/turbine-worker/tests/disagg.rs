@@ -111,7 +111,7 @@ fn config(role: WorkerRole, lease: Duration) -> Result<DisaggConfig> {
     Ok(DisaggConfig {
         role,
         listen: "127.0.0.1:0".parse()?,
-        staging_blocks: 4,
+        staging: turbine_worker::StagingSize::Blocks(4),
         lease,
         transfer_timeout: Duration::from_secs(5),
         shared_memory: false,

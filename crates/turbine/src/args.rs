@@ -367,10 +367,13 @@ pub struct TransferArgs {
     /// Address the KV transfer agent listens on, for peers in other processes.
     #[arg(long, default_value = "127.0.0.1:0")]
     transfer_listen: SocketAddr,
-    /// KV blocks a worker can stage at once: a prefill worker's held for decode workers, a
-    /// decode worker's being received.
-    #[arg(long, default_value_t = 128)]
-    staging_blocks: usize,
+    /// MiB of KV a worker can stage at once: a prefill worker's held for decode workers, a
+    /// decode worker's being received (as many blocks as fit).
+    #[arg(long, default_value_t = 256, conflicts_with = "staging_blocks")]
+    staging_mib: u64,
+    /// Stage this many KV blocks instead of --staging-mib.
+    #[arg(long)]
+    staging_blocks: Option<usize>,
     /// Milliseconds a prefill worker holds staged KV that no decode worker reads.
     #[arg(long, default_value_t = 30_000)]
     kv_lease_ms: u64,
@@ -384,9 +387,12 @@ pub struct TransferArgs {
 
 impl TransferArgs {
     pub fn parse(&self, role: turbine_protocols::WorkerRole) -> anyhow::Result<turbine_worker::DisaggConfig> {
-        if self.staging_blocks == 0 {
-            bail!("--staging-blocks must be at least 1, got 0");
-        }
+        let staging = match self.staging_blocks {
+            Some(0) => bail!("--staging-blocks must be at least 1, got 0"),
+            Some(n) => turbine_worker::StagingSize::Blocks(n),
+            None if self.staging_mib == 0 => bail!("--staging-mib must be at least 1, got 0"),
+            None => turbine_worker::StagingSize::Bytes(self.staging_mib << 20),
+        };
         if self.kv_lease_ms == 0 {
             bail!("--kv-lease-ms must be at least 1, got 0");
         }
@@ -396,7 +402,7 @@ impl TransferArgs {
         Ok(turbine_worker::DisaggConfig {
             role,
             listen: self.transfer_listen,
-            staging_blocks: self.staging_blocks,
+            staging,
             lease: Duration::from_millis(self.kv_lease_ms),
             transfer_timeout: Duration::from_millis(self.kv_transfer_timeout_ms),
             shared_memory: !self.no_shared_memory,
