@@ -244,3 +244,60 @@ async fn across_processes_over_tcp_matches_aggregated() -> Result<()> {
 async fn across_processes_over_shared_memory_matches_aggregated() -> Result<()> {
     across_processes(true).await
 }
+
+/// Clients that go away at every phase (during the prefill, the fetch, the decode) leave no
+/// staging slot held: once the leases they left expire, every worker's free slots are back
+/// where they started, and the server still answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_requests_leak_no_staging_slots() -> Result<()> {
+    let (_dis, url) = serve(&[
+        "--prefill-workers",
+        "1",
+        "--decode-workers",
+        "1",
+        "--kv-lease-ms",
+        "300",
+    ])?;
+    let http = reqwest::Client::new();
+    let free = || async {
+        let metrics = http.get(format!("{url}/metrics")).send().await?.text().await?;
+        let slots: f64 = metrics
+            .lines()
+            .filter(|l| l.starts_with("turbine_worker_staging_free_slots{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        anyhow::Ok(slots)
+    };
+    let before = free().await?;
+    ensure!(before > 0.0, "no staging slots in the metrics");
+    for i in 0..12u64 {
+        let body = json!({"model": MODEL, "prompt": tokens(40 + i as u32, 3 * BLOCK + 5), "max_tokens": 8,
+                          "temperature": 0, "stream": true});
+        let cut = Duration::from_millis(20 + 40 * (i % 8));
+        let sent = http
+            .post(format!("{url}/v1/completions"))
+            .json(&body)
+            .timeout(cut)
+            .send()
+            .await;
+        if let Ok(r) = sent {
+            // Read until the timeout cuts the stream mid-answer, or it ends.
+            let _ = r.bytes().await;
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = free().await?;
+        if now == before {
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "{now} free staging slots, {before} before"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let body = json!({"model": MODEL, "prompt": tokens(99, 2 * BLOCK + 1), "max_tokens": 4, "temperature": 0});
+    complete(&http, &url, &body).await?;
+    Ok(())
+}
