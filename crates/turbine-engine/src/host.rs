@@ -137,6 +137,13 @@ where
     pub fn send(&self, message: X) -> Result<(), EngineError> {
         self.tx.send(Command::Other(message)).map_err(|_| EngineError::Stopped)
     }
+
+    /// Sends the loop a message made around a reply channel, and waits for the reply.
+    pub async fn ask<R>(&self, message: impl FnOnce(tokio::sync::oneshot::Sender<R>) -> X) -> Result<R, EngineError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.send(message(reply))?;
+        rx.await.map_err(|_| EngineError::Stopped)
+    }
 }
 
 impl<K, A, X> KvCacheSource for EngineHandle<K, A, X>

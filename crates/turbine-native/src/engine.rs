@@ -159,9 +159,7 @@ impl NativeEngine {
     /// The KV of the longest cached run of full blocks at the start of `tokens`, as bytes
     /// with their layout: what a prefill worker hands a decode worker.
     pub async fn export_prefix(&self, tokens: Vec<u32>) -> Result<KvBlocks, EngineError> {
-        let (reply, rx) = oneshot::channel();
-        self.handle.send(Own::Export { tokens, reply })?;
-        rx.await.map_err(|_| EngineError::Stopped)
+        self.handle.ask(|reply| Own::Export { tokens, reply }).await
     }
 
     /// Stores `kv`, exported by an engine with the same layout, as the cached KV of the first
@@ -173,10 +171,9 @@ impl NativeEngine {
 }
 
 async fn import(handle: Handle, tokens: Vec<u32>, kv: KvBlocks) -> Result<usize, EngineError> {
-    let (reply, rx) = oneshot::channel();
-    handle.send(Own::Import { tokens, kv, reply })?;
-    rx.await
-        .map_err(|_| EngineError::Stopped)?
+    handle
+        .ask(|reply| Own::Import { tokens, kv, reply })
+        .await?
         .map_err(|e| EngineError::InvalidRequest(e.to_string()))
 }
 
@@ -193,20 +190,12 @@ impl KvTransfer for NativeKv {
 
     fn cached_prefix(&self, tokens: Vec<u32>) -> BoxFuture<'static, Result<usize, EngineError>> {
         let handle = self.handle.clone();
-        Box::pin(async move {
-            let (reply, rx) = oneshot::channel();
-            handle.send(Own::CachedPrefix { tokens, reply })?;
-            rx.await.map_err(|_| EngineError::Stopped)
-        })
+        Box::pin(async move { handle.ask(|reply| Own::CachedPrefix { tokens, reply }).await })
     }
 
     fn export_prefix(&self, tokens: Vec<u32>) -> BoxFuture<'static, Result<KvBlocks, EngineError>> {
         let handle = self.handle.clone();
-        Box::pin(async move {
-            let (reply, rx) = oneshot::channel();
-            handle.send(Own::Export { tokens, reply })?;
-            rx.await.map_err(|_| EngineError::Stopped)
-        })
+        Box::pin(async move { handle.ask(|reply| Own::Export { tokens, reply }).await })
     }
 
     fn import_blocks(&self, tokens: Vec<u32>, kv: KvBlocks) -> BoxFuture<'static, Result<usize, EngineError>> {

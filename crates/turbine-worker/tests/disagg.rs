@@ -139,31 +139,42 @@ async fn eventually(what: &str, f: impl Fn() -> bool) -> Result<()> {
     anyhow::bail!("{what} never happened")
 }
 
+/// A prefill agent (model `m`, leases of `lease`) over `prefill` and a decode agent (model
+/// `decode_model`) over `decode`, stopped together by the returned token.
+fn agents(
+    prefill: &dyn Engine,
+    decode: &dyn Engine,
+    lease: Duration,
+    decode_model: &str,
+) -> Result<(Arc<Disagg>, Arc<Disagg>, CancellationToken)> {
+    let stop = CancellationToken::new();
+    let p = Disagg::start(prefill, "p", "m", config(WorkerRole::Prefill, lease)?, stop.clone())?;
+    let d = Disagg::start(
+        decode,
+        "d",
+        decode_model,
+        config(WorkerRole::Decode, lease)?,
+        stop.clone(),
+    )?;
+    Ok((p, d, stop))
+}
+
+/// The transfer parameters of a prefill of `tokens`.
+async fn staged(prefill: &Disagg, engine: &dyn Engine, tokens: &[u32]) -> Result<turbine_protocols::KvTransferParams> {
+    let out = prefill
+        .prefill(engine, request(tokens.to_vec()), CancellationToken::new())
+        .await?;
+    Ok(*out.kv_transfer.context("no transfer params")?)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn staged_blocks_arrive_whole_and_stale_ones_are_refused() -> Result<()> {
-    let stop = CancellationToken::new();
     let (prefill_engine, decode_engine) = (MapEngine::default(), MapEngine::default());
-    let prefill = Disagg::start(
-        &prefill_engine,
-        "p",
-        "m",
-        config(WorkerRole::Prefill, Duration::from_millis(100))?,
-        stop.clone(),
-    )?;
-    let decode = Disagg::start(
-        &decode_engine,
-        "d",
-        "m",
-        config(WorkerRole::Decode, Duration::from_secs(1))?,
-        stop.clone(),
-    )?;
+    let (prefill, decode, stop) = agents(&prefill_engine, &decode_engine, Duration::from_millis(100), "m")?;
 
     // Ten tokens: two full blocks move, the tail stays for the decode worker to compute.
     let a: Vec<u32> = (100..110).collect();
-    let out = prefill
-        .prefill(&prefill_engine, request(a.clone()), CancellationToken::new())
-        .await?;
-    let params = *out.kv_transfer.context("no transfer params")?;
+    let params = staged(&prefill, &prefill_engine, &a).await?;
     ensure!(params.slots.len() == 2 && prefill.free_slots() == 2, "{params:?}");
     ensure!(decode.fetch(&a, &params).await.map_err(anyhow::Error::msg)? == 2);
     for b in 1..=2 {
@@ -179,26 +190,17 @@ async fn staged_blocks_arrive_whole_and_stale_ones_are_refused() -> Result<()> {
     .await?;
 
     // A second fetch of the same prompt moves nothing: the decode worker holds both blocks.
-    let out = prefill
-        .prefill(&prefill_engine, request(a.clone()), CancellationToken::new())
-        .await?;
-    let again = *out.kv_transfer.context("no transfer params")?;
+    let again = staged(&prefill, &prefill_engine, &a).await?;
     ensure!(decode.fetch(&a, &again).await.map_err(anyhow::Error::msg)? == 0);
     eventually("the release of a lease nobody needed", || prefill.leases() == 0).await?;
 
     // A lease that expires unread frees its slots; the next prompt reuses them, and a late
     // reader of the first finds another lease in their headers.
     let b: Vec<u32> = (200..208).collect();
-    let out = prefill
-        .prefill(&prefill_engine, request(b.clone()), CancellationToken::new())
-        .await?;
-    let late = *out.kv_transfer.context("no transfer params")?;
+    let late = staged(&prefill, &prefill_engine, &b).await?;
     eventually("the lease's expiry", || prefill.leases() == 0).await?;
     let c: Vec<u32> = (300..308).collect();
-    let out = prefill
-        .prefill(&prefill_engine, request(c.clone()), CancellationToken::new())
-        .await?;
-    let fresh = *out.kv_transfer.context("no transfer params")?;
+    let fresh = staged(&prefill, &prefill_engine, &c).await?;
     ensure!(
         fresh.slots == late.slots,
         "the slots were not reused: {:?} then {:?}",
@@ -226,27 +228,10 @@ async fn staged_blocks_arrive_whole_and_stale_ones_are_refused() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_of_another_model_is_refused() -> Result<()> {
-    let stop = CancellationToken::new();
     let (prefill_engine, decode_engine) = (MapEngine::default(), MapEngine::default());
-    let prefill = Disagg::start(
-        &prefill_engine,
-        "p",
-        "m",
-        config(WorkerRole::Prefill, Duration::from_secs(1))?,
-        stop.clone(),
-    )?;
-    let decode = Disagg::start(
-        &decode_engine,
-        "d",
-        "other",
-        config(WorkerRole::Decode, Duration::from_secs(1))?,
-        stop.clone(),
-    )?;
+    let (prefill, decode, stop) = agents(&prefill_engine, &decode_engine, Duration::from_secs(1), "other")?;
     let a: Vec<u32> = (100..108).collect();
-    let out = prefill
-        .prefill(&prefill_engine, request(a.clone()), CancellationToken::new())
-        .await?;
-    let params = *out.kv_transfer.context("no transfer params")?;
+    let params = staged(&prefill, &prefill_engine, &a).await?;
     let err = decode
         .fetch(&a, &params)
         .await
@@ -263,7 +248,6 @@ async fn a_peer_of_another_model_is_refused() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_mocker_moves_block_ids_in_simulated_time() -> Result<()> {
     use turbine_engine::{MockerConfig, MockerEngine};
-    let stop = CancellationToken::new();
     let mocker = || {
         MockerEngine::start(MockerConfig {
             kv_bytes_per_token: 1_000_000,
@@ -274,25 +258,9 @@ async fn the_mocker_moves_block_ids_in_simulated_time() -> Result<()> {
     };
     let (prefill_engine, decode_engine) = (mocker()?, mocker()?);
     let decode_kv = decode_engine.kv_transfer().context("kv transfer")?;
-    let prefill = Disagg::start(
-        &prefill_engine,
-        "p",
-        "m",
-        config(WorkerRole::Prefill, Duration::from_secs(1))?,
-        stop.clone(),
-    )?;
-    let decode = Disagg::start(
-        &decode_engine,
-        "d",
-        "m",
-        config(WorkerRole::Decode, Duration::from_secs(1))?,
-        stop.clone(),
-    )?;
+    let (prefill, decode, stop) = agents(&prefill_engine, &decode_engine, Duration::from_secs(1), "m")?;
     let prompt: Vec<u32> = (1000..1040).collect();
-    let out = prefill
-        .prefill(&prefill_engine, request(prompt.clone()), CancellationToken::new())
-        .await?;
-    let params = *out.kv_transfer.context("no transfer params")?;
+    let params = staged(&prefill, &prefill_engine, &prompt).await?;
     ensure!(params.slots.len() == 2, "{params:?}");
     let started = std::time::Instant::now();
     ensure!(decode.fetch(&prompt, &params).await.map_err(anyhow::Error::msg)? == 2);

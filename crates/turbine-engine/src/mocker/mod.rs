@@ -242,11 +242,7 @@ impl KvTransfer for MockerKv {
 
     fn cached_prefix(&self, tokens: Vec<u32>) -> BoxFuture<'static, Result<usize, EngineError>> {
         let handle = self.handle.clone();
-        Box::pin(async move {
-            let (reply, rx) = oneshot::channel();
-            handle.send(Own::CachedPrefix { tokens, reply })?;
-            rx.await.map_err(|_| EngineError::Stopped)
-        })
+        Box::pin(async move { handle.ask(|reply| Own::CachedPrefix { tokens, reply }).await })
     }
 
     fn export_prefix(&self, tokens: Vec<u32>) -> BoxFuture<'static, Result<KvBlocks, EngineError>> {
@@ -254,9 +250,7 @@ impl KvTransfer for MockerKv {
         let block_size = self.config.block_size;
         Box::pin(async move {
             let hashes = turbine_tokens::block_hashes(&tokens, block_size);
-            let (reply, rx) = oneshot::channel();
-            handle.send(Own::Export { tokens, reply })?;
-            let n = rx.await.map_err(|_| EngineError::Stopped)?;
+            let n = handle.ask(|reply| Own::Export { tokens, reply }).await?;
             let per_block = mock_layout(block_size).block_bytes();
             let mut data = vec![0u8; n * per_block];
             for (h, block) in hashes[..n].iter().zip(data.chunks_exact_mut(per_block)) {
@@ -291,15 +285,15 @@ impl KvTransfer for MockerKv {
                 .chunks_exact(per_block)
                 .map(|c| u64::from_le_bytes(c[..HASH_BYTES].try_into().unwrap_or_default()))
                 .collect();
-            let (reply, rx) = oneshot::channel();
-            handle.send(Own::Import {
-                tokens,
-                first: kv.first_block,
-                hashes,
-                reply,
-            })?;
-            rx.await
-                .map_err(|_| EngineError::Stopped)?
+            let first = kv.first_block;
+            handle
+                .ask(|reply| Own::Import {
+                    tokens,
+                    first,
+                    hashes,
+                    reply,
+                })
+                .await?
                 .map_err(EngineError::InvalidRequest)
         })
     }
