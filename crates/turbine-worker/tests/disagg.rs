@@ -277,3 +277,75 @@ async fn the_mocker_moves_block_ids_in_simulated_time() -> Result<()> {
     stop.cancel();
     Ok(())
 }
+
+/// A prefill worker told to stop keeps the KV it staged readable until a decode worker has
+/// read it (or its lease expires), and registers its role for frontends to see.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_prefill_worker_waits_for_its_blocks_to_be_read() -> Result<()> {
+    use turbine_protocols::discovery::{models_prefix, ModelEntry};
+    use turbine_protocols::{Disagg as Phase, ModelCard, TokenizerKind};
+    use turbine_runtime::{Discovery, EndpointId, MemoryDiscovery, MemoryEventPlane, Runtime, ServeOptions};
+    use turbine_worker::{Worker, WorkerConfig};
+
+    let discovery = MemoryDiscovery::new();
+    let runtime = Runtime::new(Arc::new(discovery.clone()), Arc::new(MemoryEventPlane::new()));
+    let engine = Arc::new(MapEngine::default());
+    let worker = Worker::start(
+        &runtime,
+        engine.clone(),
+        WorkerConfig {
+            endpoint: EndpointId::new("ns", "prefill", "generate"),
+            model: ModelCard {
+                name: "m".into(),
+                context_length: 4096,
+                tokenizer: TokenizerKind::Bytes,
+                kv_block_size: Some(BLOCK as u32),
+            },
+            serve: ServeOptions::default(),
+            load_report_interval: Duration::from_millis(10),
+            disagg: Some(config(WorkerRole::Prefill, Duration::from_secs(20))?),
+        },
+    )
+    .await?;
+    let entries = discovery.list(&models_prefix("ns")).await?;
+    let entry: ModelEntry = serde_json::from_slice(&entries[0].value)?;
+    ensure!(entry.role == WorkerRole::Prefill, "{entry:?}");
+
+    let mut leg = request((0..12).collect());
+    leg.disagg = Some(Phase::Prefill);
+    let outputs: Vec<EngineOutput> =
+        futures::TryStreamExt::try_collect(runtime.client().call(worker.instance(), leg).await?).await?;
+    let params = *outputs[0].kv_transfer.clone().context("no transfer params")?;
+    let prefill = worker.disagg().context("no disagg")?.clone();
+    ensure!(prefill.leases() == 1);
+
+    let stop = CancellationToken::new();
+    let stopped = tokio::spawn(worker.run({
+        let stop = stop.clone();
+        async move { stop.cancelled().await }
+    }));
+    stop.cancel();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    ensure!(!stopped.is_finished(), "the worker stopped with staged KV unread");
+
+    let decode_engine = MapEngine::default();
+    let decode = Disagg::start(
+        &decode_engine,
+        "d",
+        "m",
+        config(WorkerRole::Decode, Duration::from_secs(1))?,
+        CancellationToken::new(),
+    )?;
+    ensure!(
+        decode
+            .fetch(&(0..12).collect::<Vec<u32>>(), &params)
+            .await
+            .map_err(anyhow::Error::msg)?
+            == 3
+    );
+    tokio::time::timeout(Duration::from_secs(5), stopped)
+        .await
+        .context("still running after the read")??;
+    ensure!(prefill.leases() == 0);
+    Ok(())
+}
