@@ -308,7 +308,21 @@ impl Agent {
     }
 
     /// Registers `len` bytes of shared memory that processes on this host reach directly.
+    /// Refused when the memory file system lacks the room: touching a mapped page it cannot
+    /// back would kill the process (SIGBUS) instead of failing a transfer.
     pub fn register_shared(&self, len: u64) -> Result<RegionId, TransferError> {
+        let dir = &self.inner.options.shared_dir;
+        let stat = rustix::fs::statvfs(dir)
+            .map_err(|e| TransferError::io(format!("reading free space in {}", dir.display()), e.into()))?;
+        let free = stat.f_bavail.saturating_mul(stat.f_frsize);
+        if free < len {
+            return Err(TransferError::OutOfBounds(format!(
+                "a shared region of {} MiB does not fit the {} MiB free in {}",
+                len >> 20,
+                free >> 20,
+                dir.display()
+            )));
+        }
         let id = self.next_id();
         let path = self.inner.options.shared_dir.join(format!(
             "turbine-xfer-{}-{:016x}-{}",

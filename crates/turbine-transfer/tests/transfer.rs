@@ -408,3 +408,16 @@ async fn an_agent_moves_blocks_between_its_own_memory_and_a_file() -> Result<()>
     assert_eq!(got, bytes);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_region_larger_than_its_file_system_is_refused() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let agent = Agent::new(options("big", Backend::SharedMemory, dir.path()))?;
+    let err = agent
+        .register_shared(u64::MAX / 2)
+        .err()
+        .context("an impossible region was registered")?;
+    assert_eq!(err.kind(), "out_of_bounds", "{err}");
+    assert!(err.to_string().contains("does not fit"), "{err}");
+    Ok(())
+}

@@ -154,10 +154,17 @@ impl Disagg {
         let slot_bytes = HEADER + layout.block_bytes() as u64;
         let slots = config.staging.slots(slot_bytes);
         let len = slot_bytes * slots as u64;
-        let region = if config.shared_memory && config.role == WorkerRole::Prefill {
-            agent.register_shared(len)?
+        let shared = if config.shared_memory && config.role == WorkerRole::Prefill {
+            agent
+                .register_shared(len)
+                .inspect_err(|e| tracing::warn!(error = %e, "staging in host memory: decode workers on this host read it over TCP"))
+                .ok()
         } else {
-            agent.register_host(len)?
+            None
+        };
+        let region = match shared {
+            Some(region) => region,
+            None => agent.register_host(len)?,
         };
         let staging = Staging {
             region,
