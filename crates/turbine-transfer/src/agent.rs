@@ -354,25 +354,22 @@ impl Agent {
 
     /// Reads this agent's own bytes, for the owner that fills and consumes its regions.
     pub fn read_local(&self, desc: Desc, buf: &mut [u8]) -> Result<(), TransferError> {
-        if buf.len() as u64 != desc.len {
-            return Err(TransferError::Mismatch(format!(
-                "{} bytes for a {}-byte descriptor",
-                buf.len(),
-                desc.len
-            )));
-        }
-        self.inner.region(desc.region)?.read(desc.offset, buf)
+        self.local_region(desc, buf.len())?.read(desc.offset, buf)
     }
 
     pub fn write_local(&self, desc: Desc, bytes: &[u8]) -> Result<(), TransferError> {
-        if bytes.len() as u64 != desc.len {
+        self.local_region(desc, bytes.len())?.write(desc.offset, bytes)
+    }
+
+    /// The region of `desc`, checked to be `len` bytes long.
+    fn local_region(&self, desc: Desc, len: usize) -> Result<Arc<Region>, TransferError> {
+        if len as u64 != desc.len {
             return Err(TransferError::Mismatch(format!(
-                "{} bytes for a {}-byte descriptor",
-                bytes.len(),
+                "{len} bytes for a {}-byte descriptor",
                 desc.len
             )));
         }
-        self.inner.region(desc.region)?.write(desc.offset, bytes)
+        self.inner.region(desc.region)
     }
 
     pub fn metadata(&self) -> AgentMetadata {

@@ -163,6 +163,22 @@ fn mapped(file: &File, len: u64, path: &Path) -> Result<Backing, TransferError> 
     Ok(Backing::Memory(stripes))
 }
 
+/// Opens `path` for reading and writing (creating it if `create`), with its length.
+fn open_sized(path: &Path, create: bool) -> Result<(File, u64), TransferError> {
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .create(create)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| TransferError::io(format!("opening {}", path.display()), e))?;
+    let len = file
+        .metadata()
+        .map_err(|e| TransferError::io(format!("reading {}", path.display()), e))?
+        .len();
+    Ok((file, len))
+}
+
 /// Where `offset` falls: stripe index and offset inside it.
 fn at(offset: u64) -> (usize, usize) {
     ((offset / STRIPE) as usize, (offset % STRIPE) as usize)
@@ -171,6 +187,22 @@ fn at(offset: u64) -> (usize, usize) {
 /// The longest run from `offset` (at most `left` bytes) that stays in one stripe.
 fn run(offset: u64, left: u64) -> u64 {
     left.min(STRIPE - offset % STRIPE)
+}
+
+/// The `len` bytes at `offset` cut at stripe boundaries: (bytes before the piece, stripe,
+/// offset in the stripe, length).
+fn pieces(offset: u64, len: u64) -> impl Iterator<Item = (usize, usize, usize, usize)> {
+    let mut done = 0;
+    std::iter::from_fn(move || {
+        if done >= len {
+            return None;
+        }
+        let n = run(offset + done, len - done);
+        let (i, o) = at(offset + done);
+        let piece = (done as usize, i, o, n as usize);
+        done += n;
+        Some(piece)
+    })
 }
 
 /// A registered region: its bytes and how to reach them.
@@ -242,17 +274,7 @@ impl Region {
 
     /// Opens (creating if absent) `path`, grown to `len` bytes if shorter; its contents stay.
     pub fn file(id: RegionId, path: &Path, len: u64) -> Result<Self, TransferError> {
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(|e| TransferError::io(format!("opening {}", path.display()), e))?;
-        let have = file
-            .metadata()
-            .map_err(|e| TransferError::io(format!("reading {}", path.display()), e))?
-            .len();
+        let (file, have) = open_sized(path, true)?;
         if have < len {
             file.set_len(len)
                 .map_err(|e| TransferError::io(format!("sizing {}", path.display()), e))?;
@@ -270,15 +292,7 @@ impl Region {
     /// A peer's shared or file region on this host, opened for direct access: shared
     /// regions are mapped, files read and written in place.
     pub fn open_peer(id: RegionId, kind: MemKind, path: &Path, len: u64) -> Result<Self, TransferError> {
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|e| TransferError::io(format!("opening peer region {}", path.display()), e))?;
-        let have = file
-            .metadata()
-            .map_err(|e| TransferError::io(format!("reading {}", path.display()), e))?
-            .len();
+        let (file, have) = open_sized(path, false)?;
         if have < len {
             return Err(TransferError::Mismatch(format!(
                 "peer region {} holds {have} bytes, its metadata says {len}",
@@ -313,12 +327,8 @@ impl Region {
         self.check(offset, buf.len() as u64)?;
         match &self.backing {
             Backing::Memory(stripes) => {
-                let mut done = 0;
-                while done < buf.len() {
-                    let n = run(offset + done as u64, (buf.len() - done) as u64) as usize;
-                    let (i, o) = at(offset + done as u64);
+                for (done, i, o, n) in pieces(offset, buf.len() as u64) {
                     buf[done..done + n].copy_from_slice(&stripes[i].read()[o..o + n]);
-                    done += n;
                 }
                 Ok(())
             }
@@ -332,12 +342,8 @@ impl Region {
         self.check(offset, buf.len() as u64)?;
         match &self.backing {
             Backing::Memory(stripes) => {
-                let mut done = 0;
-                while done < buf.len() {
-                    let n = run(offset + done as u64, (buf.len() - done) as u64) as usize;
-                    let (i, o) = at(offset + done as u64);
+                for (done, i, o, n) in pieces(offset, buf.len() as u64) {
                     stripes[i].write()[o..o + n].copy_from_slice(&buf[done..done + n]);
-                    done += n;
                 }
                 Ok(())
             }
@@ -358,24 +364,18 @@ impl Region {
         mut f: impl FnMut(&[u8]) -> Result<(), E>,
     ) -> Result<Result<(), E>, TransferError> {
         self.check(offset, len)?;
-        let mut done = 0;
-        while done < len {
-            let n = run(offset + done, len - done);
+        for (done, i, o, n) in pieces(offset, len) {
             let result = match &self.backing {
-                Backing::Memory(stripes) => {
-                    let (i, o) = at(offset + done);
-                    f(&stripes[i].read()[o..o + n as usize])
-                }
+                Backing::Memory(stripes) => f(&stripes[i].read()[o..o + n]),
                 Backing::File(_) => {
-                    scratch.resize(n as usize, 0);
-                    self.read(offset + done, scratch)?;
+                    scratch.resize(n, 0);
+                    self.read(offset + done as u64, scratch)?;
                     f(scratch)
                 }
             };
             if result.is_err() {
                 return Ok(result);
             }
-            done += n;
         }
         Ok(Ok(()))
     }
@@ -390,19 +390,14 @@ impl Region {
         mut f: impl FnMut(&mut [u8]) -> Result<(), E>,
     ) -> Result<Result<(), E>, TransferError> {
         self.check(offset, len)?;
-        let mut done = 0;
-        while done < len {
-            let n = run(offset + done, len - done);
+        for (done, i, o, n) in pieces(offset, len) {
             let result = match &self.backing {
-                Backing::Memory(stripes) => {
-                    let (i, o) = at(offset + done);
-                    f(&mut stripes[i].write()[o..o + n as usize])
-                }
+                Backing::Memory(stripes) => f(&mut stripes[i].write()[o..o + n]),
                 Backing::File(_) => {
-                    scratch.resize(n as usize, 0);
+                    scratch.resize(n, 0);
                     let result = f(scratch);
                     if result.is_ok() {
-                        self.write(offset + done, scratch)?;
+                        self.write(offset + done as u64, scratch)?;
                     }
                     result
                 }
@@ -410,7 +405,6 @@ impl Region {
             if result.is_err() {
                 return Ok(result);
             }
-            done += n;
         }
         Ok(Ok(()))
     }

@@ -122,6 +122,10 @@ pub struct Disagg {
     staging: Staging,
     leases: Mutex<HashMap<u64, Lease>>,
     peers: tokio::sync::Mutex<HashMap<u64, Arc<Peer>>>,
+    /// What every prefill answer carries, serialized once: the regions never change after
+    /// start.
+    agent_json: serde_json::Value,
+    layout_json: serde_json::Value,
     config: DisaggConfig,
     pub stats: DisaggStats,
 }
@@ -172,6 +176,9 @@ impl Disagg {
             free: Mutex::new((0..slots as u32).rev().collect()),
         };
         let notifications = agent.notifications();
+        // Plain structs of strings and numbers always serialize.
+        let agent_json = serde_json::to_value(agent.metadata()).unwrap_or_default();
+        let layout_json = serde_json::to_value(&layout).unwrap_or_default();
         let this = Arc::new(Disagg {
             role: config.role,
             kv,
@@ -180,6 +187,8 @@ impl Disagg {
             staging,
             leases: Mutex::new(HashMap::new()),
             peers: tokio::sync::Mutex::new(HashMap::new()),
+            agent_json,
+            layout_json,
             config,
             stats: DisaggStats::default(),
         });
@@ -295,12 +304,12 @@ impl Disagg {
             .blocks_staged
             .fetch_add(slots.len() as u64, Ordering::Relaxed);
         let params = KvTransferParams {
-            agent: serde_json::to_value(self.agent.metadata()).unwrap_or_default(),
+            agent: self.agent_json.clone(),
             lease,
             region: self.staging.region.0,
             slot_bytes: self.staging.slot_bytes,
             slots: slots.clone(),
-            layout: serde_json::to_value(&self.layout).unwrap_or_default(),
+            layout: self.layout_json.clone(),
             lease_ms: self.config.lease.as_millis() as u64,
         };
         self.leases.lock().insert(
