@@ -97,6 +97,11 @@ impl Handler<Count, String> for Counter {
                     _ = delay => {}
                 }
                 if tx.send(Ok(format!("{}-{i}", req.tag))).await.is_err() {
+                    // The caller dropped its stream while this send was under way (in-process,
+                    // the receiver goes with it): the handler learns of the cancellation here,
+                    // before the token's watcher tells it.
+                    cancelled.fetch_add(1, Ordering::SeqCst);
+                    seen.lock().expect("lock").push(Instant::now());
                     return;
                 }
             }
