@@ -38,9 +38,32 @@ pub struct FrontendConfig {
     /// How many times a request may move to another worker when its worker is lost
     /// mid-stream (0: never; the client sees the error).
     pub migration_limit: u32,
-    /// Disaggregated models: prompts shorter than this many tokens are prefilled by their
-    /// decode worker, where moving the KV would cost more than computing it.
-    pub disagg_min_tokens: usize,
+    /// Disaggregated models: when a prompt is prefilled by its decode worker instead.
+    pub disagg: DisaggPolicy,
+}
+
+/// When a request of a model with prefill workers is prefilled on its decode worker after
+/// all: its uncached part is too small for the move to pay, or the prefill pool is backed up.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DisaggPolicy {
+    /// Fewer uncached prompt tokens than this (on the chosen decode worker): local.
+    pub min_uncached_tokens: usize,
+    /// A smaller uncached share of the prompt than this (0 to 1): local, since the decode
+    /// worker already holds most of it.
+    pub min_uncached_ratio: f64,
+    /// Every prefill worker has more prompt tokens queued than this: local, rather than
+    /// wait behind them. `None`: no limit.
+    pub max_prefill_queue_tokens: Option<u64>,
+}
+
+impl Default for DisaggPolicy {
+    fn default() -> Self {
+        Self {
+            min_uncached_tokens: 0,
+            min_uncached_ratio: 0.0,
+            max_prefill_queue_tokens: None,
+        }
+    }
 }
 
 impl Default for FrontendConfig {
@@ -53,7 +76,7 @@ impl Default for FrontendConfig {
             kv_temperature: 0.0,
             kv_events: true,
             migration_limit: 3,
-            disagg_min_tokens: 0,
+            disagg: DisaggPolicy::default(),
         }
     }
 }

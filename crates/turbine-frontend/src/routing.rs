@@ -63,8 +63,66 @@ pub(crate) struct Dispatcher {
     migration_limit: u32,
     migrations: prometheus::IntCounterVec,
     disagg: prometheus::IntCounterVec,
-    /// Prompts with fewer uncached tokens than this are prefilled by their decode worker.
-    disagg_min_tokens: usize,
+    disagg_policy: crate::DisaggPolicy,
+}
+
+/// A worker chosen for a request: its place among the candidates, and the prompt tokens it
+/// has to compute (those its cache lacks, as far as the router knows).
+#[derive(Debug, Clone, Copy)]
+struct Picked {
+    pos: usize,
+    uncached: u64,
+}
+
+/// Where a disaggregated model's request is prefilled, and why: a label of
+/// `turbine_frontend_disagg_decisions_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Decision {
+    Remote,
+    /// Less than a block, or fewer uncached tokens than the policy's minimum.
+    LocalShort,
+    /// The decode worker holds most of the prompt already.
+    LocalCached,
+    /// Every prefill worker has more queued than the policy allows.
+    LocalPrefillBusy,
+    /// No prefill worker could do it.
+    LocalPrefillFailed,
+}
+
+impl Decision {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Remote => "remote",
+            Self::LocalShort => "local_short",
+            Self::LocalCached => "local_cached",
+            Self::LocalPrefillBusy => "local_prefill_busy",
+            Self::LocalPrefillFailed => "local_prefill_failed",
+        }
+    }
+}
+
+/// Whether a prompt of `isl` tokens, `uncached` of them missing on its decode worker, is
+/// worth a prefill worker; `queued` is the least any prefill worker has queued. `None`: it is.
+fn stays_local(
+    policy: &crate::DisaggPolicy,
+    block_size: usize,
+    isl: usize,
+    uncached: usize,
+    queued: u64,
+) -> Option<Decision> {
+    let block_size = block_size.max(1);
+    if isl < block_size || uncached < policy.min_uncached_tokens {
+        return Some(Decision::LocalShort);
+    }
+    // Less than a block missing: nothing whole to move, and the decode worker computes the
+    // tail as fast as it would import it.
+    if uncached < block_size || (uncached as f64) < policy.min_uncached_ratio * isl as f64 {
+        return Some(Decision::LocalCached);
+    }
+    if policy.max_prefill_queue_tokens.is_some_and(|max| queued > max) {
+        return Some(Decision::LocalPrefillBusy);
+    }
+    None
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -85,7 +143,7 @@ impl Dispatcher {
             migration_limit: config.migration_limit,
             migrations: metrics.migrations.clone(),
             disagg: metrics.disagg.clone(),
-            disagg_min_tokens: config.disagg_min_tokens,
+            disagg_policy: config.disagg.clone(),
             models,
             client: runtime.client(),
             mode: config.router_mode,
@@ -127,7 +185,7 @@ impl Dispatcher {
         candidates: &[&Instance],
         request: &PreprocessedRequest,
         options: &RouteOptions,
-    ) -> Option<usize> {
+    ) -> Option<Picked> {
         let isl = request.token_ids.len() as u64;
         let block_size = served.card.kv_block_size.map(u64::from);
         let blocks = block_size.map_or(0, |bs| isl.div_ceil(bs));
@@ -177,7 +235,8 @@ impl Dispatcher {
             self.pin_session(session, chosen);
         }
         self.active.routed(&request.request_id, chosen, prefill, blocks);
-        ids.iter().position(|&w| w == chosen)
+        let pos = ids.iter().position(|&w| w == chosen)?;
+        Some(Picked { pos, uncached: prefill })
     }
 
     /// Completes once `worker` has been out of `model`'s instances for [`DEPARTED_SILENCE`];
@@ -189,7 +248,7 @@ impl Dispatcher {
                 .borrow_and_update()
                 .models
                 .get(model)
-                .is_some_and(|m| m.instances.iter().any(|i| i.id == worker));
+                .is_some_and(|m| m.instances.iter().chain(&m.prefill).any(|i| i.id == worker));
             let changed = if listed {
                 snapshots.changed().await
             } else {
@@ -248,11 +307,11 @@ impl Dispatcher {
     ) -> Result<(Outputs, InstanceId), ApiError> {
         // Watched even with migration off: a request on a worker that left and went silent
         // then fails, instead of waiting on its open connection for ever.
-        let mut first_leg = request.clone();
-        if let Some(kv) = self.remote_prefill(served, &request, options).await {
-            first_leg.disagg = Some(Disagg::Decode { kv });
-        }
-        let (mut outputs, first) = self.dispatch(served, first_leg, options).await?;
+        let (mut outputs, first) = if served.prefill.is_empty() {
+            self.dispatch(served, request.clone(), options, None).await?
+        } else {
+            self.disaggregated(served, &request, options).await?
+        };
         let (d, options, model) = (self.clone(), options.clone(), served.card.name.clone());
         let stale = served.clone();
         let stream = async_stream::stream! {
@@ -289,7 +348,7 @@ impl Dispatcher {
                         tracing::warn!(request_id = %request.request_id, error = %e, migrations, "worker lost mid-stream; migrating the request");
                         request.request_id = format!("{}-m{migrations}", request.request_id);
                         let served = d.model(&model).unwrap_or_else(|_| stale.clone());
-                        match d.dispatch(&served, request.clone(), &options).await {
+                        match d.dispatch(&served, request.clone(), &options, None).await {
                             Ok((next, to)) => (outputs, worker) = (next, to),
                             Err(api) => {
                                 tracing::warn!(error = ?api, "migration found no worker");
@@ -309,80 +368,136 @@ impl Dispatcher {
         Ok((stream.boxed(), first))
     }
 
-    /// Disaggregated serving: has a prefill worker compute the prompt and hold its KV, and
-    /// returns where, for the decode worker. `None` (the decode worker prefills) when the
-    /// model has no prefill workers, the prompt is too short to be worth moving, or no
-    /// prefill worker could do it; each decision is counted.
+    /// Disaggregated serving, decode worker first: picks it (KV-aware over the decode pool),
+    /// so that its cached prefix is known; decides by that and by the prefill pool's queue
+    /// whether a prefill worker should compute the prompt; if so has one do it and hold the
+    /// KV, and sends the decode worker where to fetch the blocks it lacks. Each decision is
+    /// counted.
+    async fn disaggregated(
+        self: &Arc<Self>,
+        served: &ServedModel,
+        request: &PreprocessedRequest,
+        options: &RouteOptions,
+    ) -> Result<(Outputs, InstanceId), ApiError> {
+        let decode: Vec<&Instance> = served.instances.iter().collect();
+        let started = Instant::now();
+        let picked = self.pick(served, &decode, request, options);
+        self.decision_latency.observe(started.elapsed().as_secs_f64());
+        let Some(picked) = picked else {
+            return self.dispatch(served, request.clone(), options, None).await;
+        };
+        let target = decode[picked.pos].id;
+        let block = served.card.kv_block_size.unwrap_or(1).max(1) as usize;
+        let isl = request.token_ids.len();
+        let queued = {
+            let active = self.active.lock();
+            let now = Instant::now();
+            served
+                .prefill
+                .iter()
+                .map(|i| active.load(i.id.0, now).active_prefill_tokens)
+                .min()
+                .unwrap_or(0)
+        };
+        let mut leg = request.clone();
+        let decision = match stays_local(&self.disagg_policy, block, isl, picked.uncached as usize, queued) {
+            Some(local) => local,
+            None => match self.remote_prefill(served, request, options).await {
+                Some(kv) => {
+                    leg.disagg = Some(Disagg::Decode { kv });
+                    // The decode worker imports the prompt instead of computing it.
+                    self.active
+                        .routed(&request.request_id, target.0, 0, isl.div_ceil(block) as u64);
+                    Decision::Remote
+                }
+                None => Decision::LocalPrefillFailed,
+            },
+        };
+        self.disagg
+            .with_label_values(&[served.card.name.as_str(), decision.label()])
+            .inc();
+        self.dispatch(served, leg, options, Some(target)).await
+    }
+
+    /// Has a prefill worker (KV-aware over the prefill pool, the next one when one fails)
+    /// compute the prompt and hold its KV; returns where, for the decode worker.
     async fn remote_prefill(
         self: &Arc<Self>,
         served: &ServedModel,
         request: &PreprocessedRequest,
         options: &RouteOptions,
     ) -> Option<KvTransferParams> {
-        if served.prefill.is_empty() {
-            return None;
-        }
-        let model = served.card.name.as_str();
-        let count = |decision: &str| self.disagg.with_label_values(&[model, decision]).inc();
-        let block = served.card.kv_block_size.unwrap_or(1).max(1) as usize;
-        let full_blocks = request.token_ids.len() / block;
-        if full_blocks == 0 || request.token_ids.len() < self.disagg_min_tokens {
-            count("local_short");
-            return None;
-        }
         let mut leg = request.clone();
         leg.request_id = format!("{}-prefill", request.request_id);
         leg.disagg = Some(Disagg::Prefill);
         let mut candidates: Vec<&Instance> = served.prefill.iter().collect();
         while !candidates.is_empty() {
-            let pos = self.pick(served, &candidates, &leg, options)?;
-            let instance = candidates.swap_remove(pos);
-            let called = self.client.call(instance, leg.clone()).await;
-            let params = match called {
-                Ok(mut stream) => {
-                    let mut params = None;
-                    while let Some(item) = stream.next().await {
-                        match item {
-                            Ok(output) if output.kv_transfer.is_some() => params = output.kv_transfer,
-                            Ok(_) => {}
-                            Err(e) => {
-                                tracing::warn!(request_id = %leg.request_id, worker = %instance.id, error = %e, "prefill failed");
-                                break;
-                            }
+            let picked = self.pick(served, &candidates, &leg, options)?;
+            let instance = candidates.swap_remove(picked.pos);
+            let prefilled = async {
+                let mut stream = match self.client.call(instance, leg.clone()).await {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        tracing::warn!(request_id = %leg.request_id, worker = %instance.id, error = %e, "prefill worker cannot take the request");
+                        return None;
+                    }
+                };
+                let mut params = None;
+                while let Some(item) = stream.next().await {
+                    match item {
+                        Ok(output) if output.kv_transfer.is_some() => params = output.kv_transfer,
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(request_id = %leg.request_id, worker = %instance.id, error = %e, "prefill failed");
+                            return None;
                         }
                     }
-                    params
                 }
-                Err(e) => {
-                    tracing::warn!(request_id = %leg.request_id, worker = %instance.id, error = %e, "prefill worker cannot take the request");
+                params
+            };
+            // A frozen or cut-off prefill worker keeps its connection open and says nothing:
+            // it counts as failed once it has left discovery and stayed silent.
+            let params = tokio::select! {
+                params = prefilled => params,
+                () = self.gone_silent(&served.card.name, instance.id) => {
+                    tracing::warn!(request_id = %leg.request_id, worker = %instance.id, "prefill worker left discovery mid-prefill");
                     None
                 }
             };
             self.active.ended(&leg.request_id);
             if let Some(params) = params {
-                count("remote");
                 return Some(*params);
             }
         }
-        count("local_prefill_failed");
         None
     }
 
-    /// Starts `request` on one of `served`'s workers; returns its outputs and that worker.
+    /// Starts `request` on one of `served`'s workers, `chosen` first when given (already
+    /// picked and recorded); returns its outputs and that worker.
     pub(crate) async fn dispatch(
         self: &Arc<Self>,
         served: &ServedModel,
         request: PreprocessedRequest,
         options: &RouteOptions,
+        mut chosen: Option<InstanceId>,
     ) -> Result<(Outputs, InstanceId), ApiError> {
         let mut candidates: Vec<&Instance> = served.instances.iter().collect();
         let mut last_error = None;
         while !candidates.is_empty() {
-            let started = Instant::now();
-            let picked = self.pick(served, &candidates, &request, options);
-            self.decision_latency.observe(started.elapsed().as_secs_f64());
-            let Some(pos) = picked else {
-                break;
+            let preset = chosen
+                .take()
+                .and_then(|id| candidates.iter().position(|i| i.id == id));
+            let pos = match preset {
+                Some(pos) => pos,
+                None => {
+                    let started = Instant::now();
+                    let picked = self.pick(served, &candidates, &request, options);
+                    self.decision_latency.observe(started.elapsed().as_secs_f64());
+                    let Some(picked) = picked else {
+                        break;
+                    };
+                    picked.pos
+                }
             };
             let instance = candidates.swap_remove(pos);
             let called = tokio::select! {
@@ -442,5 +557,47 @@ impl Stream for Tracked {
 impl Drop for Tracked {
     fn drop(&mut self) {
         self.dispatcher.active.ended(&self.request_id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::DisaggPolicy;
+
+    #[test]
+    fn each_rule_keeps_its_prompts_local_and_lets_the_rest_go_remote() {
+        let policy = DisaggPolicy {
+            min_uncached_tokens: 100,
+            min_uncached_ratio: 0.5,
+            max_prefill_queue_tokens: Some(4096),
+        };
+        // (isl, uncached, queued on the least busy prefill worker) -> decision
+        let cases = [
+            ((10, 10, 0), Some(Decision::LocalShort)),
+            ((99, 99, 0), Some(Decision::LocalShort)),
+            ((1000, 90, 0), Some(Decision::LocalShort)),
+            ((1000, 400, 0), Some(Decision::LocalCached)),
+            ((1000, 500, 0), None),
+            ((1000, 1000, 4096), None),
+            ((1000, 1000, 4097), Some(Decision::LocalPrefillBusy)),
+        ];
+        for ((isl, uncached, queued), want) in cases {
+            assert_eq!(
+                stays_local(&policy, 16, isl, uncached, queued),
+                want,
+                "isl {isl}, uncached {uncached}, queued {queued}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_default_policy_moves_every_prompt_with_a_whole_block_missing() {
+        let policy = DisaggPolicy::default();
+        assert_eq!(stays_local(&policy, 16, 15, 15, 0), Some(Decision::LocalShort));
+        assert_eq!(stays_local(&policy, 16, 16, 16, u64::MAX), None);
+        // All but a tail cached on the decode worker: it computes the tail itself.
+        assert_eq!(stays_local(&policy, 16, 55, 7, 0), Some(Decision::LocalCached));
+        assert_eq!(stays_local(&policy, 16, 55, 23, 0), None);
     }
 }

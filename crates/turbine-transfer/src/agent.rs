@@ -316,6 +316,10 @@ impl Agent {
     /// back would kill the process (SIGBUS) instead of failing a transfer.
     pub fn register_shared(&self, len: u64) -> Result<RegionId, TransferError> {
         let dir = &self.inner.options.shared_dir;
+        let swept = crate::memory::sweep_orphans(dir);
+        if swept > 0 {
+            tracing::info!(dir = %dir.display(), regions = swept, "removed shared regions left by processes that were killed");
+        }
         let stat = rustix::fs::statvfs(dir)
             .map_err(|e| TransferError::io(format!("reading free space in {}", dir.display()), e.into()))?;
         let free = stat.f_bavail.saturating_mul(stat.f_frsize);
@@ -329,7 +333,8 @@ impl Agent {
         }
         let id = self.next_id();
         let path = self.inner.options.shared_dir.join(format!(
-            "turbine-xfer-{}-{:016x}-{}",
+            "{}{}-{:016x}-{}",
+            crate::memory::SHARED_PREFIX,
             std::process::id(),
             self.inner.uid,
             id.0
@@ -412,6 +417,14 @@ impl Agent {
     /// TCP (one handshake now, which a peer of another compatibility refuses), opening its
     /// shared regions directly when it is on this host.
     pub async fn connect(&self, meta: AgentMetadata) -> Result<Peer, TransferError> {
+        let connected = self.connect_checked(meta).await;
+        if matches!(connected, Err(TransferError::Mismatch(_))) {
+            self.inner.stats.refused();
+        }
+        connected
+    }
+
+    async fn connect_checked(&self, meta: AgentMetadata) -> Result<Peer, TransferError> {
         if meta.protocol != PROTOCOL_VERSION {
             return Err(TransferError::Mismatch(format!(
                 "peer {} speaks protocol {}, this agent {PROTOCOL_VERSION}",

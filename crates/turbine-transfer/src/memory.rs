@@ -215,6 +215,38 @@ pub(crate) struct Region {
     /// Shared regions this agent created are unlinked when it drops them; a peer's, opened
     /// for direct access, are not.
     unlink_on_drop: bool,
+    /// A shared region this agent created stays open under a shared `flock` for its life, so
+    /// that [`sweep_orphans`] can tell it from one left behind by a process that was killed.
+    _owner: Option<File>,
+}
+
+/// Names of the shared regions agents create: `{SHARED_PREFIX}{pid}-{agent}-{region}`.
+pub(crate) const SHARED_PREFIX: &str = "turbine-xfer-";
+
+/// Removes the shared regions in `dir` whose creator is gone: a process killed before it
+/// could unlink them, whose memory would otherwise stay taken until reboot. A live owner
+/// holds a lock on its file (in whatever PID namespace it runs), so a file whose lock can
+/// be taken exclusively has none. Returns how many it removed.
+pub(crate) fn sweep_orphans(dir: &Path) -> usize {
+    use rustix::fs::{flock, FlockOperation};
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if !name.to_string_lossy().starts_with(SHARED_PREFIX) {
+            continue;
+        }
+        let path = entry.path();
+        let Ok(file) = File::options().read(true).open(&path) else {
+            continue;
+        };
+        if flock(&file, FlockOperation::NonBlockingLockExclusive).is_ok() && std::fs::remove_file(&path).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
 }
 
 impl Drop for Region {
@@ -240,25 +272,41 @@ impl Region {
             path: None,
             backing: Backing::Memory(stripes),
             unlink_on_drop: false,
+            _owner: None,
         })
     }
 
     /// Creates `path` (which must not exist) with `len` zero bytes, mapped into this process.
+    /// It is built under a hidden name and renamed once locked, so that a sweep never sees
+    /// it unlocked.
     pub fn shared(id: RegionId, path: PathBuf, len: u64) -> Result<Self, TransferError> {
+        use rustix::fs::{flock, FlockOperation};
+        let building = path.with_file_name(format!(
+            ".{}",
+            path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+        ));
         let file = File::options()
             .read(true)
             .write(true)
             .create_new(true)
-            .open(&path)
-            .map_err(|e| TransferError::io(format!("creating {}", path.display()), e))?;
-        let sized = file
-            .set_len(len)
-            .map_err(|e| TransferError::io(format!("sizing {}", path.display()), e))
-            .and_then(|()| mapped(&file, len, &path));
+            .open(&building)
+            .map_err(|e| TransferError::io(format!("creating {}", building.display()), e))?;
+        let sized = flock(&file, FlockOperation::LockShared)
+            .map_err(|e| TransferError::io(format!("locking {}", building.display()), e.into()))
+            .and_then(|()| {
+                file.set_len(len)
+                    .map_err(|e| TransferError::io(format!("sizing {}", building.display()), e))
+            })
+            .and_then(|()| mapped(&file, len, &building))
+            .and_then(|backing| {
+                std::fs::rename(&building, &path)
+                    .map_err(|e| TransferError::io(format!("naming {}", path.display()), e))?;
+                Ok(backing)
+            });
         let backing = match sized {
             Ok(backing) => backing,
             Err(e) => {
-                let _ = std::fs::remove_file(&path);
+                let _ = std::fs::remove_file(&building);
                 return Err(e);
             }
         };
@@ -269,6 +317,7 @@ impl Region {
             path: Some(path),
             backing,
             unlink_on_drop: true,
+            _owner: Some(file),
         })
     }
 
@@ -286,6 +335,7 @@ impl Region {
             path: Some(path.to_owned()),
             backing: Backing::File(file),
             unlink_on_drop: false,
+            _owner: None,
         })
     }
 
@@ -310,6 +360,7 @@ impl Region {
             path: Some(path.to_owned()),
             backing,
             unlink_on_drop: false,
+            _owner: None,
         })
     }
 
@@ -530,6 +581,26 @@ mod tests {
             copy(&host_a, 60, &host_b, 0, 8, &mut scratch),
             Err(TransferError::OutOfBounds(_))
         ));
+        Ok(())
+    }
+
+    #[test]
+    fn a_sweep_removes_regions_whose_owner_is_gone_and_keeps_live_ones() -> Result<(), TransferError> {
+        let dir = tempfile::tempdir().map_err(|e| TransferError::io("tempdir", e))?;
+        let live = dir.path().join(format!("{SHARED_PREFIX}1-live"));
+        let region = Region::shared(RegionId(0), live.clone(), 4096)?;
+        // What a killed owner leaves: the file, with no lock on it.
+        let orphan = dir.path().join(format!("{SHARED_PREFIX}2-orphan"));
+        std::fs::write(&orphan, [0u8; 16]).map_err(|e| TransferError::io("orphan", e))?;
+        let unrelated = dir.path().join("someone-else");
+        std::fs::write(&unrelated, b"x").map_err(|e| TransferError::io("unrelated", e))?;
+        assert_eq!(sweep_orphans(dir.path()), 1);
+        assert!(live.exists() && unrelated.exists() && !orphan.exists());
+        // A second sweep finds nothing, and the live region still works.
+        assert_eq!(sweep_orphans(dir.path()), 0);
+        region.write(0, b"ok")?;
+        drop(region);
+        assert!(!live.exists());
         Ok(())
     }
 

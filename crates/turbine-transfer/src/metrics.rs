@@ -63,6 +63,7 @@ struct PerBackend {
 pub struct Stats {
     backends: [PerBackend; 3],
     failures: Mutex<BTreeMap<(Backend, &'static str), u64>>,
+    peers_refused: AtomicU64,
 }
 
 /// The counters at one moment, for one backend.
@@ -81,9 +82,15 @@ pub struct StatsSnapshot {
     pub backends: BTreeMap<Backend, BackendStats>,
     /// Failed transfers by backend and error kind (`TransferError::kind`).
     pub failures: BTreeMap<(Backend, &'static str), u64>,
+    /// Peers refused at connect or at the handshake for an incompatible protocol or layout.
+    pub peers_refused: u64,
 }
 
 impl Stats {
+    pub(crate) fn refused(&self) {
+        self.peers_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn started(&self, backend: Backend) {
         self.backends[backend.index()].in_flight.fetch_add(1, Ordering::Relaxed);
     }
@@ -123,6 +130,7 @@ impl Stats {
         StatsSnapshot {
             backends,
             failures: self.failures.lock().clone(),
+            peers_refused: self.peers_refused.load(Ordering::Relaxed),
         }
     }
 }

@@ -345,24 +345,18 @@ impl Disagg {
     }
 
     async fn fetch_inner(&self, tokens: &[u32], params: &KvTransferParams) -> Result<usize, String> {
-        let layout: KvLayout =
-            serde_json::from_value(params.layout.clone()).map_err(|e| format!("the prefill worker's layout: {e}"))?;
-        if layout != self.layout {
-            return Err(format!(
-                "the prefill worker's KV layout {layout:?} is not this engine's {:?}",
-                self.layout
-            ));
-        }
+        // The agents' handshake refuses a peer of another model or KV layout (their
+        // compatibility), before any byte moves.
+        let meta: AgentMetadata =
+            serde_json::from_value(params.agent.clone()).map_err(|e| format!("the prefill worker's agent: {e}"))?;
+        let uid = meta.uid;
+        let peer = self.peer(meta).await.map_err(|e| e.to_string())?;
         if params.slot_bytes != self.staging.slot_bytes {
             return Err(format!(
                 "slots of {} bytes, not {}",
                 params.slot_bytes, self.staging.slot_bytes
             ));
         }
-        let meta: AgentMetadata =
-            serde_json::from_value(params.agent.clone()).map_err(|e| format!("the prefill worker's agent: {e}"))?;
-        let uid = meta.uid;
-        let peer = self.peer(meta).await.map_err(|e| e.to_string())?;
         let have = self
             .kv
             .cached_prefix(tokens.to_vec())

@@ -23,7 +23,7 @@ use turbine_protocols::kv::{KvStateRequest, KvStateResponse};
 use turbine_protocols::{Disagg as Disagg_, EngineOutput, ModelCard, PreprocessedRequest, WorkerRole};
 
 pub use disagg::{Disagg, DisaggConfig, DisaggError, DisaggStats, StagingSize};
-pub use metrics::TransferMetrics;
+pub use metrics::{MetricsSource, WorkerMetrics};
 use turbine_runtime::{
     EndpointId, EndpointServer, ErrorKind, Handler, HandlerError, Instance, InstanceId, RequestContext, Runtime,
     ServeError, ServeOptions,
@@ -61,6 +61,7 @@ pub struct Worker {
     generate: EndpointServer<PreprocessedRequest, EngineOutput>,
     kv_state: Option<EndpointServer<KvStateRequest, KvStateResponse>>,
     disagg: Option<Arc<Disagg>>,
+    load: Option<tokio::sync::watch::Receiver<turbine_protocols::kv::WorkerLoad>>,
     _publishers: DropGuard,
 }
 
@@ -74,6 +75,7 @@ impl Worker {
         };
         let stop_publishers = CancellationToken::new();
 
+        let load = engine.kv_cache().map(|c| c.load());
         let kv_state = match engine.kv_cache() {
             Some(cache) => {
                 let history = kv::start_publishing(
@@ -126,6 +128,7 @@ impl Worker {
             generate,
             kv_state,
             disagg,
+            load,
             _publishers: stop_publishers.drop_guard(),
         })
     }
@@ -144,6 +147,15 @@ impl Worker {
         self.disagg.as_ref()
     }
 
+    /// What its metrics are read from, for a [`WorkerMetrics`].
+    pub fn metrics_source(&self) -> MetricsSource {
+        MetricsSource {
+            label: self.instance().id.to_string(),
+            load: self.load.clone(),
+            disagg: self.disagg.clone(),
+        }
+    }
+
     /// Serves until `shutdown` completes, then deregisters and drains (see [`EndpointServer::run`]).
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
         shutdown.await;
@@ -152,6 +164,7 @@ impl Worker {
             kv_state,
             disagg,
             _publishers,
+            ..
         } = self;
         let kv = async {
             if let Some(s) = kv_state {

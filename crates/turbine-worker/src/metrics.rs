@@ -1,5 +1,6 @@
-//! Prometheus metrics of workers' KV transfers, read from their agents' counters at each
-//! scrape: what `turbine serve` adds to the frontend's `/metrics`.
+//! Prometheus metrics of workers: their KV cache's blocks and sequences, and their KV
+//! transfers, read from the engines' load and the agents' counters at each scrape. `turbine
+//! serve` adds them to the frontend's `/metrics`; `turbine worker --metrics-port` serves them.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -8,11 +9,25 @@ use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{IntCounterVec, IntGaugeVec, Opts};
 
+use tokio::sync::watch;
+use turbine_protocols::kv::WorkerLoad;
+
 use crate::Disagg;
 
-/// The transfer and staging metrics of some workers, labelled by worker.
-pub struct TransferMetrics {
-    workers: Vec<(String, Arc<Disagg>)>,
+/// What one worker's metrics are read from; see [`crate::Worker::metrics_source`].
+#[derive(Debug, Clone)]
+pub struct MetricsSource {
+    /// The `worker` label: its instance id.
+    pub label: String,
+    pub load: Option<watch::Receiver<WorkerLoad>>,
+    pub disagg: Option<Arc<Disagg>>,
+}
+
+/// The KV cache, transfer and staging metrics of some workers, labelled by worker.
+pub struct WorkerMetrics {
+    workers: Vec<MetricsSource>,
+    kv_blocks: IntGaugeVec,
+    sequences: IntGaugeVec,
     bytes: IntCounterVec,
     seconds: prometheus::CounterVec,
     completed: IntCounterVec,
@@ -20,17 +35,28 @@ pub struct TransferMetrics {
     in_flight: IntGaugeVec,
     disagg: IntCounterVec,
     free_slots: IntGaugeVec,
+    refused: IntCounterVec,
 }
 
 fn counter(name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, prometheus::Error> {
     IntCounterVec::new(Opts::new(name, help), labels)
 }
 
-impl TransferMetrics {
-    /// `workers`: each worker's label (its instance id) and its part in disaggregation.
-    pub fn new(workers: Vec<(String, Arc<Disagg>)>) -> Result<Self, prometheus::Error> {
-        Ok(TransferMetrics {
+impl WorkerMetrics {
+    pub fn new(workers: Vec<MetricsSource>) -> Result<Self, prometheus::Error> {
+        Ok(WorkerMetrics {
             workers,
+            kv_blocks: IntGaugeVec::new(
+                Opts::new(
+                    "turbine_worker_kv_blocks",
+                    "KV cache blocks of the engine's pool: in_use by sequences, or free (empty or holding evictable cached prefixes).",
+                ),
+                &["worker", "state"],
+            )?,
+            sequences: IntGaugeVec::new(
+                Opts::new("turbine_worker_sequences", "Sequences on the engine: running, or waiting for admission."),
+                &["worker", "state"],
+            )?,
             bytes: counter(
                 "turbine_transfer_bytes_total",
                 "Bytes moved by KV transfers that completed, by direction (read: into this worker).",
@@ -66,15 +92,38 @@ impl TransferMetrics {
                 Opts::new("turbine_worker_staging_free_slots", "Free KV staging slots."),
                 &["worker"],
             )?,
+            refused: counter(
+                "turbine_transfer_peers_refused_total",
+                "Transfer peers refused at connect or handshake: another protocol, model or KV layout.",
+                &["worker"],
+            )?,
         })
     }
 
     fn refresh(&self) {
-        for vec in [&self.bytes, &self.completed, &self.failures, &self.disagg] {
+        for vec in [&self.bytes, &self.completed, &self.failures, &self.disagg, &self.refused] {
             vec.reset();
         }
         self.seconds.reset();
-        for (worker, d) in &self.workers {
+        for source in &self.workers {
+            let worker = source.label.as_str();
+            if let Some(load) = &source.load {
+                let l = *load.borrow();
+                let in_use = i64::from(l.blocks_in_use);
+                self.kv_blocks.with_label_values(&[worker, "in_use"]).set(in_use);
+                self.kv_blocks
+                    .with_label_values(&[worker, "free"])
+                    .set(i64::from(l.blocks_total) - in_use);
+                self.sequences
+                    .with_label_values(&[worker, "running"])
+                    .set(i64::from(l.active_seqs));
+                self.sequences
+                    .with_label_values(&[worker, "waiting"])
+                    .set(i64::from(l.waiting_seqs));
+            }
+            let Some(d) = &source.disagg else {
+                continue;
+            };
             let stats = d.agent().stats();
             for (backend, b) in &stats.backends {
                 let backend = backend.label();
@@ -97,6 +146,7 @@ impl TransferMetrics {
                     .with_label_values(&[worker, backend.label(), kind])
                     .inc_by(*n);
             }
+            self.refused.with_label_values(&[worker]).inc_by(stats.peers_refused);
             let s = &d.stats;
             for (event, n) in [
                 ("prefills", &s.prefills),
@@ -115,9 +165,11 @@ impl TransferMetrics {
     }
 }
 
-impl TransferMetrics {
-    fn parts(&self) -> [&dyn Collector; 7] {
+impl WorkerMetrics {
+    fn parts(&self) -> [&dyn Collector; 10] {
         [
+            &self.kv_blocks,
+            &self.sequences,
             &self.bytes,
             &self.seconds,
             &self.completed,
@@ -125,11 +177,12 @@ impl TransferMetrics {
             &self.in_flight,
             &self.disagg,
             &self.free_slots,
+            &self.refused,
         ]
     }
 }
 
-impl Collector for TransferMetrics {
+impl Collector for WorkerMetrics {
     fn desc(&self) -> Vec<&Desc> {
         self.parts().into_iter().flat_map(|c| c.desc()).collect()
     }

@@ -288,10 +288,19 @@ pub struct FrontendArgs {
     /// mid-stream (the prompt and the tokens so far are sent again); 0 turns migration off.
     #[arg(long, default_value_t = 3)]
     migration_limit: u32,
-    /// Disaggregated models: prompts shorter than this many tokens are prefilled on their
-    /// decode worker instead of a prefill worker (prompts under one KV block always are).
+    /// Disaggregated models: prompts with fewer tokens than this missing from their decode
+    /// worker's cache are prefilled there instead of on a prefill worker (prompts under one
+    /// KV block always are).
     #[arg(long, default_value_t = 0)]
     disagg_min_tokens: usize,
+    /// Disaggregated models: prompts whose uncached share on their decode worker is below
+    /// this (0 to 1) are prefilled there.
+    #[arg(long, default_value_t = 0.0)]
+    disagg_min_uncached_ratio: f64,
+    /// Disaggregated models: when every prefill worker has more prompt tokens queued than
+    /// this, prompts are prefilled on their decode worker instead of waiting.
+    #[arg(long)]
+    disagg_max_prefill_queue: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -318,6 +327,12 @@ impl FrontendArgs {
         if !(self.kv_temperature.is_finite() && self.kv_temperature >= 0.0) {
             bail!("--kv-temperature must be a number >= 0, got {}", self.kv_temperature);
         }
+        if !(0.0..=1.0).contains(&self.disagg_min_uncached_ratio) {
+            bail!(
+                "--disagg-min-uncached-ratio must be between 0 and 1, got {}",
+                self.disagg_min_uncached_ratio
+            );
+        }
         let config = FrontendConfig {
             router_mode: match self.router_mode {
                 RouterModeArg::RoundRobin => turbine_router::RouterMode::RoundRobin,
@@ -330,7 +345,11 @@ impl FrontendArgs {
             kv_overlap_weight: self.kv_overlap_weight,
             kv_temperature: self.kv_temperature,
             migration_limit: self.migration_limit,
-            disagg_min_tokens: self.disagg_min_tokens,
+            disagg: turbine_frontend::DisaggPolicy {
+                min_uncached_tokens: self.disagg_min_tokens,
+                min_uncached_ratio: self.disagg_min_uncached_ratio,
+                max_prefill_queue_tokens: self.disagg_max_prefill_queue,
+            },
             ..FrontendConfig::default()
         };
         Ok((SocketAddr::new(self.host, self.port), config))

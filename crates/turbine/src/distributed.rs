@@ -147,6 +147,10 @@ pub struct WorkerCmdArgs {
     /// disaggregated serving.
     #[arg(long, value_enum, default_value_t = RoleArg::Aggregated)]
     role: RoleArg,
+    /// Serve the worker's Prometheus metrics (KV blocks, sequences, transfers) on this port
+    /// of the `--listen` address, at `/metrics` (0 picks a free port) [default: not served].
+    #[arg(long)]
+    metrics_port: Option<u16>,
     #[command(flatten)]
     transfer: TransferArgs,
 }
@@ -199,9 +203,24 @@ pub async fn worker(args: WorkerCmdArgs) -> anyhow::Result<()> {
         .await
         .context("starting the worker")?;
     tracing::info!(model = %engine.model.name, instance = %worker.instance().id, "worker serving");
+    let shutdown = CancellationToken::new();
+    if let Some(port) = args.metrics_port {
+        let registry = prometheus::Registry::new();
+        let collector = turbine_worker::WorkerMetrics::new(vec![worker.metrics_source()]).context("worker metrics")?;
+        registry
+            .register(Box::new(collector))
+            .context("registering worker metrics")?;
+        let stop = shutdown.clone();
+        let addr = crate::metrics_http::serve(
+            SocketAddr::new(args.listen.ip(), port),
+            registry,
+            async move { stop.cancelled().await },
+        )
+        .await?;
+        println!("turbine: metrics on http://{addr}/metrics");
+    }
     // A machine-readable line for scripts and tests.
     println!("turbine: worker {} serving {}", worker.instance().id, engine.model.name);
-    let shutdown = CancellationToken::new();
     tokio::spawn(signal_to(shutdown.clone()));
     worker.run(async move { shutdown.cancelled().await }).await;
     tracing::info!("stopped");

@@ -5,6 +5,7 @@ mod args;
 mod bench;
 mod distributed;
 mod fetch;
+mod metrics_http;
 mod serve;
 
 use clap::{Parser, Subcommand};

@@ -110,7 +110,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
 
     let endpoint = EndpointId::new(config.frontend.namespace.clone(), "worker", "generate");
     let mut workers = Vec::new();
-    let mut transfers = Vec::new();
+    let mut sources = Vec::new();
     for (i, &role) in config.roles.iter().enumerate() {
         let engine = config.engine.engine(i)?;
         let disagg = config
@@ -131,9 +131,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         let worker = Worker::start(&runtime, engine.clone(), worker_config)
             .await
             .context("starting a worker")?;
-        if let Some(d) = worker.disagg() {
-            transfers.push((worker.instance().id.to_string(), d.clone()));
-        }
+        sources.push(worker.metrics_source());
         let shutdown = shutdown.clone();
         workers.push(tokio::spawn(worker.run(async move { shutdown.cancelled().await })));
     }
@@ -141,12 +139,10 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let frontend = Frontend::start(&runtime, config.frontend.clone())
         .await
         .context("starting the frontend")?;
-    if !transfers.is_empty() {
-        let collector = turbine_worker::TransferMetrics::new(transfers).context("transfer metrics")?;
-        frontend
-            .register_metrics(Box::new(collector))
-            .context("registering transfer metrics")?;
-    }
+    let collector = turbine_worker::WorkerMetrics::new(sources).context("worker metrics")?;
+    frontend
+        .register_metrics(Box::new(collector))
+        .context("registering worker metrics")?;
     tracing::info!(workers = config.roles.len(), roles = ?config.roles, model = %config.engine.model.name, "starting");
     serve_http(frontend, config.listen, shutdown, config.grace_period, workers).await
 }

@@ -80,7 +80,14 @@ async fn metric(http: &reqwest::Client, url: &str, series: &str) -> Result<f64> 
 }
 
 /// Runs every case on `aggregated` and then on `disaggregated`, comparing answers.
-async fn same_answers(http: &reqwest::Client, aggregated: &str, disaggregated: &str) -> Result<()> {
+/// `kv_routed`: the disaggregated frontend routes by KV, so it knows what the decode worker
+/// holds, and prefills a prompt cached there but for its tail on the decode worker.
+async fn same_answers(
+    http: &reqwest::Client,
+    aggregated: &str,
+    disaggregated: &str,
+    kv_routed: bool,
+) -> Result<()> {
     let mut all = cases();
     all.push(("EOS as the first token".into(), eos_first()));
     for (name, body) in &all {
@@ -116,9 +123,16 @@ async fn same_answers(http: &reqwest::Client, aggregated: &str, disaggregated: &
         &format!("turbine_frontend_disagg_decisions_total{{decision=\"local_short\",model=\"{MODEL}\"}}"),
     )
     .await?;
+    let cached = metric(
+        http,
+        disaggregated,
+        &format!("turbine_frontend_disagg_decisions_total{{decision=\"local_cached\",model=\"{MODEL}\"}}"),
+    )
+    .await?;
+    let want_cached = if kv_routed { 1.0 } else { 0.0 };
     ensure!(
-        (remote, short) == (all.len() as f64 - 1.0, 1.0),
-        "remote {remote}, local_short {short}"
+        (remote, short, cached) == (all.len() as f64 - 1.0 - want_cached, 1.0, want_cached),
+        "remote {remote}, local_short {short}, local_cached {cached}"
     );
     Ok(())
 }
@@ -140,9 +154,16 @@ fn serve(extra: &[&str]) -> Result<(Proc, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_process_disaggregated_matches_aggregated() -> Result<()> {
     let (_agg, aggregated) = serve(&["--workers", "1"])?;
-    let (_dis, disaggregated) = serve(&["--prefill-workers", "1", "--decode-workers", "1"])?;
+    let (_dis, disaggregated) = serve(&[
+        "--prefill-workers",
+        "1",
+        "--decode-workers",
+        "1",
+        "--router-mode",
+        "kv",
+    ])?;
     let http = reqwest::Client::new();
-    same_answers(&http, &aggregated, &disaggregated).await?;
+    same_answers(&http, &aggregated, &disaggregated, true).await?;
     // The decode worker's reads show on the frontend's /metrics, one block per staged slot.
     let metrics = http
         .get(format!("{disaggregated}/metrics"))
@@ -207,7 +228,7 @@ async fn across_processes(shared_memory: bool) -> Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    same_answers(&http, &aggregated, &url).await?;
+    same_answers(&http, &aggregated, &url, false).await?;
 
     // With the prefill worker killed (still listed until its lease expires), requests are
     // prefilled on the decode worker, with the same answer and no error.

@@ -155,6 +155,13 @@ pub fn start_nats() -> Result<(Proc, String)> {
 /// Starts `turbine ARGS` and waits for the stdout line starting with `ready`; returns the
 /// rest of that line.
 pub fn start(args: &[&str], ready: &str) -> Result<(Proc, String)> {
+    let (proc, mut rest) = start_until(args, &[ready])?;
+    Ok((proc, rest.remove(0)))
+}
+
+/// Starts `turbine ARGS` and waits for a line starting with each of `ready`, in any order;
+/// returns the rest of each line, in `ready`'s order.
+pub fn start_until(args: &[&str], ready: &[&str]) -> Result<(Proc, Vec<String>)> {
     let mut child = Command::new(BIN)
         .args(args)
         .stdout(Stdio::piped())
@@ -163,18 +170,27 @@ pub fn start(args: &[&str], ready: &str) -> Result<(Proc, String)> {
     let stdout = child.stdout.take().context("stdout")?;
     let proc = Proc(child);
     let (tx, rx) = std::sync::mpsc::channel();
-    let ready = ready.to_owned();
+    let ready: Vec<String> = ready.iter().map(|r| (*r).to_owned()).collect();
+    let n = ready.len();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(rest) = line.strip_prefix(&ready) {
-                let _ = tx.send(rest.to_owned());
+            for (i, r) in ready.iter().enumerate() {
+                if let Some(rest) = line.strip_prefix(r.as_str()) {
+                    let _ = tx.send((i, rest.to_owned()));
+                }
             }
         }
     });
-    let rest = rx
-        .recv_timeout(Duration::from_secs(30))
-        .with_context(|| format!("turbine {args:?} did not start"))?;
-    Ok((proc, rest))
+    let mut found = vec![None; n];
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while found.iter().any(Option::is_none) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let (i, rest) = rx
+            .recv_timeout(left)
+            .with_context(|| format!("turbine {args:?} did not start"))?;
+        found[i] = Some(rest);
+    }
+    Ok((proc, found.into_iter().flatten().collect()))
 }
 
 /// Starts `turbine worker ARGS`; returns it and its instance id (hex, as `/health` lists it).
@@ -184,6 +200,17 @@ pub fn start_worker(args: &[&str]) -> Result<(Proc, String)> {
     let (proc, rest) = start(&all, "turbine: worker ")?;
     let id = rest.split(' ').next().context("no instance id")?.to_owned();
     Ok((proc, id))
+}
+
+/// Starts `turbine worker ARGS --metrics-port 0`; returns it, its instance id and the URL
+/// of its metrics.
+pub fn start_worker_with_metrics(args: &[&str]) -> Result<(Proc, String, String)> {
+    let mut all = vec!["worker"];
+    all.extend_from_slice(args);
+    all.extend(["--metrics-port", "0"]);
+    let (proc, rest) = start_until(&all, &["turbine: worker ", "turbine: metrics on "])?;
+    let id = rest[0].split(' ').next().context("no instance id")?.to_owned();
+    Ok((proc, id, rest[1].clone()))
 }
 
 /// The arguments of an echo worker that answers at once, registered in etcd at
