@@ -42,9 +42,10 @@ pub enum Disagg {
 /// wrong text.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct KvTransferParams {
-    /// The prefill worker's transfer agent (`turbine_transfer::AgentMetadata`, as JSON): how
-    /// to reach it and what it is compatible with.
-    pub agent: serde_json::Value,
+    /// The prefill worker's transfer agent, by its id (`AgentMetadata::uid`): how to reach
+    /// it and what it is compatible with are in that worker's [`crate::discovery::ModelEntry`],
+    /// read once per peer, so a request carries none of it.
+    pub agent: u64,
     /// Unique per lease; every staged block's header carries it.
     pub lease: u64,
     /// The agent's region holding the staged blocks.
@@ -53,8 +54,6 @@ pub struct KvTransferParams {
     pub slot_bytes: u64,
     /// One slot per full prompt block, in prompt order from the first block.
     pub slots: Vec<u32>,
-    /// The engine's KV layout (as JSON), which the importer checks against its own.
-    pub layout: serde_json::Value,
     /// The lease ends this long after the prefill answered; reads after that fail.
     pub lease_ms: u64,
 }
@@ -68,17 +67,16 @@ mod tests {
         assert_eq!(serde_json::to_string(&WorkerRole::Prefill)?, r#""prefill""#);
         assert_eq!(serde_json::to_string(&Disagg::Prefill)?, r#"{"phase":"prefill"}"#);
         let kv = KvTransferParams {
-            agent: serde_json::json!({"name": "p"}),
+            agent: 0x51,
             lease: 7,
             region: 1,
             slot_bytes: 64,
             slots: vec![3, 4],
-            layout: serde_json::json!({}),
             lease_ms: 1000,
         };
         let json = serde_json::to_string(&Disagg::Decode { kv: kv.clone() })?;
         assert!(
-            json.starts_with(r#"{"phase":"decode","kv":{"agent":{"name":"p"},"lease":7"#),
+            json.starts_with(r#"{"phase":"decode","kv":{"agent":81,"lease":7"#),
             "{json}"
         );
         assert_eq!(serde_json::from_str::<Disagg>(&json)?, Disagg::Decode { kv });

@@ -20,6 +20,10 @@ pub struct ModelEntry {
     /// Aggregated unless the worker was started for one phase of disaggregated serving.
     #[serde(default, skip_serializing_if = "WorkerRole::is_aggregated")]
     pub role: WorkerRole,
+    /// A disaggregated worker's transfer agent (`turbine_transfer::AgentMetadata`, as
+    /// JSON): its regions, listener and compatibility, published once for its peers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer_agent: Option<serde_json::Value>,
 }
 
 /// Prefix under which every model of `namespace` is registered.

@@ -1,5 +1,6 @@
 //! Transfer bandwidth against its floors, between two processes on this host: shared memory
-//! against a plain memcpy, TCP against a raw loopback socket. Prints a Markdown table.
+//! against a plain memcpy, TCP against a raw loopback socket; and pulling (READ, what a
+//! decode worker does) against pushing (WRITE, the alternative) on each. Prints Markdown tables.
 //!
 //! `cargo run --release -p turbine-transfer --example bandwidth [-- --iters N]`
 
@@ -130,10 +131,12 @@ async fn main() -> Result<()> {
         "| size | memcpy GB/s | shared memory READ GB/s | ratio | raw loopback socket GB/s | TCP READ GB/s | ratio |"
     );
     println!("|---|---|---|---|---|---|---|");
+    let mut push_pull = Vec::new();
     for mib in SIZES_MIB {
         let len = mib << 20;
         let blocks = (len / BLOCK) as u32;
         let (mut memcpy, mut shm, mut sock, mut tcp) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut shm_w, mut tcp_w) = (Vec::new(), Vec::new());
         for _ in 0..iters {
             let t = Instant::now();
             dst[..len as usize].copy_from_slice(&src[..len as usize]);
@@ -168,13 +171,38 @@ async fn main() -> Result<()> {
             if done.backend != Backend::Tcp {
                 bail!("TCP READ went over {:?}", done.backend);
             }
+
+            let remote = DescList::blocks(turbine_transfer::RegionId(shared), BLOCK, 0..blocks);
+            let local = DescList::blocks(shm_local, BLOCK, 0..blocks);
+            let t = Instant::now();
+            shm_agent
+                .post(Post::write(4), &local, &shm_peer, &remote)?
+                .wait()
+                .await?;
+            shm_w.push(gbps(len, t.elapsed().as_secs_f64()));
+
+            let remote = DescList::blocks(turbine_transfer::RegionId(host), BLOCK, 0..blocks);
+            let local = DescList::blocks(tcp_local, BLOCK, 0..blocks);
+            let t = Instant::now();
+            tcp_agent
+                .post(Post::write(5), &local, &tcp_peer, &remote)?
+                .wait()
+                .await?;
+            tcp_w.push(gbps(len, t.elapsed().as_secs_f64()));
         }
+        push_pull.push((mib, median(shm.clone()), median(shm_w), median(tcp.clone()), median(tcp_w)));
         let (m, s, r, t) = (median(memcpy), median(shm), median(sock), median(tcp));
         println!(
             "| {mib} MiB | {m:.2} | {s:.2} | {:.0}% | {r:.2} | {t:.2} | {:.0}% |",
             100.0 * s / m,
             100.0 * t / r
         );
+    }
+    println!();
+    println!("| size | shared memory READ (pull) GB/s | WRITE (push) GB/s | TCP READ (pull) GB/s | WRITE (push) GB/s |");
+    println!("|---|---|---|---|---|");
+    for (mib, sr, sw, tr, tw) in push_pull {
+        println!("| {mib} MiB | {sr:.2} | {sw:.2} | {tr:.2} | {tw:.2} |");
     }
     // Fixed cost per transfer: one 4 KiB block.
     let mut lat = Vec::new();

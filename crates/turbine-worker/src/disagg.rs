@@ -18,7 +18,9 @@ use futures::StreamExt;
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 use turbine_engine::{Engine, EngineError, KvBlocks, KvLayout, KvTransfer};
+use turbine_protocols::discovery::{models_prefix, ModelEntry};
 use turbine_protocols::{EngineOutput, FinishReason, KvTransferParams, PreprocessedRequest, WorkerRole};
+use turbine_runtime::Discovery;
 use turbine_transfer::{
     Agent, AgentMetadata, AgentOptions, Compat, Desc, DescList, Peer, Post, RegionId, TransferError,
 };
@@ -66,6 +68,44 @@ pub enum DisaggError {
     NoKvTransfer(WorkerRole),
     #[error("cannot set up the transfer agent")]
     Transfer(#[from] TransferError),
+}
+
+/// Where a worker finds its peers' transfer agents: the model entries of its namespace in
+/// discovery, where each disaggregated worker publishes its agent's metadata once.
+#[derive(Clone)]
+pub struct Directory {
+    discovery: Arc<dyn Discovery>,
+    prefix: String,
+}
+
+impl std::fmt::Debug for Directory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Directory").field("prefix", &self.prefix).finish()
+    }
+}
+
+impl Directory {
+    pub fn new(discovery: Arc<dyn Discovery>, namespace: &str) -> Self {
+        Self {
+            discovery,
+            prefix: models_prefix(namespace),
+        }
+    }
+
+    /// The metadata of the agent `uid`, from the model entry that publishes it.
+    async fn find(&self, uid: u64) -> Result<AgentMetadata, String> {
+        let entries = self
+            .discovery
+            .list(&self.prefix)
+            .await
+            .map_err(|e| format!("looking up transfer agent {uid:016x}: {e}"))?;
+        entries
+            .iter()
+            .filter_map(|kv| serde_json::from_slice::<ModelEntry>(&kv.value).ok()?.transfer_agent)
+            .filter_map(|agent| serde_json::from_value::<AgentMetadata>(agent).ok())
+            .find(|meta| meta.uid == uid)
+            .ok_or_else(|| format!("no worker in discovery publishes transfer agent {uid:016x}"))
+    }
 }
 
 /// Counts of what happened to disaggregated requests on this worker.
@@ -122,10 +162,8 @@ pub struct Disagg {
     staging: Staging,
     leases: Mutex<HashMap<u64, Lease>>,
     peers: tokio::sync::Mutex<HashMap<u64, Arc<Peer>>>,
-    /// What every prefill answer carries, serialized once: the regions never change after
-    /// start.
-    agent_json: serde_json::Value,
-    layout_json: serde_json::Value,
+    /// Where peers' agents are found by id.
+    directory: Directory,
     config: DisaggConfig,
     pub stats: DisaggStats,
 }
@@ -147,6 +185,7 @@ impl Disagg {
         name: &str,
         model: &str,
         config: DisaggConfig,
+        directory: Directory,
         stop: CancellationToken,
     ) -> Result<Arc<Self>, DisaggError> {
         let kv = engine.kv_transfer().ok_or(DisaggError::NoKvTransfer(config.role))?;
@@ -176,9 +215,6 @@ impl Disagg {
             free: Mutex::new((0..slots as u32).rev().collect()),
         };
         let notifications = agent.notifications();
-        // Plain structs of strings and numbers always serialize.
-        let agent_json = serde_json::to_value(agent.metadata()).unwrap_or_default();
-        let layout_json = serde_json::to_value(&layout).unwrap_or_default();
         let this = Arc::new(Disagg {
             role: config.role,
             kv,
@@ -187,8 +223,7 @@ impl Disagg {
             staging,
             leases: Mutex::new(HashMap::new()),
             peers: tokio::sync::Mutex::new(HashMap::new()),
-            agent_json,
-            layout_json,
+            directory,
             config,
             stats: DisaggStats::default(),
         });
@@ -222,6 +257,13 @@ impl Disagg {
 
     pub fn agent(&self) -> &Agent {
         &self.agent
+    }
+
+    /// The agent's metadata as the worker publishes it in its model entry (JSON): its
+    /// regions never change after start, so peers read it once.
+    pub fn agent_json(&self) -> serde_json::Value {
+        // Plain structs of strings and numbers always serialize.
+        serde_json::to_value(self.agent.metadata()).unwrap_or_default()
     }
 
     /// Staging slots free now (all of them once every lease is released).
@@ -304,12 +346,11 @@ impl Disagg {
             .blocks_staged
             .fetch_add(slots.len() as u64, Ordering::Relaxed);
         let params = KvTransferParams {
-            agent: self.agent_json.clone(),
+            agent: self.agent.metadata().uid,
             lease,
             region: self.staging.region.0,
             slot_bytes: self.staging.slot_bytes,
             slots: slots.clone(),
-            layout: self.layout_json.clone(),
             lease_ms: self.config.lease.as_millis() as u64,
         };
         self.leases.lock().insert(
@@ -347,10 +388,8 @@ impl Disagg {
     async fn fetch_inner(&self, tokens: &[u32], params: &KvTransferParams) -> Result<usize, String> {
         // The agents' handshake refuses a peer of another model or KV layout (their
         // compatibility), before any byte moves.
-        let meta: AgentMetadata =
-            serde_json::from_value(params.agent.clone()).map_err(|e| format!("the prefill worker's agent: {e}"))?;
-        let uid = meta.uid;
-        let peer = self.peer(meta).await.map_err(|e| e.to_string())?;
+        let uid = params.agent;
+        let peer = self.peer(uid).await?;
         if params.slot_bytes != self.staging.slot_bytes {
             return Err(format!(
                 "slots of {} bytes, not {}",
@@ -431,13 +470,14 @@ impl Disagg {
         }))
     }
 
-    async fn peer(&self, meta: AgentMetadata) -> Result<Arc<Peer>, TransferError> {
+    /// The connected peer `uid`, looked up in discovery and connected on first use.
+    async fn peer(&self, uid: u64) -> Result<Arc<Peer>, String> {
         let mut peers = self.peers.lock().await;
-        if let Some(peer) = peers.get(&meta.uid) {
+        if let Some(peer) = peers.get(&uid) {
             return Ok(Arc::clone(peer));
         }
-        let uid = meta.uid;
-        let peer = Arc::new(self.agent.connect(meta).await?);
+        let meta = self.directory.find(uid).await?;
+        let peer = Arc::new(self.agent.connect(meta).await.map_err(|e| e.to_string())?);
         peers.insert(uid, Arc::clone(&peer));
         Ok(peer)
     }

@@ -22,7 +22,7 @@ use turbine_protocols::discovery::{model_key, ModelEntry};
 use turbine_protocols::kv::{KvStateRequest, KvStateResponse};
 use turbine_protocols::{Disagg as Disagg_, EngineOutput, ModelCard, PreprocessedRequest, WorkerRole};
 
-pub use disagg::{Disagg, DisaggConfig, DisaggError, DisaggStats, StagingSize};
+pub use disagg::{Directory, Disagg, DisaggConfig, DisaggError, DisaggStats, StagingSize};
 pub use metrics::{MetricsSource, WorkerMetrics};
 use turbine_runtime::{
     EndpointId, EndpointServer, ErrorKind, Handler, HandlerError, Instance, InstanceId, RequestContext, Runtime,
@@ -102,6 +102,7 @@ impl Worker {
                 &format!("{}-{id}", config.endpoint.component),
                 &config.model.name,
                 d.clone(),
+                disagg::Directory::new(runtime.discovery().clone(), &config.endpoint.namespace),
                 stop_publishers.clone(),
             )?),
             _ => None,
@@ -117,6 +118,7 @@ impl Worker {
             endpoint: config.endpoint.to_string(),
             kv_state_endpoint: kv_state.as_ref().map(|s| s.instance().endpoint.to_string()),
             role,
+            transfer_agent: disagg.as_ref().map(|d| d.agent_json()),
         };
         let key = model_key(&config.endpoint.namespace, &config.model.name, id.0);
         // A struct of strings and numbers always serializes.

@@ -11,8 +11,10 @@ use futures::future::BoxFuture;
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 use turbine_engine::{Engine, EngineError, EngineStream, KvBlocks, KvLayout, KvTransfer};
-use turbine_protocols::{EngineOutput, FinishReason, PreprocessedRequest, WorkerRole};
-use turbine_worker::{Disagg, DisaggConfig};
+use turbine_protocols::discovery::{model_key, ModelEntry};
+use turbine_protocols::{EngineOutput, FinishReason, ModelCard, PreprocessedRequest, TokenizerKind, WorkerRole};
+use turbine_runtime::{Discovery, MemoryDiscovery};
+use turbine_worker::{Directory, Disagg, DisaggConfig};
 
 const BLOCK: usize = 4;
 
@@ -141,22 +143,52 @@ async fn eventually(what: &str, f: impl Fn() -> bool) -> Result<()> {
 
 /// A prefill agent (model `m`, leases of `lease`) over `prefill` and a decode agent (model
 /// `decode_model`) over `decode`, stopped together by the returned token.
-fn agents(
+async fn agents(
     prefill: &dyn Engine,
     decode: &dyn Engine,
     lease: Duration,
     decode_model: &str,
 ) -> Result<(Arc<Disagg>, Arc<Disagg>, CancellationToken)> {
     let stop = CancellationToken::new();
-    let p = Disagg::start(prefill, "p", "m", config(WorkerRole::Prefill, lease)?, stop.clone())?;
+    let discovery = MemoryDiscovery::new();
+    let directory = Directory::new(Arc::new(discovery.clone()), "ns");
+    let p = Disagg::start(
+        prefill,
+        "p",
+        "m",
+        config(WorkerRole::Prefill, lease)?,
+        directory.clone(),
+        stop.clone(),
+    )?;
+    publish(&discovery, &p).await?;
     let d = Disagg::start(
         decode,
         "d",
         decode_model,
         config(WorkerRole::Decode, lease)?,
+        directory,
         stop.clone(),
     )?;
     Ok((p, d, stop))
+}
+
+/// Registers a model entry publishing `agent`'s metadata, as a worker does.
+async fn publish(discovery: &MemoryDiscovery, agent: &Disagg) -> Result<()> {
+    let entry = ModelEntry {
+        card: ModelCard {
+            name: "m".into(),
+            context_length: 4096,
+            tokenizer: TokenizerKind::Bytes,
+            kv_block_size: Some(BLOCK as u32),
+        },
+        endpoint: "ns/prefill/generate".into(),
+        kv_state_endpoint: None,
+        role: agent.role(),
+        transfer_agent: Some(agent.agent_json()),
+    };
+    let key = model_key("ns", "m", agent.agent().metadata().uid);
+    discovery.put(&key, serde_json::to_vec(&entry)?, None).await?;
+    Ok(())
 }
 
 /// The transfer parameters of a prefill of `tokens`.
@@ -170,7 +202,7 @@ async fn staged(prefill: &Disagg, engine: &dyn Engine, tokens: &[u32]) -> Result
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn staged_blocks_arrive_whole_and_stale_ones_are_refused() -> Result<()> {
     let (prefill_engine, decode_engine) = (MapEngine::default(), MapEngine::default());
-    let (prefill, decode, stop) = agents(&prefill_engine, &decode_engine, Duration::from_millis(100), "m")?;
+    let (prefill, decode, stop) = agents(&prefill_engine, &decode_engine, Duration::from_millis(100), "m").await?;
 
     // Ten tokens: two full blocks move, the tail stays for the decode worker to compute.
     let a: Vec<u32> = (100..110).collect();
@@ -229,7 +261,7 @@ async fn staged_blocks_arrive_whole_and_stale_ones_are_refused() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_of_another_model_is_refused() -> Result<()> {
     let (prefill_engine, decode_engine) = (MapEngine::default(), MapEngine::default());
-    let (prefill, decode, stop) = agents(&prefill_engine, &decode_engine, Duration::from_secs(1), "other")?;
+    let (prefill, decode, stop) = agents(&prefill_engine, &decode_engine, Duration::from_secs(1), "other").await?;
     let a: Vec<u32> = (100..108).collect();
     let params = staged(&prefill, &prefill_engine, &a).await?;
     let err = decode
@@ -258,7 +290,7 @@ async fn the_mocker_moves_block_ids_in_simulated_time() -> Result<()> {
     };
     let (prefill_engine, decode_engine) = (mocker()?, mocker()?);
     let decode_kv = decode_engine.kv_transfer().context("kv transfer")?;
-    let (prefill, decode, stop) = agents(&prefill_engine, &decode_engine, Duration::from_secs(1), "m")?;
+    let (prefill, decode, stop) = agents(&prefill_engine, &decode_engine, Duration::from_secs(1), "m").await?;
     let prompt: Vec<u32> = (1000..1040).collect();
     let params = staged(&prefill, &prefill_engine, &prompt).await?;
     ensure!(params.slots.len() == 2, "{params:?}");
@@ -282,9 +314,9 @@ async fn the_mocker_moves_block_ids_in_simulated_time() -> Result<()> {
 /// read it (or its lease expires), and registers its role for frontends to see.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_prefill_worker_waits_for_its_blocks_to_be_read() -> Result<()> {
-    use turbine_protocols::discovery::{models_prefix, ModelEntry};
-    use turbine_protocols::{Disagg as Phase, ModelCard, TokenizerKind};
-    use turbine_runtime::{Discovery, EndpointId, MemoryDiscovery, MemoryEventPlane, Runtime, ServeOptions};
+    use turbine_protocols::discovery::models_prefix;
+    use turbine_protocols::Disagg as Phase;
+    use turbine_runtime::{EndpointId, MemoryEventPlane, Runtime, ServeOptions};
     use turbine_worker::{Worker, WorkerConfig};
 
     let discovery = MemoryDiscovery::new();
@@ -311,12 +343,34 @@ async fn a_stopping_prefill_worker_waits_for_its_blocks_to_be_read() -> Result<(
     let entry: ModelEntry = serde_json::from_slice(&entries[0].value)?;
     ensure!(entry.role == WorkerRole::Prefill, "{entry:?}");
 
-    let mut leg = request((0..12).collect());
-    leg.disagg = Some(Phase::Prefill);
-    let outputs: Vec<EngineOutput> =
-        futures::TryStreamExt::try_collect(runtime.client().call(worker.instance(), leg).await?).await?;
-    let params = *outputs[0].kv_transfer.clone().context("no transfer params")?;
+    ensure!(entry.transfer_agent.is_some(), "{entry:?}");
+
+    let prefill_leg = |tokens: Vec<u32>| {
+        let mut leg = request(tokens);
+        leg.disagg = Some(Phase::Prefill);
+        let (runtime, instance) = (runtime.clone(), worker.instance().clone());
+        async move {
+            let outputs: Vec<EngineOutput> =
+                futures::TryStreamExt::try_collect(runtime.client().call(&instance, leg).await?).await?;
+            anyhow::Ok(*outputs[0].kv_transfer.clone().context("no transfer params")?)
+        }
+    };
+    // A decode worker that has fetched from the prefill worker before, so knows its agent.
+    let decode_engine = MapEngine::default();
+    let decode = Disagg::start(
+        &decode_engine,
+        "d",
+        "m",
+        config(WorkerRole::Decode, Duration::from_secs(1))?,
+        Directory::new(Arc::new(discovery.clone()), "ns"),
+        CancellationToken::new(),
+    )?;
+    let first = prefill_leg((100..108).collect()).await?;
+    ensure!(decode.fetch(&(100..108).collect::<Vec<u32>>(), &first).await.map_err(anyhow::Error::msg)? == 2);
     let prefill = worker.disagg().context("no disagg")?.clone();
+    // The first lease ends when the read's notification arrives.
+    eventually("the first lease released", || prefill.leases() == 0).await?;
+    let params = prefill_leg((0..12).collect()).await?;
     ensure!(prefill.leases() == 1);
 
     let stop = CancellationToken::new();
@@ -328,14 +382,8 @@ async fn a_stopping_prefill_worker_waits_for_its_blocks_to_be_read() -> Result<(
     tokio::time::sleep(Duration::from_millis(200)).await;
     ensure!(!stopped.is_finished(), "the worker stopped with staged KV unread");
 
-    let decode_engine = MapEngine::default();
-    let decode = Disagg::start(
-        &decode_engine,
-        "d",
-        "m",
-        config(WorkerRole::Decode, Duration::from_secs(1))?,
-        CancellationToken::new(),
-    )?;
+    // Deregistered, the prefill worker is out of discovery, and its staged KV still readable.
+    ensure!(discovery.list(&models_prefix("ns")).await?.is_empty());
     ensure!(
         decode
             .fetch(&(0..12).collect::<Vec<u32>>(), &params)

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use common::{start_frontend, start_worker_with_metrics, Etcd, Proc};
 use serde_json::{json, Value};
 
@@ -135,7 +135,7 @@ async fn two_thousand_requests_with_cancels_and_kills_leak_nothing() -> Result<(
     };
     let mut p1 = Worker::start(&role("prefill"))?;
     let p2 = Worker::start(&role("prefill"))?;
-    let mut d1 = Worker::start(&role("decode"))?;
+    let mut d1 = Some(Worker::start(&role("decode"))?);
     let d2 = Worker::start(&role("decode"))?;
     let (_frontend, url) = start_frontend(&["--discovery", etcd.url.as_str()])?;
     wait_for_pools(&http, &url, "mocker", 2, 2).await?;
@@ -152,6 +152,7 @@ async fn two_thousand_requests_with_cancels_and_kills_leak_nothing() -> Result<(
     let semaphore = Arc::new(tokio::sync::Semaphore::new(32));
     let mut tasks = tokio::task::JoinSet::new();
     let mut rng = Lcg(7);
+    let mut killer = None;
     for i in 0..REQUESTS {
         // Prompts share a few prefixes, so that cached blocks come and go as well.
         let prefix = format!("conversation {} ", rng.next() % 16).repeat(1 + (rng.next() % 20) as usize);
@@ -159,12 +160,12 @@ async fn two_thousand_requests_with_cancels_and_kills_leak_nothing() -> Result<(
         let max_tokens = 1 + rng.next() % 40;
         let cut = (rng.next() % 10 == 0).then(|| Duration::from_millis(1 + rng.next() % 200));
         let body = json!({"model": "mocker", "prompt": prompt, "max_tokens": max_tokens});
-        let (http, url, started) = (http.clone(), url.clone(), started.clone());
+        let (client, url, started) = (http.clone(), url.clone(), started.clone());
         let permit = semaphore.clone().acquire_owned().await?;
         tasks.spawn(async move {
             let _permit = permit;
             started.fetch_add(1, Ordering::Relaxed);
-            let mut request = http.post(format!("{url}/v1/completions")).json(&body);
+            let mut request = client.post(format!("{url}/v1/completions")).json(&body);
             if let Some(cut) = cut {
                 request = request.timeout(cut);
             }
@@ -190,9 +191,20 @@ async fn two_thousand_requests_with_cancels_and_kills_leak_nothing() -> Result<(
             p1.proc.kill()?;
         }
         if i == 2 * REQUESTS / 3 {
-            d1.proc.kill()?;
+            // Killed while it has sequences running, so that some must move; watched beside
+            // the load, which goes on meanwhile.
+            let (mut d1, http) = (d1.take().context("killed twice")?, http.clone());
+            killer = Some(tokio::spawn(async move {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while d1.metric(&http, "turbine_worker_sequences", &["state=\"running\""]).await? < 2.0 {
+                    ensure!(Instant::now() < deadline, "the decode worker never had two sequences running");
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                d1.proc.kill()
+            }));
         }
     }
+    killer.context("no decode worker was killed")?.await??;
     let mut answered = 0;
     let mut failures = Vec::new();
     while let Some(done) = tasks.join_next().await {
@@ -226,7 +238,6 @@ async fn two_thousand_requests_with_cancels_and_kills_leak_nothing() -> Result<(
     ensure!(!leftover(shm)?.is_empty(), "the killed prefill worker left no staging file");
     let _p3 = Worker::start(&role("prefill"))?;
     ensure!(leftover(shm)?.is_empty(), "left behind: {:?}", leftover(shm)?);
-    drop(d1);
     Ok(())
 }
 
