@@ -484,9 +484,7 @@ impl Dispatcher {
         let mut candidates: Vec<&Instance> = served.instances.iter().collect();
         let mut last_error = None;
         while !candidates.is_empty() {
-            let preset = chosen
-                .take()
-                .and_then(|id| candidates.iter().position(|i| i.id == id));
+            let preset = chosen.take().and_then(|id| candidates.iter().position(|i| i.id == id));
             let pos = match preset {
                 Some(pos) => pos,
                 None => {

@@ -190,7 +190,13 @@ async fn main() -> Result<()> {
                 .await?;
             tcp_w.push(gbps(len, t.elapsed().as_secs_f64()));
         }
-        push_pull.push((mib, median(shm.clone()), median(shm_w), median(tcp.clone()), median(tcp_w)));
+        push_pull.push((
+            mib,
+            median(shm.clone()),
+            median(shm_w),
+            median(tcp.clone()),
+            median(tcp_w),
+        ));
         let (m, s, r, t) = (median(memcpy), median(shm), median(sock), median(tcp));
         println!(
             "| {mib} MiB | {m:.2} | {s:.2} | {:.0}% | {r:.2} | {t:.2} | {:.0}% |",
@@ -199,7 +205,9 @@ async fn main() -> Result<()> {
         );
     }
     println!();
-    println!("| size | shared memory READ (pull) GB/s | WRITE (push) GB/s | TCP READ (pull) GB/s | WRITE (push) GB/s |");
+    println!(
+        "| size | shared memory READ (pull) GB/s | WRITE (push) GB/s | TCP READ (pull) GB/s | WRITE (push) GB/s |"
+    );
     println!("|---|---|---|---|---|");
     for (mib, sr, sw, tr, tw) in push_pull {
         println!("| {mib} MiB | {sr:.2} | {sw:.2} | {tr:.2} | {tw:.2} |");

@@ -101,7 +101,13 @@ impl WorkerMetrics {
     }
 
     fn refresh(&self) {
-        for vec in [&self.bytes, &self.completed, &self.failures, &self.disagg, &self.refused] {
+        for vec in [
+            &self.bytes,
+            &self.completed,
+            &self.failures,
+            &self.disagg,
+            &self.refused,
+        ] {
             vec.reset();
         }
         self.seconds.reset();

@@ -366,7 +366,13 @@ async fn a_stopping_prefill_worker_waits_for_its_blocks_to_be_read() -> Result<(
         CancellationToken::new(),
     )?;
     let first = prefill_leg((100..108).collect()).await?;
-    ensure!(decode.fetch(&(100..108).collect::<Vec<u32>>(), &first).await.map_err(anyhow::Error::msg)? == 2);
+    ensure!(
+        decode
+            .fetch(&(100..108).collect::<Vec<u32>>(), &first)
+            .await
+            .map_err(anyhow::Error::msg)?
+            == 2
+    );
     let prefill = worker.disagg().context("no disagg")?.clone();
     // The first lease ends when the read's notification arrives.
     eventually("the first lease released", || prefill.leases() == 0).await?;

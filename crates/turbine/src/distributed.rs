@@ -211,11 +211,9 @@ pub async fn worker(args: WorkerCmdArgs) -> anyhow::Result<()> {
             .register(Box::new(collector))
             .context("registering worker metrics")?;
         let stop = shutdown.clone();
-        let addr = crate::metrics_http::serve(
-            SocketAddr::new(args.listen.ip(), port),
-            registry,
-            async move { stop.cancelled().await },
-        )
+        let addr = crate::metrics_http::serve(SocketAddr::new(args.listen.ip(), port), registry, async move {
+            stop.cancelled().await
+        })
         .await?;
         println!("turbine: metrics on http://{addr}/metrics");
     }

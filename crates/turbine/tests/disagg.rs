@@ -82,12 +82,7 @@ async fn metric(http: &reqwest::Client, url: &str, series: &str) -> Result<f64> 
 /// Runs every case on `aggregated` and then on `disaggregated`, comparing answers.
 /// `kv_routed`: the disaggregated frontend routes by KV, so it knows what the decode worker
 /// holds, and prefills a prompt cached there but for its tail on the decode worker.
-async fn same_answers(
-    http: &reqwest::Client,
-    aggregated: &str,
-    disaggregated: &str,
-    kv_routed: bool,
-) -> Result<()> {
+async fn same_answers(http: &reqwest::Client, aggregated: &str, disaggregated: &str, kv_routed: bool) -> Result<()> {
     let mut all = cases();
     all.push(("EOS as the first token".into(), eos_first()));
     for (name, body) in &all {
@@ -154,14 +149,7 @@ fn serve(extra: &[&str]) -> Result<(Proc, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_process_disaggregated_matches_aggregated() -> Result<()> {
     let (_agg, aggregated) = serve(&["--workers", "1"])?;
-    let (_dis, disaggregated) = serve(&[
-        "--prefill-workers",
-        "1",
-        "--decode-workers",
-        "1",
-        "--router-mode",
-        "kv",
-    ])?;
+    let (_dis, disaggregated) = serve(&["--prefill-workers", "1", "--decode-workers", "1", "--router-mode", "kv"])?;
     let http = reqwest::Client::new();
     same_answers(&http, &aggregated, &disaggregated, true).await?;
     // The decode worker's reads show on the frontend's /metrics, one block per staged slot.

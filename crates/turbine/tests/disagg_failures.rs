@@ -68,7 +68,10 @@ async fn wait_for_pools(http: &reqwest::Client, url: &str, model: &str, decode: 
         if (len("instances"), len("prefill_instances")) == (decode, prefill) {
             return Ok(());
         }
-        ensure!(Instant::now() < deadline, "pools never reached {decode}+{prefill}: {health}");
+        ensure!(
+            Instant::now() < deadline,
+            "pools never reached {decode}+{prefill}: {health}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -97,7 +100,10 @@ struct Lcg(u64);
 
 impl Lcg {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         self.0 >> 33
     }
 }
@@ -144,7 +150,10 @@ async fn two_thousand_requests_with_cancels_and_kills_leak_nothing() -> Result<(
     for w in survivors {
         before.push(w.free(&http).await?);
     }
-    ensure!(before.iter().all(|&(b, s)| b > 0.0 && s > 0.0), "no free blocks or slots: {before:?}");
+    ensure!(
+        before.iter().all(|&(b, s)| b > 0.0 && s > 0.0),
+        "no free blocks or slots: {before:?}"
+    );
     let p1_pid = p1.proc.0.id();
 
     const REQUESTS: usize = 2000;
@@ -181,7 +190,10 @@ async fn two_thousand_requests_with_cancels_and_kills_leak_nothing() -> Result<(
                 (None, Ok((status, v))) => {
                     ensure!(status.is_success(), "request {i}: {status}: {v}");
                     let tokens = v["usage"]["completion_tokens"].as_u64().unwrap_or(0);
-                    ensure!(tokens == max_tokens, "request {i}: {tokens} of {max_tokens} tokens: {v}");
+                    ensure!(
+                        tokens == max_tokens,
+                        "request {i}: {tokens} of {max_tokens} tokens: {v}"
+                    );
                     Ok(true)
                 }
                 (None, Err(e)) => Err(e.context(format!("request {i}"))),
@@ -196,8 +208,15 @@ async fn two_thousand_requests_with_cancels_and_kills_leak_nothing() -> Result<(
             let (mut d1, http) = (d1.take().context("killed twice")?, http.clone());
             killer = Some(tokio::spawn(async move {
                 let deadline = Instant::now() + Duration::from_secs(10);
-                while d1.metric(&http, "turbine_worker_sequences", &["state=\"running\""]).await? < 2.0 {
-                    ensure!(Instant::now() < deadline, "the decode worker never had two sequences running");
+                while d1
+                    .metric(&http, "turbine_worker_sequences", &["state=\"running\""])
+                    .await?
+                    < 2.0
+                {
+                    ensure!(
+                        Instant::now() < deadline,
+                        "the decode worker never had two sequences running"
+                    );
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
                 d1.proc.kill()
@@ -235,7 +254,10 @@ async fn two_thousand_requests_with_cancels_and_kills_leak_nothing() -> Result<(
             .collect())
     };
     let shm = std::path::Path::new("/dev/shm");
-    ensure!(!leftover(shm)?.is_empty(), "the killed prefill worker left no staging file");
+    ensure!(
+        !leftover(shm)?.is_empty(),
+        "the killed prefill worker left no staging file"
+    );
     let _p3 = Worker::start(&role("prefill"))?;
     ensure!(leftover(shm)?.is_empty(), "left behind: {:?}", leftover(shm)?);
     Ok(())
@@ -260,7 +282,10 @@ async fn complete(http: &reqwest::Client, url: &str, body: &Value) -> Result<(St
     let status = r.status();
     let v: Value = r.json().await?;
     ensure!(status.is_success(), "{status}: {v}");
-    Ok((v["choices"][0]["text"].as_str().unwrap_or_default().to_owned(), started.elapsed()))
+    Ok((
+        v["choices"][0]["text"].as_str().unwrap_or_default().to_owned(),
+        started.elapsed(),
+    ))
 }
 
 /// A native prefill and decode worker in etcd, staging in host memory (so KV moves over
@@ -301,7 +326,17 @@ impl Native {
         let (frontend, url) = start_frontend(&["--discovery", etcd.url.as_str()])?;
         wait_for_pools(http, &url, SMOLLM2_NAME, 1, 1).await?;
         let (reference_proc, reference) = common::start(
-            &["serve", "--port", "0", "--model", smollm2()?, "--kv-cache-mib", "128", "--workers", "1"],
+            &[
+                "serve",
+                "--port",
+                "0",
+                "--model",
+                smollm2()?,
+                "--kv-cache-mib",
+                "128",
+                "--workers",
+                "1",
+            ],
             "turbine: listening on ",
         )?;
         Ok(Self {
@@ -346,7 +381,10 @@ async fn a_transfer_that_times_out_falls_back_to_local_prefill() -> Result<()> {
         .decode
         .metric(&http, "turbine_worker_disagg_total", &["event=\"fetch_failures\""])
         .await?;
-    ensure!((timed_out, fallbacks) == (1.0, 1.0), "timed out {timed_out}, fallbacks {fallbacks}");
+    ensure!(
+        (timed_out, fallbacks) == (1.0, 1.0),
+        "timed out {timed_out}, fallbacks {fallbacks}"
+    );
     let deadline = Instant::now() + Duration::from_secs(5);
     while n.prefill.free(&http).await?.1 != slots {
         ensure!(Instant::now() < deadline, "the expired lease's slots never came back");
@@ -362,7 +400,10 @@ async fn a_peer_with_another_kv_layout_is_refused_at_the_handshake() -> Result<(
     let http = reqwest::Client::new();
     let n = Native::start(&http, &[], &["--block-size", "32"]).await?;
     n.same_answer(&http, &prompt(2, 100)).await?;
-    let refused = n.decode.metric(&http, "turbine_transfer_peers_refused_total", &[]).await?;
+    let refused = n
+        .decode
+        .metric(&http, "turbine_transfer_peers_refused_total", &[])
+        .await?;
     let fallbacks = n
         .decode
         .metric(&http, "turbine_worker_disagg_total", &["event=\"fetch_failures\""])
@@ -396,7 +437,9 @@ async fn a_frozen_prefill_worker_delays_a_request_boundedly() -> Result<()> {
     let failed = common::metric(
         &http,
         &n.url,
-        &format!("turbine_frontend_disagg_decisions_total{{decision=\"local_prefill_failed\",model=\"{SMOLLM2_NAME}\"}}"),
+        &format!(
+            "turbine_frontend_disagg_decisions_total{{decision=\"local_prefill_failed\",model=\"{SMOLLM2_NAME}\"}}"
+        ),
     )
     .await?;
     ensure!(failed == 1.0, "local_prefill_failed = {failed}");
