@@ -7,6 +7,7 @@
 
 pub mod analyze;
 pub mod client;
+pub mod conversations;
 pub mod plot;
 pub mod report;
 pub mod runner;

@@ -137,6 +137,16 @@ struct RunArgs {
     /// No progress bar.
     #[arg(long, help_heading = "Results")]
     no_progress: bool,
+    /// Trace runs: the fleet's workers, with --fleet-blocks-per-worker, so that the hit rate
+    /// is also given as a share of the fleet's pooled-LRU bound (one LRU cache as large as
+    /// all their KV caches together, over the requests replayed).
+    #[arg(long, requires_all = ["fleet_blocks_per_worker", "trace"], help_heading = "Results")]
+    fleet_workers: Option<usize>,
+    /// KV blocks of --fleet-block-size tokens in each worker's cache.
+    #[arg(long, requires = "fleet_workers", help_heading = "Results")]
+    fleet_blocks_per_worker: Option<usize>,
+    #[arg(long, default_value_t = 16, help_heading = "Results")]
+    fleet_block_size: usize,
 }
 
 fn parse_range(s: &str) -> Result<Range<u32>, String> {
@@ -164,24 +174,138 @@ enum TraceSub {
         /// Mooncake JSONL or Azure CSV trace.
         file: PathBuf,
         /// Also simulate one LRU cache of this many trace blocks.
-        #[arg(long)]
+        #[arg(long, conflicts_with_all = ["workers", "blocks_per_worker"])]
         lru_blocks: Option<usize>,
+        /// With --blocks-per-worker: simulate one LRU cache as large as this many workers'
+        /// KV caches together, the pooled bound of a fleet's hit rate.
+        #[arg(long, requires = "blocks_per_worker")]
+        workers: Option<usize>,
+        /// KV blocks of --block-size tokens in each worker's cache.
+        #[arg(long, requires = "workers")]
+        blocks_per_worker: Option<usize>,
+        /// Tokens per KV block of the workers.
+        #[arg(long, default_value_t = 16)]
+        block_size: usize,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
+    /// Write a synthetic multi-turn conversation trace (Mooncake JSONL): shared system
+    /// prompts, histories that grow turn by turn, think times, Poisson session arrivals.
+    Conversations {
+        /// Where to write the trace.
+        #[arg(long)]
+        output: PathBuf,
+        #[arg(long, default_value_t = 3000)]
+        sessions: usize,
+        /// Sessions starting per second, on average.
+        #[arg(long, default_value_t = 3.0)]
+        session_rate: f64,
+        /// Distinct shared system prompts.
+        #[arg(long, default_value_t = 4)]
+        system_prompts: usize,
+        #[arg(long, default_value_t = 1536)]
+        system_prompt_tokens: u32,
+        /// Mean turns per session (geometric).
+        #[arg(long, default_value_t = 3.0)]
+        mean_turns: f64,
+        /// Median tokens of a user message (log-normal): pasted documents and code as well
+        /// as questions.
+        #[arg(long, default_value_t = 2000)]
+        user_tokens: u32,
+        /// Median tokens of an answer (log-normal).
+        #[arg(long, default_value_t = 250)]
+        output_tokens: u32,
+        /// Log-normal shape of lengths (standard deviation of their logarithm).
+        #[arg(long, default_value_t = 0.8)]
+        length_sigma: f64,
+        /// Mean seconds between an answer and the next message (exponential).
+        #[arg(long, default_value_t = 20.0)]
+        think_time_s: f64,
+        /// Milliseconds an answer takes to stream per token, before the user reads it.
+        #[arg(long, default_value_t = 20.0)]
+        answer_ms_per_token: f64,
+        /// A session ends before a turn whose prompt and answer would pass this many tokens.
+        #[arg(long, default_value_t = 32_768)]
+        max_context: u32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
+
+/// Seconds as a duration, or the flag's name and value when they are not a duration.
+fn seconds(flag: &str, s: f64) -> anyhow::Result<std::time::Duration> {
+    std::time::Duration::try_from_secs_f64(s)
+        .map_err(|_| anyhow::anyhow!("{flag} must be a number of seconds >= 0, got {s}"))
 }
 
 pub async fn trace(cmd: TraceCmd) -> anyhow::Result<()> {
     match cmd.command {
-        TraceSub::Analyze { file, lru_blocks, json } => {
+        TraceSub::Analyze {
+            file,
+            lru_blocks,
+            workers,
+            blocks_per_worker,
+            block_size,
+            json,
+        } => {
             let trace = Trace::load(&file).with_context(|| format!("trace {}", file.display()))?;
+            let lru_blocks = match (workers, blocks_per_worker) {
+                (Some(w), Some(b)) => {
+                    if w == 0 || b == 0 || block_size == 0 {
+                        bail!("--workers, --blocks-per-worker and --block-size must be at least 1");
+                    }
+                    // The fleet's tokens, in the trace's blocks.
+                    Some(w * b * block_size / trace.block_tokens.max(1) as usize)
+                }
+                _ => lru_blocks,
+            };
             let a = turbine_bench::analyze::analyze(&trace, lru_blocks);
             if json {
                 println!("{}", serde_json::to_string_pretty(&a)?);
             } else {
                 print!("{}", a.render());
             }
+            Ok(())
+        }
+        TraceSub::Conversations {
+            output,
+            sessions,
+            session_rate,
+            system_prompts,
+            system_prompt_tokens,
+            mean_turns,
+            user_tokens,
+            output_tokens,
+            length_sigma,
+            think_time_s,
+            answer_ms_per_token,
+            max_context,
+            seed,
+        } => {
+            let spec = turbine_bench::conversations::ConversationSpec {
+                sessions,
+                session_rate,
+                system_prompts,
+                system_prompt_tokens,
+                mean_turns,
+                user_tokens,
+                output_tokens,
+                length_sigma,
+                think_time: seconds("--think-time-s", think_time_s)?,
+                answer_time_per_token: seconds("--answer-ms-per-token", answer_ms_per_token / 1000.0)
+                    .map_err(|_| anyhow::anyhow!("--answer-ms-per-token must be >= 0, got {answer_ms_per_token}"))?,
+                max_context,
+            };
+            let trace = turbine_bench::conversations::generate(&spec, seed)?;
+            std::fs::write(&output, turbine_bench::conversations::to_mooncake_jsonl(&trace))
+                .with_context(|| format!("writing {}", output.display()))?;
+            println!(
+                "wrote {} requests of {sessions} sessions over {:.0} s to {}",
+                trace.requests.len(),
+                trace.span().as_secs_f64(),
+                output.display()
+            );
             Ok(())
         }
     }
@@ -345,6 +469,32 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     };
     let result = BenchResult::new(meta, outcome.records, outcome.duration.as_secs_f64(), sla);
     print!("{}", result.render());
+    if let (Some(workers), Some(blocks), Workload::Trace { trace, .. }) =
+        (a.fleet_workers, a.fleet_blocks_per_worker, &workload)
+    {
+        if workers == 0 || blocks == 0 || a.fleet_block_size == 0 {
+            bail!("--fleet-workers, --fleet-blocks-per-worker and --fleet-block-size must be at least 1");
+        }
+        let replayed = Trace {
+            requests: trace.requests.iter().take(result.records.len()).cloned().collect(),
+            ..(**trace).clone()
+        };
+        let lru = workers * blocks * a.fleet_block_size / trace.block_tokens.max(1) as usize;
+        let bound = turbine_bench::analyze::analyze(&replayed, Some(lru))
+            .prefix
+            .and_then(|p| p.lru)
+            .map(|(_, rate)| rate);
+        match (result.summary.cache_hit_rate, bound) {
+            (Some(hit), Some(bound)) if bound > 0.0 => println!(
+                "cache hit rate {:.1}% = {:.0}% of the fleet's pooled-LRU bound {:.1}% ({workers} workers x {blocks} blocks of {} tokens)",
+                hit * 100.0,
+                hit / bound * 100.0,
+                bound * 100.0,
+                a.fleet_block_size
+            ),
+            _ => println!("no pooled-LRU bound: the server reported no cached tokens, or the trace has no hash ids"),
+        }
+    }
     if let Some(path) = &a.output {
         result.save(path)?;
         eprintln!("wrote {}", path.display());

@@ -413,6 +413,7 @@ async fn bench_replays_a_trace_reports_cache_hits_and_compares() -> Result<()> {
         .arg(&trace)
         .arg("--output")
         .arg(&result)
+        .args(["--fleet-workers", "2", "--fleet-blocks-per-worker", "1024"])
         .output()?;
     let stdout = String::from_utf8(out.stdout)?;
     assert!(
@@ -421,6 +422,13 @@ async fn bench_replays_a_trace_reports_cache_hits_and_compares() -> Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("prompt cache hit rate"), "{stdout}");
+    // Two workers of 1,024 16-token blocks hold the whole trace: the bound is the ceiling.
+    assert!(
+        stdout.contains(
+            "cache hit rate 62.1% = 100% of the fleet's pooled-LRU bound 62.1% (2 workers x 1024 blocks of 16 tokens)"
+        ),
+        "{stdout}"
+    );
     let r: Value = serde_json::from_slice(&std::fs::read(&result)?)?;
     let s = &r["summary"];
     assert_eq!(
@@ -530,5 +538,51 @@ fn bench_and_trace_refuse_bad_input_with_one_line() -> Result<()> {
     ] {
         fails_with_first_line_naming(&args, needle)?;
     }
+    Ok(())
+}
+
+/// `trace conversations` writes a multi-turn trace that `trace analyze` reads, with its
+/// ceiling and a fleet's pooled-LRU bound (8 workers of 4 blocks of 16 tokens: one 512-token
+/// trace block, so far below the ceiling); a bad value is refused in one line naming it.
+#[test]
+fn a_generated_conversation_trace_is_analysed_for_a_fleet() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("conversations.jsonl");
+    let out = Command::new(BIN)
+        .args(["trace", "conversations", "--sessions", "50", "--seed", "3", "--output"])
+        .arg(&path)
+        .output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8(out.stdout)?.contains("of 50 sessions"));
+    let analyze = |fleet: &[&str]| -> Result<String> {
+        let out = Command::new(BIN)
+            .args(["trace", "analyze"])
+            .arg(&path)
+            .args(fleet)
+            .output()?;
+        anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8(out.stdout)?)
+    };
+    let text = analyze(&["--workers", "8", "--blocks-per-worker", "4"])?;
+    let percent = |prefix: &str| -> Option<f64> {
+        let line = text.lines().find(|l| l.starts_with(prefix))?;
+        line[prefix.len()..].trim().split('%').next()?.trim().parse().ok()
+    };
+    let (ceiling, pooled) = (
+        percent("hit rate ceiling").context("no ceiling")?,
+        percent("with an LRU cache").context("no pooled bound")?,
+    );
+    assert!(ceiling > 30.0 && pooled < ceiling, "{text}");
+    assert!(text.contains("(1 blocks, 512 tokens)"), "{text}");
+
+    let out = Command::new(BIN)
+        .args(["trace", "conversations", "--session-rate", "0", "--output"])
+        .arg(dir.path().join("bad.jsonl"))
+        .output()?;
+    let err = String::from_utf8(out.stderr)?;
+    assert!(
+        !out.status.success() && err.contains("--session-rate must be a positive number, got 0"),
+        "{err}"
+    );
     Ok(())
 }
