@@ -373,17 +373,20 @@ async fn a_transfer_that_times_out_falls_back_to_local_prefill() -> Result<()> {
     let n = Native::start(&http, &["--kv-lease-ms", "500"], &["--kv-transfer-timeout-ms", "1"]).await?;
     let slots = n.prefill.free(&http).await?.1;
     n.same_answer(&http, &prompt(1, 320)).await?;
-    let timed_out = n
-        .decode
-        .metric(&http, "turbine_transfer_failures_total", &["kind=\"timed_out\""])
-        .await?;
+    // The deadline may pass while the decode worker still connects (then no transfer was
+    // posted) or during the READ (then the transfer itself times out): either way nothing
+    // is imported and the fallback is counted.
     let fallbacks = n
         .decode
         .metric(&http, "turbine_worker_disagg_total", &["event=\"fetch_failures\""])
         .await?;
+    let fetched = n
+        .decode
+        .metric(&http, "turbine_worker_disagg_total", &["event=\"blocks_fetched\""])
+        .await?;
     ensure!(
-        (timed_out, fallbacks) == (1.0, 1.0),
-        "timed out {timed_out}, fallbacks {fallbacks}"
+        (fallbacks, fetched) == (1.0, 0.0),
+        "fallbacks {fallbacks}, blocks fetched {fetched}"
     );
     let deadline = Instant::now() + Duration::from_secs(5);
     while n.prefill.free(&http).await?.1 != slots {
