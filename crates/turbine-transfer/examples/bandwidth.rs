@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use turbine_transfer::{Agent, AgentMetadata, AgentOptions, Backend, Compat, Desc, DescList, Post};
+use turbine_transfer::{Agent, AgentMetadata, AgentOptions, Backend, Compat, Desc, DescList, Peer, Post, RegionId};
 
 const SIZES_MIB: [u64; 4] = [1, 4, 16, 64];
 const MAX: u64 = 64 << 20;
@@ -27,6 +27,26 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn gbps(bytes: u64, secs: f64) -> f64 {
     bytes as f64 / secs / 1e9
+}
+
+/// One transfer of `blocks` blocks between the start of `local` and of the peer's `remote`,
+/// which must go over `backend`; its GB/s.
+async fn timed(
+    agent: &Agent,
+    post: Post,
+    (local, peer, remote): (RegionId, &Peer, RegionId),
+    blocks: u32,
+    backend: Backend,
+) -> Result<f64> {
+    let remote = DescList::blocks(remote, BLOCK, 0..blocks);
+    let local = DescList::blocks(local, BLOCK, 0..blocks);
+    let t = Instant::now();
+    let done = agent.post(post, &local, peer, &remote)?.wait().await?;
+    let secs = t.elapsed().as_secs_f64();
+    if done.backend != backend {
+        bail!("a transfer meant for {backend:?} went over {:?}", done.backend);
+    }
+    Ok(gbps(u64::from(blocks) * BLOCK, secs))
 }
 
 /// The peer process: a shared region and a host region of `MAX` bytes, and a raw socket
@@ -143,52 +163,18 @@ async fn main() -> Result<()> {
             std::hint::black_box(&dst);
             memcpy.push(gbps(len, t.elapsed().as_secs_f64()));
 
-            let remote = DescList::blocks(turbine_transfer::RegionId(shared), BLOCK, 0..blocks);
-            let local = DescList::blocks(shm_local, BLOCK, 0..blocks);
-            let t = Instant::now();
-            let done = shm_agent
-                .post(Post::read(1), &local, &shm_peer, &remote)?
-                .wait()
-                .await?;
-            shm.push(gbps(len, t.elapsed().as_secs_f64()));
-            if done.backend != Backend::SharedMemory {
-                bail!("shared-memory READ went over {:?}", done.backend);
-            }
+            let shm_path = (shm_local, &shm_peer, RegionId(shared));
+            let tcp_path = (tcp_local, &tcp_peer, RegionId(host));
+            shm.push(timed(&shm_agent, Post::read(1), shm_path, blocks, Backend::SharedMemory).await?);
 
             let t = Instant::now();
             raw.write_all(&len.to_le_bytes())?;
             raw.read_exact(&mut raw_buf[..len as usize])?;
             sock.push(gbps(len, t.elapsed().as_secs_f64()));
 
-            let remote = DescList::blocks(turbine_transfer::RegionId(host), BLOCK, 0..blocks);
-            let local = DescList::blocks(tcp_local, BLOCK, 0..blocks);
-            let t = Instant::now();
-            let done = tcp_agent
-                .post(Post::read(2), &local, &tcp_peer, &remote)?
-                .wait()
-                .await?;
-            tcp.push(gbps(len, t.elapsed().as_secs_f64()));
-            if done.backend != Backend::Tcp {
-                bail!("TCP READ went over {:?}", done.backend);
-            }
-
-            let remote = DescList::blocks(turbine_transfer::RegionId(shared), BLOCK, 0..blocks);
-            let local = DescList::blocks(shm_local, BLOCK, 0..blocks);
-            let t = Instant::now();
-            shm_agent
-                .post(Post::write(4), &local, &shm_peer, &remote)?
-                .wait()
-                .await?;
-            shm_w.push(gbps(len, t.elapsed().as_secs_f64()));
-
-            let remote = DescList::blocks(turbine_transfer::RegionId(host), BLOCK, 0..blocks);
-            let local = DescList::blocks(tcp_local, BLOCK, 0..blocks);
-            let t = Instant::now();
-            tcp_agent
-                .post(Post::write(5), &local, &tcp_peer, &remote)?
-                .wait()
-                .await?;
-            tcp_w.push(gbps(len, t.elapsed().as_secs_f64()));
+            tcp.push(timed(&tcp_agent, Post::read(2), tcp_path, blocks, Backend::Tcp).await?);
+            shm_w.push(timed(&shm_agent, Post::write(4), shm_path, blocks, Backend::SharedMemory).await?);
+            tcp_w.push(timed(&tcp_agent, Post::write(5), tcp_path, blocks, Backend::Tcp).await?);
         }
         push_pull.push((
             mib,

@@ -192,51 +192,74 @@ enum TraceSub {
     },
     /// Write a synthetic multi-turn conversation trace (Mooncake JSONL): shared system
     /// prompts, histories that grow turn by turn, think times, Poisson session arrivals.
-    Conversations {
-        /// Where to write the trace.
-        #[arg(long)]
-        output: PathBuf,
-        #[arg(long, default_value_t = 3000)]
-        sessions: usize,
-        /// Sessions starting per second, on average.
-        #[arg(long, default_value_t = 3.0)]
-        session_rate: f64,
-        /// Distinct shared system prompts.
-        #[arg(long, default_value_t = 4)]
-        system_prompts: usize,
-        #[arg(long, default_value_t = 1536)]
-        system_prompt_tokens: u32,
-        /// Mean turns per session (geometric).
-        #[arg(long, default_value_t = 3.0)]
-        mean_turns: f64,
-        /// Median tokens of a user message (log-normal): pasted documents and code as well
-        /// as questions.
-        #[arg(long, default_value_t = 2000)]
-        user_tokens: u32,
-        /// Median tokens of an answer (log-normal).
-        #[arg(long, default_value_t = 250)]
-        output_tokens: u32,
-        /// Log-normal shape of lengths (standard deviation of their logarithm).
-        #[arg(long, default_value_t = 0.8)]
-        length_sigma: f64,
-        /// Mean seconds between an answer and the next message (exponential).
-        #[arg(long, default_value_t = 20.0)]
-        think_time_s: f64,
-        /// Milliseconds an answer takes to stream per token, before the user reads it.
-        #[arg(long, default_value_t = 20.0)]
-        answer_ms_per_token: f64,
-        /// A session ends before a turn whose prompt and answer would pass this many tokens.
-        #[arg(long, default_value_t = 32_768)]
-        max_context: u32,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-    },
+    Conversations(ConversationsArgs),
 }
 
-/// Seconds as a duration, or the flag's name and value when they are not a duration.
-fn seconds(flag: &str, s: f64) -> anyhow::Result<std::time::Duration> {
-    std::time::Duration::try_from_secs_f64(s)
-        .map_err(|_| anyhow::anyhow!("{flag} must be a number of seconds >= 0, got {s}"))
+#[derive(Debug, Args)]
+struct ConversationsArgs {
+    /// Where to write the trace.
+    #[arg(long)]
+    output: PathBuf,
+    #[arg(long, default_value_t = 3000)]
+    sessions: usize,
+    /// Sessions starting per second, on average.
+    #[arg(long, default_value_t = 3.0)]
+    session_rate: f64,
+    /// Distinct shared system prompts.
+    #[arg(long, default_value_t = 4)]
+    system_prompts: usize,
+    #[arg(long, default_value_t = 1536)]
+    system_prompt_tokens: u32,
+    /// Mean turns per session (geometric).
+    #[arg(long, default_value_t = 3.0)]
+    mean_turns: f64,
+    /// Median tokens of a user message (log-normal): pasted documents and code as well
+    /// as questions.
+    #[arg(long, default_value_t = 2000)]
+    user_tokens: u32,
+    /// Median tokens of an answer (log-normal).
+    #[arg(long, default_value_t = 250)]
+    output_tokens: u32,
+    /// Log-normal shape of lengths (standard deviation of their logarithm).
+    #[arg(long, default_value_t = 0.8)]
+    length_sigma: f64,
+    /// Mean seconds between an answer and the next message (exponential).
+    #[arg(long, default_value_t = 20.0)]
+    think_time_s: f64,
+    /// Milliseconds an answer takes to stream per token, before the user reads it.
+    #[arg(long, default_value_t = 20.0)]
+    answer_ms_per_token: f64,
+    /// A session ends before a turn whose prompt and answer would pass this many tokens.
+    #[arg(long, default_value_t = 32_768)]
+    max_context: u32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl ConversationsArgs {
+    fn spec(&self) -> anyhow::Result<turbine_bench::conversations::ConversationSpec> {
+        let duration = |flag: &str, secs: f64, shown: f64| {
+            std::time::Duration::try_from_secs_f64(secs)
+                .map_err(|_| anyhow::anyhow!("{flag} must be a number >= 0, got {shown}"))
+        };
+        Ok(turbine_bench::conversations::ConversationSpec {
+            sessions: self.sessions,
+            session_rate: self.session_rate,
+            system_prompts: self.system_prompts,
+            system_prompt_tokens: self.system_prompt_tokens,
+            mean_turns: self.mean_turns,
+            user_tokens: self.user_tokens,
+            output_tokens: self.output_tokens,
+            length_sigma: self.length_sigma,
+            think_time: duration("--think-time-s", self.think_time_s, self.think_time_s)?,
+            answer_time_per_token: duration(
+                "--answer-ms-per-token",
+                self.answer_ms_per_token / 1000.0,
+                self.answer_ms_per_token,
+            )?,
+            max_context: self.max_context,
+        })
+    }
 }
 
 pub async fn trace(cmd: TraceCmd) -> anyhow::Result<()> {
@@ -268,37 +291,11 @@ pub async fn trace(cmd: TraceCmd) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        TraceSub::Conversations {
-            output,
-            sessions,
-            session_rate,
-            system_prompts,
-            system_prompt_tokens,
-            mean_turns,
-            user_tokens,
-            output_tokens,
-            length_sigma,
-            think_time_s,
-            answer_ms_per_token,
-            max_context,
-            seed,
-        } => {
-            let spec = turbine_bench::conversations::ConversationSpec {
-                sessions,
-                session_rate,
-                system_prompts,
-                system_prompt_tokens,
-                mean_turns,
-                user_tokens,
-                output_tokens,
-                length_sigma,
-                think_time: seconds("--think-time-s", think_time_s)?,
-                answer_time_per_token: seconds("--answer-ms-per-token", answer_ms_per_token / 1000.0)
-                    .map_err(|_| anyhow::anyhow!("--answer-ms-per-token must be >= 0, got {answer_ms_per_token}"))?,
-                max_context,
-            };
-            let trace = turbine_bench::conversations::generate(&spec, seed)?;
-            std::fs::write(&output, turbine_bench::conversations::to_mooncake_jsonl(&trace))
+        TraceSub::Conversations(c) => {
+            let (output, sessions) = (&c.output, c.sessions);
+            let spec = c.spec()?;
+            let trace = turbine_bench::conversations::generate(&spec, c.seed)?;
+            std::fs::write(output, turbine_bench::conversations::to_mooncake_jsonl(&trace))
                 .with_context(|| format!("writing {}", output.display()))?;
             println!(
                 "wrote {} requests of {sessions} sessions over {:.0} s to {}",

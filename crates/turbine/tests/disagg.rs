@@ -8,21 +8,14 @@ mod common;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use common::{start, start_frontend, start_worker, wait_for_instances, Etcd, Proc};
+use common::{
+    smollm2 as model, start, start_frontend, start_worker, token_ids as tokens, wait_for_instances, Etcd, Proc,
+    SMOLLM2_NAME as MODEL,
+};
 use serde_json::{json, Value};
 
-const SMOLLM2: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../../target/test-models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-);
-const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
 /// The native engine's default block size.
 const BLOCK: usize = 16;
-
-/// Token ids of a prompt of `len` tokens, starting from `seed`; any ids in the vocabulary do.
-fn tokens(seed: u32, len: usize) -> Vec<u32> {
-    (0..len as u32).map(|i| 200 + (seed * 977 + i * 31) % 20_000).collect()
-}
 
 /// The cases the issue names: shorter than a block, an exact multiple of it, a prompt whose
 /// whole prefix and one whose part of it the decode worker holds from an earlier request,
@@ -130,14 +123,6 @@ async fn same_answers(http: &reqwest::Client, aggregated: &str, disaggregated: &
         "remote {remote}, local_short {short}, local_cached {cached}"
     );
     Ok(())
-}
-
-fn model() -> Result<&'static str> {
-    ensure!(
-        std::path::Path::new(SMOLLM2).exists(),
-        "no model at {SMOLLM2}: run scripts/fetch-test-models"
-    );
-    Ok(SMOLLM2)
 }
 
 fn serve(extra: &[&str]) -> Result<(Proc, String)> {

@@ -10,14 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use common::{start_frontend, start_worker_with_metrics, Etcd, Proc};
+use common::{smollm2, start_frontend, start_worker_with_metrics, token_ids as tokens, Etcd, Proc, SMOLLM2_NAME};
 use serde_json::{json, Value};
-
-const SMOLLM2: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../../target/test-models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-);
-const SMOLLM2_NAME: &str = "SmolLM2-135M-Instruct.Q4_1";
 
 /// Sum of the samples of `name` in a Prometheus text whose labels include each of `labels`.
 fn sample(text: &str, name: &str, labels: &[&str]) -> f64 {
@@ -261,19 +255,6 @@ async fn two_thousand_requests_with_cancels_and_kills_leak_nothing() -> Result<(
     let _p3 = Worker::start(&role("prefill"))?;
     ensure!(leftover(shm)?.is_empty(), "left behind: {:?}", leftover(shm)?);
     Ok(())
-}
-
-fn smollm2() -> Result<&'static str> {
-    ensure!(
-        std::path::Path::new(SMOLLM2).exists(),
-        "no model at {SMOLLM2}: run scripts/fetch-test-models"
-    );
-    Ok(SMOLLM2)
-}
-
-/// Token ids of a prompt of `len` tokens; any ids in the vocabulary do.
-fn tokens(seed: u32, len: usize) -> Vec<u32> {
-    (0..len as u32).map(|i| 200 + (seed * 977 + i * 31) % 20_000).collect()
 }
 
 async fn complete(http: &reqwest::Client, url: &str, body: &Value) -> Result<(String, Duration)> {

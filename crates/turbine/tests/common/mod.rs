@@ -59,6 +59,28 @@ impl Proc {
     }
 }
 
+const SMOLLM2: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../target/test-models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+);
+/// The name SmolLM2 is served under.
+pub const SMOLLM2_NAME: &str = "SmolLM2-135M-Instruct.Q4_1";
+
+/// The path of the test model, or an error saying how to fetch it.
+pub fn smollm2() -> Result<&'static str> {
+    anyhow::ensure!(
+        Path::new(SMOLLM2).exists(),
+        "no model at {SMOLLM2}: run scripts/fetch-test-models"
+    );
+    Ok(SMOLLM2)
+}
+
+/// Token ids of a prompt of `len` tokens, starting from `seed`; any ids in SmolLM2's
+/// vocabulary do.
+pub fn token_ids(seed: u32, len: usize) -> Vec<u32> {
+    (0..len as u32).map(|i| 200 + (seed * 977 + i * 31) % 20_000).collect()
+}
+
 pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
