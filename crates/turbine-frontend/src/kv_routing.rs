@@ -14,7 +14,7 @@ use turbine_protocols::discovery::kv_events_pattern;
 use turbine_protocols::kv::{KvEventMessage, KvStateRequest, KvStateResponse};
 use turbine_router::approx::ApproxIndexer;
 use turbine_router::indexer::{Applied, KvIndexer};
-use turbine_router::selector::{self, Decision, Load, SelectorConfig};
+use turbine_router::selector::{self, CostModel, Decision, Load, SelectorConfig};
 use turbine_router::WorkerId;
 use turbine_runtime::{Client, EventPlaneError, Instance, Runtime};
 
@@ -25,6 +25,13 @@ use crate::models::{ModelManager, ServedModel};
 pub(crate) struct SelectorOverrides {
     pub(crate) overlap_weight: Option<f64>,
     pub(crate) temperature: Option<f64>,
+}
+
+/// The time cost's weights (see [`CostModel::Time`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct TimeCost {
+    pub(crate) compute_weight: f64,
+    pub(crate) decode_horizon: f64,
 }
 
 /// Approximate mode: block size used to hash prompts when the model names none, how long a
@@ -38,6 +45,8 @@ pub(crate) struct KvRouter {
     state: Mutex<State>,
     approx: Mutex<ApproxIndexer>,
     selector: SelectorConfig,
+    /// Set when costs are counted in time where a model's card has a timing profile.
+    time: Option<TimeCost>,
     client: Client<KvStateRequest, KvStateResponse>,
     models: ModelManager,
     /// False when this frontend's event plane does not reach the workers (no shared event
@@ -64,6 +73,7 @@ impl KvRouter {
         namespace: &str,
         models: ModelManager,
         selector: SelectorConfig,
+        time: Option<TimeCost>,
         events_reach_workers: bool,
         fallback_decisions: prometheus::IntCounter,
     ) -> Result<Arc<Self>, EventPlaneError> {
@@ -72,6 +82,7 @@ impl KvRouter {
             state: Mutex::default(),
             approx: Mutex::new(ApproxIndexer::new(APPROX_TTL, APPROX_MAX_BLOCKS)),
             selector,
+            time,
             client: runtime.client(),
             models,
             events_reach_workers,
@@ -199,6 +210,14 @@ impl KvRouter {
             block_size,
             overlap_weight: overrides.overlap_weight.unwrap_or(self.selector.overlap_weight),
             temperature: overrides.temperature.unwrap_or(self.selector.temperature),
+            cost: match (self.time, served.card.timing) {
+                (Some(t), Some(profile)) => CostModel::Time {
+                    profile,
+                    compute_weight: t.compute_weight,
+                    decode_horizon: t.decode_horizon,
+                },
+                _ => CostModel::Blocks,
+            },
         };
         let decision = selector::select(&config, tokens.len(), &overlaps, loads, &mut rand::thread_rng())?;
         if approximate {

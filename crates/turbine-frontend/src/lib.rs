@@ -31,6 +31,11 @@ pub struct FrontendConfig {
     /// `kv` mode: weight of prefill work against decode load, and sampling temperature.
     pub kv_overlap_weight: f64,
     pub kv_temperature: f64,
+    /// `kv` mode: what costs are counted in, and for [`KvCost::Time`] how much a request's own
+    /// prefill counts against waiting and how many of its decode steps the cost looks ahead.
+    pub kv_cost: KvCost,
+    pub kv_compute_weight: f64,
+    pub kv_decode_horizon: f64,
     /// Whether the runtime's event plane carries the workers' KV events to this frontend. When
     /// it does not (separate processes without a shared event bus), `kv` routing predicts
     /// what each worker caches from its own decisions.
@@ -40,6 +45,16 @@ pub struct FrontendConfig {
     pub migration_limit: u32,
     /// Disaggregated models: when a prompt is prefilled by its decode worker instead.
     pub disagg: DisaggPolicy,
+}
+
+/// The units of the `kv` router's cost function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvCost {
+    /// Predicted milliseconds, for models whose workers publish a timing profile; blocks
+    /// for the others.
+    Time,
+    /// Blocks of prefill and decode load, whatever the workers publish.
+    Blocks,
 }
 
 /// When a request of a model with prefill workers is prefilled on its decode worker after
@@ -66,6 +81,11 @@ impl Default for DisaggPolicy {
     }
 }
 
+/// The time cost's weights by default: a millisecond of a request's own prefill against
+/// one of waiting, and the decode steps looked ahead.
+pub const DEFAULT_COMPUTE_WEIGHT: f64 = 4.0;
+pub const DEFAULT_DECODE_HORIZON: f64 = 64.0;
+
 impl Default for FrontendConfig {
     fn default() -> Self {
         Self {
@@ -74,6 +94,9 @@ impl Default for FrontendConfig {
             max_body_bytes: 32 * 1024 * 1024,
             kv_overlap_weight: 1.0,
             kv_temperature: 0.0,
+            kv_cost: KvCost::Time,
+            kv_compute_weight: DEFAULT_COMPUTE_WEIGHT,
+            kv_decode_horizon: DEFAULT_DECODE_HORIZON,
             kv_events: true,
             migration_limit: 3,
             disagg: DisaggPolicy::default(),
@@ -116,6 +139,10 @@ impl Frontend {
                         &config.namespace,
                         models.clone(),
                         selector,
+                        (config.kv_cost == KvCost::Time).then_some(kv_routing::TimeCost {
+                            compute_weight: config.kv_compute_weight,
+                            decode_horizon: config.kv_decode_horizon,
+                        }),
                         config.kv_events,
                         metrics.kv_fallback.clone(),
                     )

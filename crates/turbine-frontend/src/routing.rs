@@ -222,8 +222,13 @@ impl Dispatcher {
                 tracing::debug!(
                     request_id = %request.request_id,
                     worker = decision.worker,
-                    candidates = ?decision.candidates.iter().map(|c| (c.worker, c.overlap_blocks, c.cost)).collect::<Vec<_>>(),
-                    "kv routing decision (worker, overlap blocks, cost)"
+                    units = decision.units,
+                    candidates = ?decision
+                        .candidates
+                        .iter()
+                        .map(|c| (c.worker, c.overlap_blocks, round1(c.prefill), round1(c.decode), round1(c.cost)))
+                        .collect::<Vec<_>>(),
+                    "kv routing decision (worker, overlap blocks, prefill, decode, cost)"
                 );
                 let chosen = decision.candidates.iter().find(|c| c.worker == decision.worker)?;
                 prefill -= (u64::from(chosen.overlap_blocks) * u64::from(bs)).min(isl);
@@ -556,6 +561,11 @@ impl Drop for Tracked {
     fn drop(&mut self) {
         self.dispatcher.active.ended(&self.request_id);
     }
+}
+
+/// One decimal is all a routing log needs.
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ async fn kv_mode_keeps_prefix_families_together_and_load_spread() -> Result<()> 
         context_length: 4096,
         tokenizer: TokenizerKind::Bytes,
         kv_block_size: Some(16),
+        timing: None,
     };
     let engines = (0..4)
         .map(|seed| {

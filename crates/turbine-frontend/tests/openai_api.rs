@@ -38,6 +38,7 @@ fn card() -> ModelCard {
         context_length: 256,
         tokenizer: TokenizerKind::Bytes,
         kv_block_size: None,
+        timing: None,
     }
 }
 

@@ -23,6 +23,7 @@ async fn replicas(mode: RouterMode, frontends: usize) -> Result<Cluster> {
         context_length: 4096,
         tokenizer: TokenizerKind::Bytes,
         kv_block_size: None,
+        timing: None,
     };
     let engines = (0..3)
         .map(|_| {

@@ -32,6 +32,7 @@ async fn cluster() -> Result<(common::Cluster, reqwest::Client)> {
         context_length: 8192,
         tokenizer: TokenizerKind::Files { path: GGUF.into() },
         kv_block_size: None,
+        timing: None,
     };
     let engines = vec![EchoEngine::new(EchoConfig::default())];
     let c = common::Cluster::start(card, engines, turbine_router::RouterMode::RoundRobin).await?;

@@ -12,5 +12,5 @@ pub mod openai;
 pub use disagg::{Disagg, KvTransferParams, WorkerRole};
 pub use llm::{
     EngineOutput, FinishReason, ModelCard, OutputTokens, PreprocessedRequest, SamplingOptions, StopConditions,
-    TokenizerKind,
+    TimingProfile, TokenizerKind,
 };

@@ -107,6 +107,49 @@ pub struct ModelCard {
     /// Tokens per KV block, for engines that publish KV events: routers hash prompts with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_block_size: Option<u32>,
+    /// How long the engine's steps take, for engines that can say: routers then score
+    /// workers in predicted time rather than in blocks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timing: Option<TimingProfile>,
+}
+
+/// An engine's step times as functions of its work, in milliseconds of wall time.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TimingProfile {
+    /// `[a, b, c]`: a step computing `t` prompt tokens takes `a t² + b t + c`.
+    pub prefill_ms: [f64; 3],
+    /// Most prompt tokens one step computes: a longer queue takes several steps.
+    pub max_batched_tokens: u32,
+    /// `[a, b, c]`: a decode step with a share `u` of the KV pool in use takes `a u² + b u + c`.
+    pub decode_ms: [f64; 3],
+    /// KV blocks in the pool, the denominator of `u`.
+    pub num_blocks: u64,
+}
+
+impl TimingProfile {
+    /// Milliseconds to prefill `tokens` queued prompt tokens, in steps of at most
+    /// `max_batched_tokens`.
+    pub fn prefill_time(&self, tokens: u64) -> f64 {
+        let chunk = u64::from(self.max_batched_tokens.max(1));
+        let step = |t: u64| {
+            let t = t as f64;
+            let [a, b, c] = self.prefill_ms;
+            a * t * t + b * t + c
+        };
+        let (full, rest) = (tokens / chunk, tokens % chunk);
+        let mut ms = full as f64 * step(chunk);
+        if rest > 0 {
+            ms += step(rest);
+        }
+        ms
+    }
+
+    /// Milliseconds of one decode step while `blocks` of the pool are in use.
+    pub fn decode_step(&self, blocks: u64) -> f64 {
+        let u = (blocks as f64 / self.num_blocks.max(1) as f64).min(1.0);
+        let [a, b, c] = self.decode_ms;
+        (a * u * u + b * u + c).max(0.0)
+    }
 }
 
 /// How the frontend turns text into the model's token ids.
@@ -139,8 +182,27 @@ mod tests {
             context_length: 4096,
             tokenizer: TokenizerKind::Bytes,
             kv_block_size: None,
+            timing: None,
         };
         expect![[r#"{"name":"echo","context_length":4096,"tokenizer":{"kind":"bytes"}}"#]]
             .assert_eq(&serde_json::to_string(&card).unwrap());
+    }
+
+    #[test]
+    fn a_long_queue_is_prefilled_in_chunks() {
+        let p = TimingProfile {
+            prefill_ms: [0.0, 1.0, 10.0],
+            max_batched_tokens: 100,
+            decode_ms: [0.0, 20.0, 5.0],
+            num_blocks: 1000,
+        };
+        assert_eq!(p.prefill_time(0), 0.0);
+        assert_eq!(p.prefill_time(50), 60.0);
+        // Two full steps of 100 and one of 50: the per-step cost is paid three times.
+        assert_eq!(p.prefill_time(250), 110.0 + 110.0 + 60.0);
+        assert_eq!(p.decode_step(0), 5.0);
+        assert_eq!(p.decode_step(500), 15.0);
+        // Past a full pool the step costs what a full one does.
+        assert_eq!(p.decode_step(5000), 25.0);
     }
 }

@@ -1,14 +1,31 @@
 //! Choosing a worker for a request by cost: prefill work left after the worker's cached
-//! prefix (its overlap), weighed against the decode load the worker already carries.
+//! prefix (its overlap) and queued ahead of it there, weighed against the decode load the
+//! worker already carries.
 //!
-//! For a request of `isl` tokens and a worker holding `overlap` of its leading blocks:
-//! `prefill = (isl - overlap * block_size) / block_size + active_prefill_tokens / block_size`,
-//! `decode = active_blocks + (request blocks not cached there)`,
-//! `cost = overlap_weight * prefill + decode`. At temperature 0 the cheapest wins, ties go
-//! to the least loaded (fewest active blocks), then to chance; above 0, a worker is drawn
-//! with probability proportional to `exp(-cost / max_cost / temperature)`.
+//! For a request of `isl` tokens and a worker holding `overlap` of its leading blocks, with
+//! `queued` prompt tokens routed there and not yet prefilled, `uncached = isl - overlap *
+//! block_size` and `cost = overlap_weight * prefill + decode`, where, by [`CostModel`]:
+//! - `Blocks`: `prefill = (queued + uncached) / block_size` and `decode = active_blocks +
+//!   (request blocks not cached there)`;
+//! - `Time`, from the engine's [`TimingProfile`]: `prefill = wait + compute_weight * own`,
+//!   where `wait` is the milliseconds to prefill the `queued` tokens in the engine's chunks
+//!   and `own` what the `uncached` ones add (so `wait + own` is the request's predicted time
+//!   to first token), and `decode` is the milliseconds of `decode_horizon` decode steps with
+//!   the worker's pool as full as it will be with this request added. A `compute_weight`
+//!   above 1 charges a cache miss for the delay it passes on to the requests behind it: a
+//!   router minimising each request's own time to first token alone gives a turn's history
+//!   away whenever another worker's queue is a little shorter.
+//!
+//! Blocks treat every block of decode load as dear as a block of prefill; on a GPU a
+//! decode step costs little more for more blocks, so turns of a conversation were sent away
+//! from the history they could reuse. Time prices both as the engine spends them.
+//!
+//! At temperature 0 the cheapest wins, ties go to the longest overlap, then to the least
+//! loaded (fewest active blocks), then to chance; above 0, a worker is drawn with
+//! probability proportional to `exp(-cost / max_cost / temperature)`.
 
 use rand::Rng;
+use turbine_protocols::TimingProfile;
 
 use crate::indexer::Overlaps;
 use crate::WorkerId;
@@ -22,6 +39,22 @@ pub struct Load {
     pub active_blocks: u64,
 }
 
+/// The units a candidate's cost is counted in.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum CostModel {
+    /// KV blocks of prefill and of decode load.
+    Blocks,
+    /// Predicted milliseconds, from the engine's own step times.
+    Time {
+        profile: TimingProfile,
+        /// How many times a millisecond of the request's own prefill counts against one of
+        /// waiting: what it computes, the requests queued behind it there wait for too.
+        compute_weight: f64,
+        /// Decode steps of the request the cost looks ahead.
+        decode_horizon: f64,
+    },
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SelectorConfig {
     pub block_size: u32,
@@ -29,6 +62,7 @@ pub struct SelectorConfig {
     pub overlap_weight: f64,
     /// 0 picks the cheapest; higher spreads choices over near-cheapest workers.
     pub temperature: f64,
+    pub cost: CostModel,
 }
 
 impl Default for SelectorConfig {
@@ -37,17 +71,18 @@ impl Default for SelectorConfig {
             block_size: 16,
             overlap_weight: 1.0,
             temperature: 0.0,
+            cost: CostModel::Blocks,
         }
     }
 }
 
-/// One worker as the selector scored it.
+/// One worker as the selector scored it, in the units of its [`CostModel`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Candidate {
     pub worker: WorkerId,
     pub overlap_blocks: u32,
-    pub prefill_blocks: f64,
-    pub decode_blocks: f64,
+    pub prefill: f64,
+    pub decode: f64,
     pub cost: f64,
 }
 
@@ -56,6 +91,8 @@ pub struct Candidate {
 pub struct Decision {
     pub worker: WorkerId,
     pub candidates: Vec<Candidate>,
+    /// What the costs are counted in: `"blocks"` or `"ms"`.
+    pub units: &'static str,
 }
 
 /// Scores every worker in `loads` and picks one; `None` when there is none.
@@ -66,22 +103,40 @@ pub fn select(
     loads: &[(WorkerId, Load)],
     rng: &mut impl Rng,
 ) -> Option<Decision> {
-    let bs = f64::from(config.block_size.max(1));
-    let request_blocks = isl_tokens.div_ceil(config.block_size.max(1) as usize) as f64;
+    let bs = u64::from(config.block_size.max(1));
+    let isl = isl_tokens as u64;
+    let request_blocks = isl.div_ceil(bs);
     let candidates: Vec<Candidate> = loads
         .iter()
         .map(|&(worker, load)| {
             let overlap = overlaps.get(worker);
-            let cached_tokens = (f64::from(overlap) * bs).min(isl_tokens as f64);
-            let prefill_blocks = (isl_tokens as f64 - cached_tokens) / bs + load.active_prefill_tokens as f64 / bs;
-            let decode_blocks = load.active_blocks as f64 + (request_blocks - f64::from(overlap)).max(0.0);
-            let cost = config.overlap_weight * prefill_blocks + decode_blocks;
+            let uncached = isl - (u64::from(overlap) * bs).min(isl);
+            let new_blocks = request_blocks.saturating_sub(u64::from(overlap));
+            let prefill_tokens = load.active_prefill_tokens + uncached;
+            let (prefill, decode) = match &config.cost {
+                CostModel::Blocks => (
+                    prefill_tokens as f64 / bs as f64,
+                    (load.active_blocks + new_blocks) as f64,
+                ),
+                CostModel::Time {
+                    profile,
+                    compute_weight,
+                    decode_horizon,
+                } => {
+                    let wait = profile.prefill_time(load.active_prefill_tokens);
+                    let own = profile.prefill_time(prefill_tokens) - wait;
+                    (
+                        wait + compute_weight * own,
+                        decode_horizon * profile.decode_step(load.active_blocks + new_blocks),
+                    )
+                }
+            };
             Candidate {
                 worker,
                 overlap_blocks: overlap,
-                prefill_blocks,
-                decode_blocks,
-                cost,
+                prefill,
+                decode,
+                cost: config.overlap_weight * prefill + decode,
             }
         })
         .collect();
@@ -90,7 +145,15 @@ pub fn select(
     } else {
         cheapest(&candidates, loads, rng)?
     };
-    Some(Decision { worker, candidates })
+    let units = match config.cost {
+        CostModel::Blocks => "blocks",
+        CostModel::Time { .. } => "ms",
+    };
+    Some(Decision {
+        worker,
+        candidates,
+        units,
+    })
 }
 
 fn cheapest(candidates: &[Candidate], loads: &[(WorkerId, Load)], rng: &mut impl Rng) -> Option<WorkerId> {
@@ -102,9 +165,13 @@ fn cheapest(candidates: &[Candidate], loads: &[(WorkerId, Load)], rng: &mut impl
             .find(|(id, _)| *id == w)
             .map_or(0, |(_, l)| l.active_blocks)
     };
-    let tied: Vec<WorkerId> = candidates
-        .iter()
-        .filter(|c| c.cost <= min + EPS)
+    let tied: Vec<&Candidate> = candidates.iter().filter(|c| c.cost <= min + EPS).collect();
+    // Equal costs with unequal overlaps (a queue ahead as long as the prefix saved): the
+    // cache stays warmer where the prefix already is.
+    let most = tied.iter().map(|c| c.overlap_blocks).max()?;
+    let tied: Vec<WorkerId> = tied
+        .into_iter()
+        .filter(|c| c.overlap_blocks == most)
         .map(|c| c.worker)
         .collect();
     let least = tied.iter().map(|&w| load(w)).min()?;
@@ -165,7 +232,7 @@ mod tests {
             let mark = if c.worker == d.worker { "  <- chosen" } else { "" };
             out += &format!(
                 "worker {}: overlap {} prefill {:.1} decode {:.1} cost {:.1}{mark}\n",
-                c.worker, c.overlap_blocks, c.prefill_blocks, c.decode_blocks, c.cost
+                c.worker, c.overlap_blocks, c.prefill, c.decode, c.cost
             );
         }
         expect.assert_eq(&out);
@@ -229,6 +296,94 @@ mod tests {
             expect![[r#"
                 worker 1: overlap 0 prefill 20.0 decode 20.0 cost 80.0
                 worker 2: overlap 16 prefill 4.0 decode 34.0 cost 46.0  <- chosen
+            "#]],
+        );
+    }
+
+    /// The mocker's profile at speed-up 3 with 8,192-token steps and 262,144 blocks.
+    fn mocker_time(compute_weight: f64, decode_horizon: f64) -> SelectorConfig {
+        let k = |a: f64, b: f64, c: f64| [a / 3.0, b / 3.0, c / 3.0];
+        SelectorConfig {
+            cost: CostModel::Time {
+                profile: TimingProfile {
+                    prefill_ms: k(4.209989e-7, 1.518344e-2, 16.50142),
+                    max_batched_tokens: 8192,
+                    decode_ms: k(-25.74, 54.01, 5.74),
+                    num_blocks: 262_144,
+                },
+                compute_weight,
+                decode_horizon,
+            },
+            ..SelectorConfig::default()
+        }
+    }
+
+    #[test]
+    fn a_conversation_turn_stays_with_its_history_when_only_decode_load_differs() {
+        // A 10,000-token turn whose first 9,000 tokens are cached on worker 2, which holds
+        // three more running conversations (1,900 more blocks) than worker 1.
+        let (overlaps, loads) = (&[(2, 562)], &[(1, 0, 3000), (2, 0, 4900)]);
+        check(
+            SelectorConfig::default(),
+            10_000,
+            overlaps,
+            loads,
+            expect![[r#"
+                worker 1: overlap 0 prefill 625.0 decode 3625.0 cost 4250.0  <- chosen
+                worker 2: overlap 562 prefill 63.0 decode 4963.0 cost 5026.0
+            "#]],
+        );
+        check(
+            mocker_time(1.0, 64.0),
+            10_000,
+            overlaps,
+            loads,
+            expect![[r#"
+                worker 1: overlap 0 prefill 71.5 decode 138.3 cost 209.8
+                worker 2: overlap 562 prefill 10.7 decode 144.1 cost 154.8  <- chosen
+            "#]],
+        );
+    }
+
+    #[test]
+    fn in_time_a_prefill_queue_outweighs_the_cache() {
+        // Worker 2 holds the prefix but has 40,000 prompt tokens queued: five full steps.
+        check(
+            mocker_time(1.0, 64.0),
+            10_000,
+            &[(2, 562)],
+            &[(1, 0, 3000), (2, 40_000, 3000)],
+            expect![[r#"
+                worker 1: overlap 0 prefill 71.5 decode 138.3 cost 209.8  <- chosen
+                worker 2: overlap 562 prefill 287.6 decode 135.8 cost 423.5
+            "#]],
+        );
+    }
+
+    #[test]
+    fn the_compute_weight_keeps_a_turn_with_its_history_behind_a_short_queue() {
+        // Worker 2 holds 448 of the turn's 625 blocks behind 6,000 queued tokens; worker 1
+        // only the system prompt, idle. Counting time alone, worker 1 answers 2 ms sooner;
+        // counting the 5,600 tokens it would compute as well, worker 2 wins.
+        let (overlaps, loads) = (&[(1, 96), (2, 448)], &[(1, 0, 3000), (2, 6000, 3000)]);
+        check(
+            mocker_time(1.0, 64.0),
+            10_000,
+            overlaps,
+            loads,
+            expect![[r#"
+                worker 1: overlap 96 prefill 63.3 decode 137.9 cost 201.1  <- chosen
+                worker 2: overlap 448 prefill 65.2 decode 136.3 cost 201.5
+            "#]],
+        );
+        check(
+            mocker_time(4.0, 64.0),
+            10_000,
+            overlaps,
+            loads,
+            expect![[r#"
+                worker 1: overlap 96 prefill 253.1 decode 137.9 cost 390.9
+                worker 2: overlap 448 prefill 137.9 decode 136.3 cost 274.3  <- chosen
             "#]],
         );
     }

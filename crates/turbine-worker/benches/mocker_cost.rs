@@ -68,7 +68,7 @@ fn main() {
             engines.push(engine.clone());
             let config = WorkerConfig {
                 endpoint: EndpointId::new("bench", "worker", "generate"),
-                model: ModelCard { name: "mocker".into(), context_length: 1 << 20, tokenizer: TokenizerKind::Bytes, kv_block_size: Some(16) },
+                model: ModelCard { name: "mocker".into(), context_length: 1 << 20, tokenizer: TokenizerKind::Bytes, kv_block_size: Some(16), timing: None },
                 serve: ServeOptions::default(),
                 load_report_interval: Duration::from_millis(100),
                 disagg: None,

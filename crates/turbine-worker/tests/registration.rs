@@ -26,6 +26,7 @@ fn config(model: &str) -> Result<WorkerConfig> {
             context_length: 4096,
             tokenizer: TokenizerKind::Bytes,
             kv_block_size: Some(4),
+            timing: None,
         },
         serve: ServeOptions {
             transport: TransportOptions::Tcp {

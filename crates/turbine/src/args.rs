@@ -216,6 +216,8 @@ impl TryFrom<EngineArgs> for EngineSetup {
                 context_length,
                 tokenizer,
                 kv_block_size: (!matches!(a.engine, EngineKind::Echo)).then_some(m.block_size as u32),
+                timing: matches!(a.engine, EngineKind::Mocker)
+                    .then(|| turbine_engine::mocker::timing::profile(&mocker)),
             },
             echo: EchoConfig {
                 delay_per_token: Duration::from_millis(a.echo_delay_ms),
@@ -281,6 +283,18 @@ pub struct FrontendArgs {
     /// `kv` router: 0 always picks the cheapest worker; higher spreads requests over near-cheapest ones.
     #[arg(long, default_value_t = 0.0)]
     kv_temperature: f64,
+    /// `kv` router: count costs in predicted time where workers publish their step times (the
+    /// mocker does), or in KV blocks.
+    #[arg(long, value_enum, default_value_t = KvCostArg::Time)]
+    kv_cost: KvCostArg,
+    /// `kv` router, time cost: how many times a millisecond of a request's own prefill counts
+    /// against a millisecond of waiting (above 1, cache misses pay for the queue they cause).
+    #[arg(long, default_value_t = turbine_frontend::DEFAULT_COMPUTE_WEIGHT)]
+    kv_compute_weight: f64,
+    /// `kv` router, time cost: how many decode steps of a request its cost looks ahead, which
+    /// weighs a worker's decode load against its prefill queue and cache.
+    #[arg(long, default_value_t = turbine_frontend::DEFAULT_DECODE_HORIZON)]
+    kv_decode_horizon: f64,
     /// Request bodies above this many bytes are refused with 413.
     #[arg(long, default_value_t = 32 * 1024 * 1024)]
     max_body_bytes: usize,
@@ -301,6 +315,12 @@ pub struct FrontendArgs {
     /// this, prompts are prefilled on their decode worker instead of waiting.
     #[arg(long)]
     disagg_max_prefill_queue: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum KvCostArg {
+    Time,
+    Blocks,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -327,6 +347,18 @@ impl FrontendArgs {
         if !(self.kv_temperature.is_finite() && self.kv_temperature >= 0.0) {
             bail!("--kv-temperature must be a number >= 0, got {}", self.kv_temperature);
         }
+        if !(self.kv_compute_weight.is_finite() && self.kv_compute_weight >= 0.0) {
+            bail!(
+                "--kv-compute-weight must be a number >= 0, got {}",
+                self.kv_compute_weight
+            );
+        }
+        if !(self.kv_decode_horizon.is_finite() && self.kv_decode_horizon >= 0.0) {
+            bail!(
+                "--kv-decode-horizon must be a number >= 0, got {}",
+                self.kv_decode_horizon
+            );
+        }
         if !(0.0..=1.0).contains(&self.disagg_min_uncached_ratio) {
             bail!(
                 "--disagg-min-uncached-ratio must be between 0 and 1, got {}",
@@ -344,6 +376,12 @@ impl FrontendArgs {
             max_body_bytes: self.max_body_bytes,
             kv_overlap_weight: self.kv_overlap_weight,
             kv_temperature: self.kv_temperature,
+            kv_cost: match self.kv_cost {
+                KvCostArg::Time => turbine_frontend::KvCost::Time,
+                KvCostArg::Blocks => turbine_frontend::KvCost::Blocks,
+            },
+            kv_compute_weight: self.kv_compute_weight,
+            kv_decode_horizon: self.kv_decode_horizon,
             migration_limit: self.migration_limit,
             disagg: turbine_frontend::DisaggPolicy {
                 min_uncached_tokens: self.disagg_min_tokens,

@@ -2,15 +2,37 @@
 
 use std::time::Duration;
 
+use turbine_protocols::TimingProfile;
+
+use super::MockerConfig;
+
+/// Prefill step: `a t² + b t + c` milliseconds for `t` new tokens.
+const PREFILL: [f64; 3] = [4.209989e-7, 1.518344e-2, 16.50142];
+/// Decode step: `a u² + b u + c` milliseconds with a share `u` of the KV blocks in use.
+const DECODE: [f64; 3] = [-25.74, 54.01, 5.74];
+
 /// Milliseconds to prefill `t` new tokens in one step.
 pub fn prefill_ms(t: usize) -> f64 {
     let t = t as f64;
-    4.209989e-7 * t * t + 1.518344e-2 * t + 16.50142
+    let [a, b, c] = PREFILL;
+    a * t * t + b * t + c
 }
 
 /// Milliseconds for one decode step with a fraction `u` of the KV blocks in use.
 pub fn decode_ms(u: f64) -> f64 {
-    (-25.74 * u * u + 54.01 * u + 5.74).max(1.0)
+    let [a, b, c] = DECODE;
+    (a * u * u + b * u + c).max(1.0)
+}
+
+/// The model above as a mocker with `config` runs it, for routers to predict with.
+pub fn profile(config: &MockerConfig) -> TimingProfile {
+    let scaled = |k: [f64; 3]| k.map(|x| x / config.speedup);
+    TimingProfile {
+        prefill_ms: scaled(PREFILL),
+        max_batched_tokens: u32::try_from(config.max_num_batched_tokens).unwrap_or(u32::MAX),
+        decode_ms: scaled(DECODE),
+        num_blocks: config.num_blocks as u64,
+    }
 }
 
 /// Share of the cheaper part that a mixed step adds on top of the dearer one.
@@ -48,5 +70,20 @@ mod tests {
         assert!((mixed - (48.553 + 0.574)).abs() < 1e-2, "{mixed}");
         let fast = step_duration(2000, 0, 0.0, 10.0).as_secs_f64() * 1000.0;
         assert!((fast - 4.8553).abs() < 1e-3, "{fast}");
+    }
+
+    #[test]
+    fn the_published_profile_predicts_the_simulated_steps() {
+        let config = MockerConfig {
+            speedup: 4.0,
+            max_num_batched_tokens: 512,
+            ..MockerConfig::default()
+        };
+        let p = profile(&config);
+        let step = |t| step_duration(t, 0, 0.0, config.speedup).as_secs_f64() * 1000.0;
+        assert!((p.prefill_time(300) - step(300)).abs() < 1e-6);
+        assert!((p.prefill_time(1100) - (2.0 * step(512) + step(76))).abs() < 1e-6);
+        let half = config.num_blocks as u64 / 2;
+        assert!((p.decode_step(half) - decode_ms(0.5) / 4.0).abs() < 1e-9);
     }
 }
