@@ -55,6 +55,16 @@ pub enum CostModel {
     },
 }
 
+impl CostModel {
+    /// What costs are counted in, for logs.
+    pub fn units(&self) -> &'static str {
+        match self {
+            CostModel::Blocks => "blocks",
+            CostModel::Time { .. } => "ms",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SelectorConfig {
     pub block_size: u32,
@@ -145,14 +155,10 @@ pub fn select(
     } else {
         cheapest(&candidates, loads, rng)?
     };
-    let units = match config.cost {
-        CostModel::Blocks => "blocks",
-        CostModel::Time { .. } => "ms",
-    };
     Some(Decision {
         worker,
         candidates,
-        units,
+        units: config.cost.units(),
     })
 }
 
@@ -238,6 +244,18 @@ mod tests {
         expect.assert_eq(&out);
     }
 
+    /// One request and fleet, scored under each config in turn.
+    fn check_each(
+        isl: usize,
+        overlaps: &[(WorkerId, u32)],
+        loads: &[(WorkerId, u64, u64)],
+        cases: impl IntoIterator<Item = (SelectorConfig, Expect)>,
+    ) {
+        for (config, expect) in cases {
+            check(config, isl, overlaps, loads, expect);
+        }
+    }
+
     #[test]
     fn the_longest_cached_prefix_wins_when_load_is_equal() {
         check(
@@ -272,31 +290,32 @@ mod tests {
     fn overlap_weight_tilts_towards_the_cache() {
         // With prefill counting 3x, worker 2's cache hit beats worker 1's lighter load.
         let load = [(1, 0, 0), (2, 0, 30)];
-        check(
-            SelectorConfig {
-                overlap_weight: 0.5,
-                ..Default::default()
-            },
+        check_each(
             320,
             &[(2, 16)],
             &load,
-            expect![[r#"
-                worker 1: overlap 0 prefill 20.0 decode 20.0 cost 30.0  <- chosen
-                worker 2: overlap 16 prefill 4.0 decode 34.0 cost 36.0
-            "#]],
-        );
-        check(
-            SelectorConfig {
-                overlap_weight: 3.0,
-                ..Default::default()
-            },
-            320,
-            &[(2, 16)],
-            &load,
-            expect![[r#"
-                worker 1: overlap 0 prefill 20.0 decode 20.0 cost 80.0
-                worker 2: overlap 16 prefill 4.0 decode 34.0 cost 46.0  <- chosen
-            "#]],
+            [
+                (
+                    SelectorConfig {
+                        overlap_weight: 0.5,
+                        ..Default::default()
+                    },
+                    expect![[r#"
+                        worker 1: overlap 0 prefill 20.0 decode 20.0 cost 30.0  <- chosen
+                        worker 2: overlap 16 prefill 4.0 decode 34.0 cost 36.0
+                    "#]],
+                ),
+                (
+                    SelectorConfig {
+                        overlap_weight: 3.0,
+                        ..Default::default()
+                    },
+                    expect![[r#"
+                        worker 1: overlap 0 prefill 20.0 decode 20.0 cost 80.0
+                        worker 2: overlap 16 prefill 4.0 decode 34.0 cost 46.0  <- chosen
+                    "#]],
+                ),
+            ],
         );
     }
 
@@ -323,25 +342,26 @@ mod tests {
         // A 10,000-token turn whose first 9,000 tokens are cached on worker 2, which holds
         // three more running conversations (1,900 more blocks) than worker 1.
         let (overlaps, loads) = (&[(2, 562)], &[(1, 0, 3000), (2, 0, 4900)]);
-        check(
-            SelectorConfig::default(),
+        check_each(
             10_000,
             overlaps,
             loads,
-            expect![[r#"
-                worker 1: overlap 0 prefill 625.0 decode 3625.0 cost 4250.0  <- chosen
-                worker 2: overlap 562 prefill 63.0 decode 4963.0 cost 5026.0
-            "#]],
-        );
-        check(
-            mocker_time(1.0, 64.0),
-            10_000,
-            overlaps,
-            loads,
-            expect![[r#"
-                worker 1: overlap 0 prefill 71.5 decode 138.3 cost 209.8
-                worker 2: overlap 562 prefill 10.7 decode 144.1 cost 154.8  <- chosen
-            "#]],
+            [
+                (
+                    SelectorConfig::default(),
+                    expect![[r#"
+                        worker 1: overlap 0 prefill 625.0 decode 3625.0 cost 4250.0  <- chosen
+                        worker 2: overlap 562 prefill 63.0 decode 4963.0 cost 5026.0
+                    "#]],
+                ),
+                (
+                    mocker_time(1.0, 64.0),
+                    expect![[r#"
+                        worker 1: overlap 0 prefill 71.5 decode 138.3 cost 209.8
+                        worker 2: overlap 562 prefill 10.7 decode 144.1 cost 154.8  <- chosen
+                    "#]],
+                ),
+            ],
         );
     }
 
@@ -366,25 +386,26 @@ mod tests {
         // only the system prompt, idle. Counting time alone, worker 1 answers 2 ms sooner;
         // counting the 5,600 tokens it would compute as well, worker 2 wins.
         let (overlaps, loads) = (&[(1, 96), (2, 448)], &[(1, 0, 3000), (2, 6000, 3000)]);
-        check(
-            mocker_time(1.0, 64.0),
+        check_each(
             10_000,
             overlaps,
             loads,
-            expect![[r#"
-                worker 1: overlap 96 prefill 63.3 decode 137.9 cost 201.1  <- chosen
-                worker 2: overlap 448 prefill 65.2 decode 136.3 cost 201.5
-            "#]],
-        );
-        check(
-            mocker_time(4.0, 64.0),
-            10_000,
-            overlaps,
-            loads,
-            expect![[r#"
-                worker 1: overlap 96 prefill 253.1 decode 137.9 cost 390.9
-                worker 2: overlap 448 prefill 137.9 decode 136.3 cost 274.3  <- chosen
-            "#]],
+            [
+                (
+                    mocker_time(1.0, 64.0),
+                    expect![[r#"
+                        worker 1: overlap 96 prefill 63.3 decode 137.9 cost 201.1  <- chosen
+                        worker 2: overlap 448 prefill 65.2 decode 136.3 cost 201.5
+                    "#]],
+                ),
+                (
+                    mocker_time(4.0, 64.0),
+                    expect![[r#"
+                        worker 1: overlap 96 prefill 253.1 decode 137.9 cost 390.9
+                        worker 2: overlap 448 prefill 137.9 decode 136.3 cost 274.3  <- chosen
+                    "#]],
+                ),
+            ],
         );
     }
 
