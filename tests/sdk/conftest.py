@@ -1,8 +1,11 @@
 """Starts real `turbine serve` processes for the SDK tests and stops them after."""
 
+import json
 import os
 import subprocess
 import time
+import urllib.error
+import urllib.request
 
 import openai
 import pytest
@@ -121,3 +124,141 @@ def orphaned(tmp_path_factory):
             worker.kill()
         etcd.kill()
         etcd.wait()
+
+
+def wait_for_port(port, what, timeout=10):
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not start")
+            time.sleep(0.02)
+
+
+def start_etcd(data_dir):
+    etcd_bin = os.path.join(ROOT, "target", "tools", "etcd")
+    if not os.path.exists(etcd_bin):
+        raise RuntimeError(f"{etcd_bin} is missing: run scripts/install-etcd")
+    client, peer = free_port(), free_port()
+    client_url, peer_url = f"http://127.0.0.1:{client}", f"http://127.0.0.1:{peer}"
+    etcd = subprocess.Popen(
+        [etcd_bin, "--data-dir", str(data_dir),
+         "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
+         "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
+         "--initial-cluster", f"default={peer_url}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    wait_for_port(client, "etcd")
+    return etcd, f"etcd://127.0.0.1:{client}"
+
+
+class LlamaServer:
+    """llama.cpp's own server on the test model, on a port of its own."""
+
+    def __init__(self, port=None):
+        binary = os.environ.get("LLAMA_SERVER")
+        if not binary or not os.path.exists(binary):
+            raise RuntimeError(f"LLAMA_SERVER={binary!r} is missing: run scripts/install-llama-server")
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        # Two slots, one thread each: two servers share this machine's two cores.
+        self.proc = subprocess.Popen(
+            [binary, "-m", GGUF, "--alias", "smollm2", "--host", "127.0.0.1", "--port", str(self.port),
+             "-np", "2", "-c", "4096", "-t", "1", "-tb", "1", "--metrics", "--no-webui"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                raise RuntimeError("llama-server did not start")
+            time.sleep(0.1)
+
+    def post(self, path, body):
+        req = urllib.request.Request(self.url + path, json.dumps(body).encode(), {"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return json.loads(r.read())
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+class LlamaCluster:
+    """Two llama-servers, a `turbine worker --engine llamacpp` in front of each, and a
+    `turbine frontend` routing `kv` (approximate mode: llama.cpp publishes no KV events),
+    all found through etcd."""
+
+    def __init__(self, tmp):
+        self.etcd, self.discovery = start_etcd(tmp)
+        self.engines, self.workers = [], {}
+        try:
+            for _ in range(2):
+                engine = LlamaServer()
+                self.engines.append(engine)
+                self.start_worker(engine)
+            self.frontend = start("--discovery", self.discovery, "--router-mode", "kv", command="frontend")
+            self.wait_instances(2)
+        except BaseException:
+            self.stop()
+            raise
+
+    def start_worker(self, engine):
+        worker = subprocess.Popen(
+            [BINARY, "worker", "--engine", "llamacpp", "--engine-url", engine.url, "--discovery", self.discovery,
+             "--engine-poll-ms", "100"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )
+        line = worker.stdout.readline()
+        if not line.startswith("turbine: worker "):
+            worker.kill()
+            raise RuntimeError(f"worker did not start: {line!r}")
+        self.workers[engine.port] = (worker, line.split()[2])
+
+    def instances(self):
+        try:
+            with urllib.request.urlopen(self.frontend.url + "/health", timeout=5) as r:
+                body = json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            body = json.loads(e.read())
+        return body["models"].get("smollm2", {}).get("instances", [])
+
+    def wait_instances(self, n, timeout=30):
+        deadline = time.monotonic() + timeout
+        while len(self.instances()) != n:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"expected {n} instances, have {self.instances()}")
+            time.sleep(0.05)
+
+    def stop(self):
+        if getattr(self, "frontend", None):
+            self.frontend.stop()
+        for worker, _ in self.workers.values():
+            worker.terminate()
+        for worker, _ in self.workers.values():
+            try:
+                worker.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+        for engine in self.engines:
+            engine.kill()
+        self.etcd.kill()
+        self.etcd.wait()
+
+
+@pytest.fixture(scope="session")
+def llamacpp(tmp_path_factory):
+    cluster = LlamaCluster(tmp_path_factory.mktemp("etcd-llamacpp"))
+    yield cluster
+    cluster.stop()

@@ -93,6 +93,12 @@ pub trait Engine: Send + Sync + 'static {
         None
     }
 
+    /// The engine's load, updated as it changes: its KV cache's where it has one; engines
+    /// that report load without KV events (an external server's metrics) override this.
+    fn load(&self) -> Option<watch::Receiver<WorkerLoad>> {
+        self.kv_cache().map(|c| c.load())
+    }
+
     /// Moving the engine's KV blocks to and from other engines (disaggregated serving).
     fn kv_transfer(&self) -> Option<std::sync::Arc<dyn KvTransfer>> {
         None
@@ -158,6 +164,13 @@ pub enum EngineError {
     /// The engine stopped while the request was running.
     #[error("engine stopped")]
     Stopped,
+    /// The engine cannot be reached, or stopped answering mid-request (an external server
+    /// that is down or restarting): another worker may serve the request.
+    #[error("engine unavailable: {0}")]
+    Unavailable(String),
+    /// The engine failed the request for a reason of its own.
+    #[error("engine failed: {0}")]
+    Failed(String),
 }
 
 #[cfg(test)]

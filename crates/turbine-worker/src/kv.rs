@@ -26,20 +26,19 @@ pub(crate) struct Publish {
 
 pub(crate) type History = Arc<Mutex<VecDeque<KvEvent>>>;
 
-/// Starts the tasks that publish `cache`'s events and load until `stop` fires; returns the
-/// history of recent events that they keep.
-pub(crate) fn start_publishing(runtime: &Runtime, cache: &KvCache, p: Publish, stop: CancellationToken) -> History {
+/// Starts the task that publishes `cache`'s events until `stop` fires; returns the history of
+/// recent events that it keeps.
+pub(crate) fn start_publishing(runtime: &Runtime, cache: &KvCache, p: &Publish, stop: CancellationToken) -> History {
     let history: History = Arc::default();
     let events = runtime.events().clone();
     let subject = kv_events_subject(&p.namespace, &p.model);
     let mut rx = cache.subscribe();
     let kept = history.clone();
     let worker = p.worker;
-    let stop_events = stop.clone();
     tokio::spawn(async move {
         loop {
             let batch = tokio::select! {
-                _ = stop_events.cancelled() => return,
+                _ = stop.cancelled() => return,
                 e = rx.recv() => match e { Some(e) => e, None => return },
             };
             let message = KvEventMessage { worker, events: batch };
@@ -63,9 +62,21 @@ pub(crate) fn start_publishing(runtime: &Runtime, cache: &KvCache, p: Publish, s
         }
     });
 
+    history
+}
+
+/// Starts the task that publishes an engine's load, at most once per interval, until `stop`
+/// fires. Engines without KV events report load too (an external server's metrics).
+pub(crate) fn publish_load(
+    runtime: &Runtime,
+    mut load: tokio::sync::watch::Receiver<turbine_protocols::kv::WorkerLoad>,
+    p: &Publish,
+    stop: CancellationToken,
+) {
     let events = runtime.events().clone();
     let subject = load_subject(&p.namespace, &p.model);
-    let mut load = cache.load();
+    let worker = p.worker;
+    let interval = p.load_interval;
     tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -83,11 +94,10 @@ pub(crate) fn start_publishing(runtime: &Runtime, cache: &KvCache, p: Publish, s
             // Coalesce the changes of the next interval into one report.
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(p.load_interval) => {}
+                _ = tokio::time::sleep(interval) => {}
             }
         }
     });
-    history
 }
 
 pub(crate) struct KvStateHandler {

@@ -75,20 +75,19 @@ impl Worker {
         };
         let stop_publishers = CancellationToken::new();
 
-        let load = engine.kv_cache().map(|c| c.load());
+        let load = engine.load();
+        let publish = kv::Publish {
+            namespace: config.endpoint.namespace.clone(),
+            model: config.model.name.clone(),
+            worker: id.0,
+            load_interval: config.load_report_interval,
+        };
+        if let Some(load) = &load {
+            kv::publish_load(runtime, load.clone(), &publish, stop_publishers.clone());
+        }
         let kv_state = match engine.kv_cache() {
             Some(cache) => {
-                let history = kv::start_publishing(
-                    runtime,
-                    &cache,
-                    kv::Publish {
-                        namespace: config.endpoint.namespace.clone(),
-                        model: config.model.name.clone(),
-                        worker: id.0,
-                        load_interval: config.load_report_interval,
-                    },
-                    stop_publishers.clone(),
-                );
+                let history = kv::start_publishing(runtime, &cache, &publish, stop_publishers.clone());
                 let endpoint = EndpointId::new(&config.endpoint.namespace, &config.endpoint.component, "kv_state");
                 let handler = Arc::new(kv::KvStateHandler { cache, history });
                 Some(EndpointServer::start(runtime, endpoint, handler, serve.clone()).await?)
@@ -237,7 +236,8 @@ impl Handler<PreprocessedRequest, EngineOutput> for EngineHandler {
 pub(crate) fn handler_error(e: EngineError) -> HandlerError {
     let kind = match e {
         EngineError::InvalidRequest(_) => ErrorKind::InvalidRequest,
-        EngineError::Stopped => ErrorKind::Unavailable,
+        EngineError::Stopped | EngineError::Unavailable(_) => ErrorKind::Unavailable,
+        EngineError::Failed(_) => ErrorKind::Internal,
     };
     HandlerError::new(kind, e.to_string())
 }

@@ -46,6 +46,8 @@ pub struct EngineArgs {
     /// Native engine: memory for KV tensors per worker, in MiB.
     #[arg(long, default_value_t = 512)]
     kv_cache_mib: usize,
+    #[command(flatten)]
+    external: crate::external::ExternalArgs,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -56,6 +58,23 @@ enum EngineKind {
     Echo,
     /// Simulates a vLLM-like engine: real KV block pool, scheduler and KV events, timed by a model of a GPU.
     Mocker,
+    /// A vLLM server at --engine-url, sent prompts as token ids.
+    Vllm,
+    /// An SGLang server at --engine-url, sent prompts as token ids.
+    Sglang,
+    /// llama.cpp's llama-server at --engine-url, sent prompts as token ids.
+    Llamacpp,
+}
+
+impl EngineKind {
+    fn external(self) -> Option<turbine_external::ServerKind> {
+        match self {
+            EngineKind::Vllm => Some(turbine_external::ServerKind::Vllm),
+            EngineKind::Sglang => Some(turbine_external::ServerKind::Sglang),
+            EngineKind::Llamacpp => Some(turbine_external::ServerKind::LlamaCpp),
+            EngineKind::Native | EngineKind::Echo | EngineKind::Mocker => None,
+        }
+    }
 }
 
 /// Settings of the engines with a KV cache (`--engine native` and `--engine mocker`).
@@ -104,6 +123,20 @@ pub struct EngineSetup {
     native: NativeConfig,
     /// The native engine's weights.
     model_path: Option<PathBuf>,
+    /// External servers, once connected ([`EngineSetup::connect`]).
+    external: Option<crate::external::ExternalSetup>,
+    external_engines: Vec<turbine_external::ExternalEngine>,
+    /// What the model card is built from, kept for external servers whose model is known
+    /// only once they answer.
+    given: GivenModel,
+}
+
+/// The model flags as given, before a server fills in what they leave out.
+#[derive(Debug, Clone)]
+struct GivenModel {
+    name: Option<String>,
+    tokenizer: Option<PathBuf>,
+    context_length: Option<u32>,
 }
 
 impl TryFrom<EngineArgs> for EngineSetup {
@@ -112,8 +145,23 @@ impl TryFrom<EngineArgs> for EngineSetup {
     fn try_from(a: EngineArgs) -> anyhow::Result<Self> {
         let native = matches!(a.engine, EngineKind::Native);
         if a.model.is_some() && !native {
-            bail!("--model is for --engine native; echo and mocker take --tokenizer");
+            bail!("--model is for --engine native; the other engines take --tokenizer");
         }
+        let external = match a.engine.external() {
+            Some(kind) => Some(a.external.parse(kind, a.mocker.block_size as u32)?),
+            None if a.external.any_given() => {
+                bail!("--engine-url and the --kv-events-* flags are for --engine vllm, sglang or llamacpp")
+            }
+            None => None,
+        };
+        if a.mocker.block_size == 0 {
+            bail!("--block-size must be at least 1, got 0");
+        }
+        let given = GivenModel {
+            name: a.model_name.clone(),
+            tokenizer: a.tokenizer.clone(),
+            context_length: a.context_length,
+        };
         let (model_path, default_name) = match (native, &a.model) {
             (false, _) => (None, None),
             (true, Some(path)) => {
@@ -137,6 +185,9 @@ impl TryFrom<EngineArgs> for EngineSetup {
                 EngineKind::Native => "native",
                 EngineKind::Echo => "echo",
                 EngineKind::Mocker => "mocker",
+                EngineKind::Vllm => "vllm",
+                EngineKind::Sglang => "sglang",
+                EngineKind::Llamacpp => "llamacpp",
             }
             .to_owned()
         });
@@ -153,18 +204,7 @@ impl TryFrom<EngineArgs> for EngineSetup {
                 } else {
                     "--model"
                 };
-                let loaded = turbine_preprocess::Preprocessor::load(path)
-                    .with_context(|| format!("{flag} {}", path.display()))?;
-                let absolute = std::path::absolute(path).with_context(|| format!("{flag} {}", path.display()))?;
-                let absolute = absolute
-                    .to_str()
-                    .with_context(|| format!("{flag} path is not UTF-8: {}", path.display()))?;
-                (
-                    TokenizerKind::Files {
-                        path: absolute.to_owned(),
-                    },
-                    Some(loaded),
-                )
+                load_tokenizer(path, flag)?
             }
         };
         let model_context = loaded
@@ -225,8 +265,30 @@ impl TryFrom<EngineArgs> for EngineSetup {
             mocker,
             native: native_config,
             model_path,
+            external,
+            external_engines: Vec::new(),
+            given,
         })
     }
+}
+
+/// Loads a tokenizer once to fail fast on a bad path; the frontend loads it again from the
+/// model card, as a frontend in another process would.
+fn load_tokenizer(
+    path: &std::path::Path,
+    flag: &str,
+) -> anyhow::Result<(TokenizerKind, Option<turbine_preprocess::Preprocessor>)> {
+    let loaded = turbine_preprocess::Preprocessor::load(path).with_context(|| format!("{flag} {}", path.display()))?;
+    let absolute = std::path::absolute(path).with_context(|| format!("{flag} {}", path.display()))?;
+    let absolute = absolute
+        .to_str()
+        .with_context(|| format!("{flag} path is not UTF-8: {}", path.display()))?;
+    Ok((
+        TokenizerKind::Files {
+            path: absolute.to_owned(),
+        },
+        Some(loaded),
+    ))
 }
 
 impl EngineSetup {
@@ -234,8 +296,68 @@ impl EngineSetup {
         matches!(self.kind, EngineKind::Native)
     }
 
+    /// How many external servers were given, for engines that front them.
+    pub fn external_count(&self) -> Option<usize> {
+        self.external.as_ref().map(|e| e.count())
+    }
+
+    /// Connects to the external servers, if this engine fronts them, and completes the model
+    /// card from what they serve: its name, tokenizer and context length where the flags
+    /// leave them out.
+    pub async fn connect(&mut self) -> anyhow::Result<()> {
+        let Some(external) = &self.external else {
+            return Ok(());
+        };
+        let connected = external.connect().await?;
+        let given = self.given.clone();
+        let name = given.name.clone().unwrap_or_else(|| connected.model.clone());
+        if name.trim().is_empty() || name.contains(char::is_whitespace) {
+            bail!("--model-name must be non-empty without whitespace, got {name:?} (the server's model name)");
+        }
+        let (tokenizer, loaded) = match (&given.tokenizer, &connected.tokenizer) {
+            (Some(path), _) => load_tokenizer(path, "--tokenizer")?,
+            (None, Some(path)) => load_tokenizer(path, "the server's model (pass --tokenizer to use another)")?,
+            (None, None) => bail!(
+                "{} serves {:?} from a path this machine cannot read: pass --tokenizer with its tokenizer \
+                 (a Hugging Face directory or the GGUF file)",
+                external.kind.name(),
+                connected.model
+            ),
+        };
+        let context_length = given
+            .context_length
+            .or(connected.context_length)
+            .or_else(|| {
+                loaded
+                    .as_ref()
+                    .and_then(|l| l.context_length())
+                    .map(|c| c.min(u64::from(u32::MAX)) as u32)
+            })
+            .unwrap_or(8192);
+        self.model = ModelCard {
+            name,
+            context_length,
+            tokenizer,
+            ..self.model.clone()
+        };
+        self.external_engines = connected.engines;
+        Ok(())
+    }
+
+    /// The connected external servers, one per worker.
+    pub fn external_engines(&self) -> &[turbine_external::ExternalEngine] {
+        &self.external_engines
+    }
+
     pub fn engine(&self, i: usize) -> anyhow::Result<Arc<dyn Engine>> {
         Ok(match self.kind {
+            EngineKind::Vllm | EngineKind::Sglang | EngineKind::Llamacpp => {
+                let engine = self
+                    .external_engines
+                    .get(i)
+                    .context("no external server for this worker: connect first, one --engine-url per worker")?;
+                Arc::new(engine.clone())
+            }
             EngineKind::Echo => Arc::new(EchoEngine::new(self.echo.clone())),
             EngineKind::Mocker => {
                 let mocker = MockerConfig {

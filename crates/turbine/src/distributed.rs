@@ -164,7 +164,7 @@ enum RoleArg {
 
 pub async fn worker(args: WorkerCmdArgs) -> anyhow::Result<()> {
     let cluster = Cluster::try_from(args.cluster)?;
-    let engine = EngineSetup::try_from(args.engine)?;
+    let mut engine = EngineSetup::try_from(args.engine)?;
     if args.lease_ttl_secs == 0 {
         bail!("--lease-ttl-secs must be at least 1, got 0");
     }
@@ -183,7 +183,14 @@ pub async fn worker(args: WorkerCmdArgs) -> anyhow::Result<()> {
         turbine_protocols::WorkerRole::Aggregated => None,
         _ => Some(args.transfer.parse(role)?),
     };
+    if engine.external_count().is_some_and(|n| n != 1) {
+        bail!("turbine worker fronts one server: give --engine-url once");
+    }
+    if engine.external_count().is_some() && disagg.is_some() {
+        bail!("--role: external engines serve aggregated only");
+    }
     let runtime = cluster.runtime().await?;
+    engine.connect().await?;
     let config = WorkerConfig {
         endpoint: EndpointId::new(cluster.namespace.clone(), "worker", "generate"),
         model: engine.model.clone(),
@@ -199,11 +206,22 @@ pub async fn worker(args: WorkerCmdArgs) -> anyhow::Result<()> {
         load_report_interval: Duration::from_millis(100),
         disagg,
     };
+    let shutdown = CancellationToken::new();
+    if let Some(external) = engine.external_engines().first() {
+        tokio::spawn(signal_to(shutdown.clone()));
+        let model = engine.model.name.clone();
+        crate::external::supervise(runtime, external.clone(), config, shutdown, move |w| {
+            tracing::info!(model = %model, instance = %w.instance().id, "worker serving");
+            println!("turbine: worker {} serving {model}", w.instance().id);
+        })
+        .await?;
+        tracing::info!("stopped");
+        return Ok(());
+    }
     let worker = Worker::start(&runtime, engine.engine(0)?, config)
         .await
         .context("starting the worker")?;
     tracing::info!(model = %engine.model.name, instance = %worker.instance().id, "worker serving");
-    let shutdown = CancellationToken::new();
     if let Some(port) = args.metrics_port {
         let registry = prometheus::Registry::new();
         let collector = turbine_worker::WorkerMetrics::new(vec![worker.metrics_source()]).context("worker metrics")?;

@@ -4,6 +4,7 @@
 mod args;
 mod bench;
 mod distributed;
+mod external;
 mod fetch;
 mod metrics_http;
 mod serve;

@@ -71,6 +71,9 @@ impl TryFrom<ServeArgs> for ServeConfig {
         let (listen, frontend) = a.frontend.parse()?;
         let engine: EngineSetup = a.engine.try_into()?;
         let (roles, transfer) = match (a.prefill_workers, a.decode_workers) {
+            (Some(_), Some(_)) if engine.external_count().is_some() => {
+                bail!("--prefill-workers and --decode-workers: external engines serve aggregated only")
+            }
             (Some(p), Some(d)) => {
                 if p == 0 || d == 0 {
                     bail!("--prefill-workers and --decode-workers must each be at least 1, got {p} and {d}");
@@ -80,7 +83,13 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 (roles, Some(a.transfer.parse(WorkerRole::Prefill)?))
             }
             _ => {
-                let n = a.workers.unwrap_or(if engine.is_native() { 1 } else { 2 });
+                let n = match (engine.external_count(), a.workers) {
+                    (Some(urls), Some(n)) if n != urls => {
+                        bail!("--workers {n} with {urls} --engine-url: external engines run one worker per server")
+                    }
+                    (Some(urls), _) => urls,
+                    (None, n) => n.unwrap_or(if engine.is_native() { 1 } else { 2 }),
+                };
                 (vec![WorkerRole::Aggregated; n], None)
             }
         };
@@ -103,7 +112,8 @@ impl TryFrom<ServeArgs> for ServeConfig {
     }
 }
 
-pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
+pub async fn run(mut config: ServeConfig) -> anyhow::Result<()> {
+    config.engine.connect().await?;
     let runtime = Runtime::new(Arc::new(MemoryDiscovery::new()), Arc::new(MemoryEventPlane::new()));
     let shutdown = CancellationToken::new();
     tokio::spawn(crate::args::signal_to(shutdown.clone()));
@@ -128,6 +138,22 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
             load_report_interval: Duration::from_millis(100),
             disagg,
         };
+        if let Some(external) = config.engine.external_engines().get(i) {
+            // No worker metrics here: an external server exports its own.
+            let supervised = crate::external::supervise(
+                runtime.clone(),
+                external.clone(),
+                worker_config,
+                shutdown.clone(),
+                |_| {},
+            );
+            workers.push(tokio::spawn(async move {
+                if let Err(e) = supervised.await {
+                    tracing::error!(error = %format!("{e:#}"), "worker stopped");
+                }
+            }));
+            continue;
+        }
         let worker = Worker::start(&runtime, engine.clone(), worker_config)
             .await
             .context("starting a worker")?;
