@@ -83,32 +83,9 @@ def free_port():
 @pytest.fixture(scope="session")
 def orphaned(tmp_path_factory):
     """A frontend process whose only worker process (found through etcd) has stopped."""
-    etcd_bin = os.path.join(ROOT, "target", "tools", "etcd")
-    if not os.path.exists(etcd_bin):
-        raise RuntimeError(f"{etcd_bin} is missing: run scripts/install-etcd")
-    client, peer = free_port(), free_port()
-    client_url, peer_url = f"http://127.0.0.1:{client}", f"http://127.0.0.1:{peer}"
-    etcd = subprocess.Popen(
-        [etcd_bin, "--data-dir", str(tmp_path_factory.mktemp("etcd")),
-         "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
-         "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
-         "--initial-cluster", f"default={peer_url}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    discovery = f"etcd://127.0.0.1:{client}"
+    etcd, discovery = start_etcd(tmp_path_factory.mktemp("etcd"))
     worker = None
     try:
-        import socket
-
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", client), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("etcd did not start")
-                time.sleep(0.02)
         worker = subprocess.Popen(
             [BINARY, "worker", "--engine", "echo", "--discovery", discovery], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
         )
@@ -124,7 +101,6 @@ def orphaned(tmp_path_factory):
             worker.kill()
         etcd.kill()
         etcd.wait()
-
 
 def wait_for_port(port, what, timeout=10):
     import socket

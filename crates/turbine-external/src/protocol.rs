@@ -226,10 +226,7 @@ pub fn parse_chunk(kind: ServerKind, state: &mut StreamState, data: &str) -> Res
             } else {
                 None
             };
-            let cached_tokens = v
-                .pointer("/timings/cache_n")
-                .and_then(Value::as_u64)
-                .map(|n| n.min(u64::from(u32::MAX)) as u32);
+            let cached_tokens = count(v.pointer("/timings/cache_n"));
             Chunk {
                 token_ids,
                 finish_reason,
@@ -242,16 +239,8 @@ pub fn parse_chunk(kind: ServerKind, state: &mut StreamState, data: &str) -> Res
                 Some(Value::Null) | None if choice.get("finish_reason").is_some_and(|f| !f.is_null()) => Vec::new(),
                 ids => token_list(ids).ok_or_else(|| missing("choices[0].token_ids (is vLLM older than 0.10.2?)"))?,
             };
-            let finish_reason = match choice.get("finish_reason").and_then(Value::as_str) {
-                None => None,
-                Some("length") => Some(FinishReason::Length),
-                Some("abort") => Some(FinishReason::Cancelled),
-                Some(_) => Some(FinishReason::Stop),
-            };
-            let cached_tokens = v
-                .pointer("/usage/prompt_tokens_details/cached_tokens")
-                .and_then(Value::as_u64)
-                .map(|n| n.min(u64::from(u32::MAX)) as u32);
+            let finish_reason = finish(choice.get("finish_reason"));
+            let cached_tokens = count(v.pointer("/usage/prompt_tokens_details/cached_tokens"));
             Chunk {
                 token_ids,
                 finish_reason,
@@ -270,16 +259,8 @@ pub fn parse_chunk(kind: ServerKind, state: &mut StreamState, data: &str) -> Res
                 }
                 _ => ids,
             };
-            let finish_reason = match meta.pointer("/finish_reason/type").and_then(Value::as_str) {
-                None => None,
-                Some("length") => Some(FinishReason::Length),
-                Some("abort") => Some(FinishReason::Cancelled),
-                Some(_) => Some(FinishReason::Stop),
-            };
-            let cached_tokens = meta
-                .get("cached_tokens")
-                .and_then(Value::as_u64)
-                .map(|n| n.min(u64::from(u32::MAX)) as u32);
+            let finish_reason = finish(meta.pointer("/finish_reason/type"));
+            let cached_tokens = count(meta.get("cached_tokens"));
             Chunk {
                 token_ids,
                 finish_reason,
@@ -289,6 +270,20 @@ pub fn parse_chunk(kind: ServerKind, state: &mut StreamState, data: &str) -> Res
     };
     state.tokens_seen += chunk.token_ids.len();
     Ok(chunk)
+}
+
+/// vLLM's and SGLang's finish reasons: anything but a limit or an abort is a stop (a stop
+/// token, string or the model's end).
+fn finish(reason: Option<&Value>) -> Option<FinishReason> {
+    Some(match reason?.as_str()? {
+        "length" => FinishReason::Length,
+        "abort" => FinishReason::Cancelled,
+        _ => FinishReason::Stop,
+    })
+}
+
+fn count(v: Option<&Value>) -> Option<u32> {
+    v?.as_u64().map(|n| n.min(u64::from(u32::MAX)) as u32)
 }
 
 fn token_list(v: Option<&Value>) -> Option<Vec<u32>> {

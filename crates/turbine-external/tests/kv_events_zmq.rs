@@ -289,6 +289,28 @@ async fn a_gap_is_filled_by_replay() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn sglang_events_store_remove_and_fill_a_gap() -> anyhow::Result<()> {
+    let mut publisher = Publisher::start(&["--format", "sglang", "--hashes", "int"]).await?;
+    let cancel = CancellationToken::new();
+    let feed = KvEventFeed::start(publisher.config(true), cancel.clone());
+    let mut rx = feed.subscribe();
+    until_subscribed(&mut publisher, &feed).await?;
+
+    let a = prompt(4, 7);
+    publisher.batch(vec![store(&a, 0, 2)], true).await?;
+    publisher.batch(vec![store(&a, 2, 4)], false).await?;
+    publisher.batch(vec![remove(&a, &[3])], true).await?;
+    let mut replica = Replica::default();
+    replica.until_holds(&mut rx, &turbine(&a, 0, 3)).await?;
+    assert_eq!(snapshot_blocks(&feed), turbine(&a, 0, 3));
+    let stats = feed.stats();
+    assert!(stats.gaps >= 1, "{stats:?}");
+    assert_eq!((stats.resets, stats.unknown_parent, stats.unknown_removed), (0, 0, 0));
+    cancel.cancel();
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_clear_all_and_a_wrong_block_size() -> anyhow::Result<()> {
     let mut publisher = Publisher::start(&["--format", "map", "--hashes", "int"]).await?;
     let cancel = CancellationToken::new();

@@ -186,3 +186,49 @@ async fn publishes_kv_events_and_load_and_answers_state_requests() -> Result<()>
     assert!(discovery.list("turbine/").await?.is_empty());
     Ok(())
 }
+
+/// An engine that reports load but publishes no KV events, as an external server does.
+struct LoadOnly {
+    echo: EchoEngine,
+    load: tokio::sync::watch::Receiver<turbine_protocols::kv::WorkerLoad>,
+}
+
+impl Engine for LoadOnly {
+    fn generate(
+        &self,
+        request: PreprocessedRequest,
+        cancel: tokio_util::sync::CancellationToken,
+    ) -> Result<turbine_engine::EngineStream, turbine_engine::EngineError> {
+        self.echo.generate(request, cancel)
+    }
+
+    fn load(&self) -> Option<tokio::sync::watch::Receiver<turbine_protocols::kv::WorkerLoad>> {
+        Some(self.load.clone())
+    }
+}
+
+#[tokio::test]
+async fn load_is_published_without_kv_events() -> Result<()> {
+    let discovery = MemoryDiscovery::new();
+    let events = MemoryEventPlane::new();
+    let runtime = Runtime::new(Arc::new(discovery.clone()), Arc::new(events.clone()));
+    let mut loads = events.subscribe(&load_subject("ns", "m")).await?;
+    let (tx, rx) = tokio::sync::watch::channel(turbine_protocols::kv::WorkerLoad::default());
+    let engine = LoadOnly {
+        echo: EchoEngine::new(Default::default()),
+        load: rx,
+    };
+    let worker = Worker::start(&runtime, Arc::new(engine) as Arc<dyn Engine>, config("m")?).await?;
+    let entry: ModelEntry = serde_json::from_slice(&discovery.list(&models_prefix("ns")).await?[0].value)?;
+    assert_eq!(entry.kv_state_endpoint, None, "no KV events are promised");
+
+    tx.send_replace(turbine_protocols::kv::WorkerLoad {
+        active_seqs: 3,
+        waiting_seqs: 2,
+        ..Default::default()
+    });
+    let load: LoadMessage = serde_json::from_slice(&loads.next().await.context("a load report")?.payload)?;
+    assert_eq!(load.worker, worker.instance().id.0);
+    assert_eq!((load.load.active_seqs, load.load.waiting_seqs), (3, 2));
+    Ok(())
+}

@@ -126,6 +126,51 @@ fn bad_arguments_fail_with_one_line_naming_the_value() -> Result<()> {
         (&["serve", "--port", "eighty"], "eighty"),
         (&["serve", "--engine", "gpt"], "gpt"),
         (&["serve", "--host", "not-an-ip"], "not-an-ip"),
+        (&["serve", "--engine", "vllm"], "--engine-url"),
+        (
+            &["serve", "--engine", "llamacpp", "--engine-url", "localhost:8080"],
+            "localhost:8080",
+        ),
+        (
+            &["serve", "--engine", "mocker", "--engine-url", "http://127.0.0.1:1"],
+            "--engine-url",
+        ),
+        (
+            &[
+                "serve",
+                "--engine",
+                "llamacpp",
+                "--engine-url",
+                "http://127.0.0.1:1",
+                "--kv-events-endpoint",
+                "tcp://127.0.0.1:2",
+            ],
+            "llama.cpp publishes no KV events",
+        ),
+        (
+            &[
+                "serve",
+                "--engine",
+                "vllm",
+                "--engine-url",
+                "http://127.0.0.1:1",
+                "--kv-events-endpoint",
+                "127.0.0.1:5557",
+            ],
+            "127.0.0.1:5557",
+        ),
+        (
+            &[
+                "serve",
+                "--engine",
+                "sglang",
+                "--engine-url",
+                "http://127.0.0.1:1",
+                "--engine-startup-timeout-secs",
+                "0",
+            ],
+            "http://127.0.0.1:1",
+        ),
     ] {
         fails_with_first_line_naming(args, needle)?;
     }
