@@ -286,27 +286,38 @@ impl Call {
         let mut sse = SseDecoder::default();
         let mut state = StreamState::default();
         let mut generated: u32 = 0;
-        loop {
+        // Decided when the server finishes or the worker cuts the stream; sent once the stream
+        // has nothing more to say, since servers report what they cached after their last
+        // token (llama.cpp in its final chunk, vLLM in a usage chunk after the finish).
+        let mut finish: Option<FinishReason> = None;
+        let mut cut = false;
+        let mut cached = None;
+        'stream: loop {
             let (events, ended) = match bytes.next().await {
                 Some(Ok(b)) => (
                     sse.push(&b)
                         .map_err(|e| EngineError::Failed(format!("{server}: {e}")))?,
                     false,
                 ),
-                Some(Err(e)) => return Err(unavailable(&format!("stream broke: {e}"))),
+                Some(Err(e)) if finish.is_none() => return Err(unavailable(&format!("stream broke: {e}"))),
+                Some(Err(_)) => break,
                 None => (sse.finish().into_iter().collect(), true),
             };
             for data in events {
                 if data.trim() == "[DONE]" {
-                    continue;
+                    break 'stream;
                 }
                 let chunk = protocol::parse_chunk(self.kind, &mut state, &data)
                     .map_err(|e| EngineError::Failed(e.to_string()))?;
-                let mut output = EngineOutput {
-                    cached_tokens: chunk.cached_tokens,
-                    finish_reason: chunk.finish_reason,
-                    ..EngineOutput::default()
-                };
+                cached = cached.or(chunk.cached_tokens);
+                if finish.is_some() {
+                    if !chunk.token_ids.is_empty() {
+                        // The server goes on past the worker's cut: nothing more to learn.
+                        break 'stream;
+                    }
+                    continue;
+                }
+                let mut output = EngineOutput::default();
                 // The worker enforces its own stop conditions too: a server's end-of-sequence
                 // set may not hold every id the frontend asked for, and the contract is that
                 // nothing follows a stop token or the token limit.
@@ -314,27 +325,42 @@ impl Call {
                     output.token_ids.push(t);
                     generated += 1;
                     if self.stop_token_ids.contains(&t) {
-                        output.finish_reason = Some(FinishReason::Stop);
-                        break;
+                        finish = Some(FinishReason::Stop);
+                    } else if self.max_tokens.is_some_and(|m| generated >= m) {
+                        finish = Some(FinishReason::Length);
                     }
-                    if self.max_tokens.is_some_and(|m| generated >= m) {
-                        output.finish_reason = Some(output.finish_reason.unwrap_or(FinishReason::Length));
+                    if finish.is_some() {
+                        cut = chunk.finish_reason.is_none();
                         break;
                     }
                 }
-                let finished = output.finish_reason.is_some();
-                let worth_sending = !output.token_ids.is_empty() || finished || output.cached_tokens.is_some();
-                if worth_sending && tx.send(Ok(output)).await.is_err() {
-                    return Ok(());
+                if finish.is_none() {
+                    finish = chunk.finish_reason;
+                } else if !cut {
+                    // The server finished on the same token: its reason stands.
+                    finish = chunk.finish_reason.or(finish);
                 }
-                if finished {
+                if !output.token_ids.is_empty() && tx.send(Ok(output)).await.is_err() {
                     return Ok(());
                 }
             }
             if ended {
-                return Err(unavailable(&"the stream ended before the request finished"));
+                break;
             }
         }
+        let Some(finish_reason) = finish else {
+            return Err(unavailable(&"the stream ended before the request finished"));
+        };
+        if cut {
+            self.abort().await;
+        }
+        let last = EngineOutput {
+            finish_reason: Some(finish_reason),
+            cached_tokens: cached,
+            ..EngineOutput::default()
+        };
+        let _ = tx.send(Ok(last)).await;
+        Ok(())
     }
 
     /// Tells the server to stop, where closing the connection is not enough.

@@ -105,6 +105,8 @@ pub fn request_body(kind: ServerKind, request: &PreprocessedRequest, model: &str
                 "prompt": request.token_ids,
                 "stream": true,
                 "return_token_ids": true,
+                // A last chunk with usage, where vLLM says what it served from its cache.
+                "stream_options": {"include_usage": true},
                 // null, not vLLM's default of 16: as many as the context allows.
                 "max_tokens": max_tokens,
                 "temperature": temperature,
@@ -233,6 +235,11 @@ pub fn parse_chunk(kind: ServerKind, state: &mut StreamState, data: &str) -> Res
                 cached_tokens,
             }
         }
+        ServerKind::Vllm if v.get("choices").and_then(Value::as_array).is_some_and(Vec::is_empty) => Chunk {
+            // The usage chunk that ends a stream asked for with include_usage.
+            cached_tokens: count(v.pointer("/usage/prompt_tokens_details/cached_tokens")),
+            ..Chunk::default()
+        },
         ServerKind::Vllm => {
             let choice = v.pointer("/choices/0").ok_or_else(|| missing("choices"))?;
             let token_ids = match choice.get("token_ids") {
@@ -352,7 +359,7 @@ mod tests {
             ServerKind::Vllm,
             &req,
             expect![[
-                r#"{"frequency_penalty":0.0,"ignore_eos":false,"max_tokens":8,"model":"served","presence_penalty":0.0,"prompt":[1,2,3],"request_id":"r1","return_token_ids":true,"skip_special_tokens":false,"stop_token_ids":[2],"stream":true,"temperature":1.0,"top_k":-1,"top_p":1.0}"#
+                r#"{"frequency_penalty":0.0,"ignore_eos":false,"max_tokens":8,"model":"served","presence_penalty":0.0,"prompt":[1,2,3],"request_id":"r1","return_token_ids":true,"skip_special_tokens":false,"stop_token_ids":[2],"stream":true,"stream_options":{"include_usage":true},"temperature":1.0,"top_k":-1,"top_p":1.0}"#
             ]],
         );
         check_body(
@@ -388,7 +395,7 @@ mod tests {
             ServerKind::Vllm,
             &req,
             expect![[
-                r#"{"frequency_penalty":0.25,"ignore_eos":true,"max_tokens":null,"model":"served","presence_penalty":-0.5,"prompt":[1,2,3],"request_id":"r1","return_token_ids":true,"seed":42,"skip_special_tokens":false,"stop_token_ids":[],"stream":true,"temperature":0.0,"top_k":7,"top_p":0.5}"#
+                r#"{"frequency_penalty":0.25,"ignore_eos":true,"max_tokens":null,"model":"served","presence_penalty":-0.5,"prompt":[1,2,3],"request_id":"r1","return_token_ids":true,"seed":42,"skip_special_tokens":false,"stop_token_ids":[],"stream":true,"stream_options":{"include_usage":true},"temperature":0.0,"top_k":7,"top_p":0.5}"#
             ]],
         );
         check_body(
@@ -472,12 +479,14 @@ mod tests {
                 r#"{"id":"cmpl-1","choices":[{"index":0,"text":"","token_ids":[15],"finish_reason":"length"}]}"#,
                 r#"{"id":"cmpl-1","choices":[{"index":0,"text":"","finish_reason":"stop"}]}"#,
                 r#"{"id":"cmpl-1","choices":[{"index":0,"text":"x","finish_reason":null}]}"#,
+                r#"{"id":"cmpl-1","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":2,"prompt_tokens_details":{"cached_tokens":8}}}"#,
             ],
             expect![[r#"
                 [13, 14] None None
                 [15] Some(Length) None
                 [] Some(Stop) None
-                error: vllm sent a chunk without choices[0].token_ids (is vLLM older than 0.10.2?): {"id":"cmpl-1","choices":[{"index":0,"text":"x","finish_reason":null}]}"#]],
+                error: vllm sent a chunk without choices[0].token_ids (is vLLM older than 0.10.2?): {"id":"cmpl-1","choices":[{"index":0,"text":"x","finish_reason":null}]}
+                [] None Some(8)"#]],
         );
     }
 

@@ -98,6 +98,8 @@ async fn vllm_completions(State(f): State<Shared>, Json(b): Json<Value>) -> Resp
         .map(|i| json!({"choices": [{"index": 0, "text": "x", "token_ids": [prompt[i % prompt.len()] + 100], "finish_reason": null}]}))
         .collect();
     chunks.push(json!({"choices": [{"index": 0, "text": "", "finish_reason": "length"}]}));
+    // What include_usage asks for: the prompt tokens served from the cache come last.
+    chunks.push(json!({"choices": [], "usage": {"prompt_tokens": 3, "prompt_tokens_details": {"cached_tokens": 2}}}));
     sse(chunks, f.break_after.load(Ordering::SeqCst))
 }
 
@@ -167,24 +169,34 @@ fn request(max_tokens: u32, stop_token_ids: Vec<u32>) -> PreprocessedRequest {
     }
 }
 
-/// Every output of a stream: (tokens, finish) pairs, and the error that ended it, if any.
+/// A stream's tokens, finish and the error that ended it, if any.
 async fn collect(
     engine: &ExternalEngine,
     req: PreprocessedRequest,
 ) -> (Vec<u32>, Option<FinishReason>, Option<EngineError>) {
+    let (tokens, finish, error, _) = collect_all(engine, req).await;
+    (tokens, finish, error)
+}
+
+/// ... and the cached prompt tokens reported.
+async fn collect_all(
+    engine: &ExternalEngine,
+    req: PreprocessedRequest,
+) -> (Vec<u32>, Option<FinishReason>, Option<EngineError>, Option<u32>) {
     let mut stream = engine.generate(req, CancellationToken::new()).expect("generate");
-    let (mut tokens, mut finish, mut error) = (Vec::new(), None, None);
+    let (mut tokens, mut finish, mut error, mut cached) = (Vec::new(), None, None, None);
     while let Some(o) = stream.next().await {
         match o {
             Ok(o) => {
                 assert!(finish.is_none(), "nothing follows the finish");
                 tokens.extend_from_slice(&o.token_ids);
                 finish = o.finish_reason;
+                cached = cached.or(o.cached_tokens);
             }
             Err(e) => error = Some(e),
         }
     }
-    (tokens, finish, error)
+    (tokens, finish, error, cached)
 }
 
 #[tokio::test]
@@ -198,10 +210,10 @@ async fn vllm_streams_token_ids_and_reports_load() {
     // The root path does not exist on this machine, so no tokenizer is taken from it.
     assert_eq!(engine.info().model_path, None);
 
-    let (tokens, finish, error) = collect(&engine, request(4, vec![])).await;
+    let (tokens, finish, error, cached) = collect_all(&engine, request(4, vec![])).await;
     assert_eq!(
-        (tokens, finish, error.map(|e| e.to_string())),
-        (vec![101, 102, 103, 101], Some(FinishReason::Length), None)
+        (tokens, finish, error.map(|e| e.to_string()), cached),
+        (vec![101, 102, 103, 101], Some(FinishReason::Length), None, Some(2))
     );
     let body = fake.bodies.lock().last().cloned().expect("a body");
     assert_eq!(body["prompt"], json!([1, 2, 3]));

@@ -332,10 +332,13 @@ impl Dispatcher {
                 };
                 match next {
                     Some(Ok(mut output)) => {
-                        // The prompt tokens of a migrated request are the new worker's cache
-                        // business: the client saw the first worker's figure already.
-                        if std::mem::replace(&mut reported_cached, true) {
+                        // Reported once, by the first worker: a migrated request's prompt is
+                        // the new worker's cache business. Some engines know the figure only
+                        // at the end (llama.cpp), so it is the first output that carries one.
+                        if reported_cached || migrations > 0 {
                             output.cached_tokens = None;
+                        } else if output.cached_tokens.is_some() {
+                            reported_cached = true;
                         }
                         request.token_ids.extend_from_slice(&output.token_ids);
                         if let Some(m) = request.stop.max_tokens.as_mut() {

@@ -65,7 +65,8 @@ pub struct EngineOutput {
     /// Set on the last output of a stream, and only there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finish_reason: Option<FinishReason>,
-    /// Prompt tokens the engine served from its cache; reported once, on the first output.
+    /// Prompt tokens the engine served from its cache; reported once, on the first output
+    /// (an external server that says only at the end: on the last).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cached_tokens: Option<u32>,
     /// A prefill worker's answer: where the prompt's KV waits. Boxed, since every decode

@@ -189,6 +189,9 @@ pub async fn worker(args: WorkerCmdArgs) -> anyhow::Result<()> {
     if engine.external_count().is_some() && disagg.is_some() {
         bail!("--role: external engines serve aggregated only");
     }
+    if engine.external_count().is_some() && args.metrics_port.is_some() {
+        bail!("--metrics-port: an external server exports its own metrics; scrape it instead");
+    }
     let runtime = cluster.runtime().await?;
     engine.connect().await?;
     let config = WorkerConfig {
