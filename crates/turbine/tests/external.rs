@@ -172,7 +172,7 @@ async fn kv_routing_follows_the_servers_own_events() -> Result<()> {
         anyhow::ensure!(r.status().is_success(), "request {i}: {}", r.status());
         let body: Value = r.json().await?;
         anyhow::ensure!(body["usage"]["completion_tokens"] == 2, "request {i}: {body}");
-        let got = servers[holder].1.lock().expect("lock").iter().any(|p| *p == ids);
+        let got = servers[holder].1.lock().expect("lock").contains(&ids);
         anyhow::ensure!(
             got,
             "request {i} should have gone to server {holder}, which caches its prefix"
