@@ -197,19 +197,20 @@ async fn two_thousand_requests_with_cancels_and_kills_leak_nothing() -> Result<(
             p1.proc.kill()?;
         }
         if i == 2 * REQUESTS / 3 {
-            // Killed while it has sequences running, so that some must move; watched beside
-            // the load, which goes on meanwhile.
+            // Killed while it has a sequence running, so that some must move; watched beside
+            // the load, which goes on meanwhile. One is enough: on a loaded two-core machine
+            // the worker may never hold two at the instant it is sampled.
             let (mut d1, http) = (d1.take().context("killed twice")?, http.clone());
             killer = Some(tokio::spawn(async move {
-                let deadline = Instant::now() + Duration::from_secs(10);
+                let deadline = Instant::now() + Duration::from_secs(30);
                 while d1
                     .metric(&http, "turbine_worker_sequences", &["state=\"running\""])
                     .await?
-                    < 2.0
+                    < 1.0
                 {
                     ensure!(
                         Instant::now() < deadline,
-                        "the decode worker never had two sequences running"
+                        "the decode worker never had a sequence running"
                     );
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
