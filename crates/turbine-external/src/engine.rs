@@ -223,7 +223,11 @@ impl Engine for ExternalEngine {
     }
 
     fn kv_cache(&self) -> Option<KvCache> {
-        self.inner.kv.as_ref().map(|_| KvCache::new(Source(self.inner.clone())))
+        let feed = self.inner.kv.clone()?;
+        Some(KvCache::new(Source {
+            feed,
+            load: self.inner.load.clone(),
+        }))
     }
 
     fn load(&self) -> Option<watch::Receiver<WorkerLoad>> {
@@ -505,22 +509,22 @@ async fn poll(p: Poller, stop: CancellationToken) {
 }
 
 /// The KV cache as the worker sees it: the server's events, translated.
-struct Source(Arc<Inner>);
+struct Source {
+    feed: KvEventFeed,
+    load: watch::Receiver<WorkerLoad>,
+}
 
 impl KvCacheSource for Source {
     fn subscribe(&self) -> mpsc::UnboundedReceiver<Vec<KvEvent>> {
-        match &self.0.kv {
-            Some(feed) => feed.subscribe(),
-            None => mpsc::unbounded_channel().1,
-        }
+        self.feed.subscribe()
     }
 
     fn load(&self) -> watch::Receiver<WorkerLoad> {
-        self.0.load.clone()
+        self.load.clone()
     }
 
     fn snapshot(&self) -> futures::future::BoxFuture<'static, Result<KvSnapshot, EngineError>> {
-        let snapshot = self.0.kv.as_ref().map(KvEventFeed::snapshot).unwrap_or_default();
+        let snapshot = self.feed.snapshot();
         Box::pin(async move { Ok(snapshot) })
     }
 }
