@@ -1,10 +1,12 @@
-//! `turbine trace analyze`: what a trace asks of a server, and the prefix-cache hit rate that
-//! no router can beat.
+//! `turbine trace analyze`: what a trace asks of a server, the prefix-cache hit rate that
+//! no router can beat, and how eviction policies fare against Belady's optimum on it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 
 use serde::Serialize;
+use turbine_kvbm::policy::{belady, build, replay, ReplayStats, Request, UnknownPolicy};
+pub use turbine_kvbm::policy::{PolicyConfig, PolicyKind};
 
 use crate::stats::Distribution;
 use crate::trace::Trace;
@@ -20,6 +22,9 @@ pub struct TraceAnalysis {
     pub total_output_tokens: u64,
     /// Only for traces with hash ids.
     pub prefix: Option<PrefixAnalysis>,
+    /// Only when asked for (see [`compare_policies`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policies: Option<PolicyComparison>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -56,6 +61,128 @@ pub fn analyze(trace: &Trace, lru_blocks: Option<usize>) -> TraceAnalysis {
             unbounded_hit_rate: hit_rate(trace, &mut Unbounded::default()),
             lru: lru_blocks.map(|n| (n, hit_rate(trace, &mut Lru::new(n)))),
         }),
+        policies: None,
+    }
+}
+
+/// Eviction policies replayed over one prefix cache per capacity, beside Belady's optimum.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PolicyComparison {
+    pub block_tokens: u32,
+    pub distinct_blocks: usize,
+    /// Cache sizes, in the trace's blocks.
+    pub capacities: Vec<usize>,
+    /// The policies asked for, in order, then `belady`.
+    pub rows: Vec<PolicyRow>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PolicyRow {
+    pub policy: String,
+    /// Share of prompt blocks hit, one per capacity.
+    pub hit_rates: Vec<f64>,
+    /// What each replay counted, one per capacity.
+    pub replays: Vec<ReplayStats>,
+}
+
+/// Policies named on a command line: `all` is every [`PolicyKind`]; repeats are dropped.
+pub fn policies_named<S: AsRef<str>>(names: &[S]) -> Result<Vec<PolicyKind>, UnknownPolicy> {
+    let mut kinds = Vec::new();
+    for name in names {
+        let expanded = match name.as_ref().trim() {
+            "all" => PolicyKind::ALL.to_vec(),
+            one => vec![one.parse()?],
+        };
+        for k in expanded {
+            if !kinds.contains(&k) {
+                kinds.push(k);
+            }
+        }
+    }
+    Ok(kinds)
+}
+
+/// Replays `trace` through each of `policies` (configured by `config`) over a prefix cache
+/// of each of `capacities` blocks, and through Belady's optimum; `None` without hash ids.
+/// Hit rates count blocks (see [`turbine_kvbm::policy::replay`]), not tokens as
+/// [`PrefixAnalysis`] does: the last, cut block of a prompt weighs as much as the others.
+pub fn compare_policies(
+    trace: &Trace,
+    policies: &[PolicyKind],
+    capacities: &[usize],
+    config: &PolicyConfig,
+) -> Option<PolicyComparison> {
+    if trace.requests.iter().all(|r| r.hash_ids.is_empty()) {
+        return None;
+    }
+    let requests: Vec<Request> = trace
+        .requests
+        .iter()
+        .map(|r| Request {
+            at: u64::try_from(r.at.as_millis()).unwrap_or(u64::MAX),
+            blocks: r.hash_ids.clone(),
+        })
+        .collect();
+    let row = |policy: String, replays: Vec<ReplayStats>| PolicyRow {
+        policy,
+        hit_rates: replays.iter().map(ReplayStats::hit_rate).collect(),
+        replays,
+    };
+    let mut rows: Vec<PolicyRow> = policies
+        .iter()
+        .map(|&kind| {
+            let replays = capacities
+                .iter()
+                .map(|&c| replay(&requests, &mut build(kind, c, config), c))
+                .collect();
+            row(kind.to_string(), replays)
+        })
+        .collect();
+    rows.push(row(
+        "belady".to_owned(),
+        capacities.iter().map(|&c| belady(&requests, c)).collect(),
+    ));
+    Some(PolicyComparison {
+        block_tokens: trace.block_tokens,
+        distinct_blocks: requests.iter().flat_map(|r| &r.blocks).collect::<HashSet<_>>().len(),
+        capacities: capacities.to_vec(),
+        rows,
+    })
+}
+
+impl PolicyComparison {
+    pub fn render(&self) -> String {
+        let mut o = String::new();
+        let _ = writeln!(
+            o,
+            "eviction policies: share of prompt blocks hit in one prefix cache, and of Belady's optimum"
+        );
+        let _ = write!(o, "{:<12}", "capacity");
+        for &c in &self.capacities {
+            let share = c as f64 / self.distinct_blocks.max(1) as f64 * 100.0;
+            let _ = write!(o, "{:>18}", format!("{c} ({share:.0}%)"));
+        }
+        let _ = writeln!(
+            o,
+            "\n{:<12}{}",
+            "",
+            format!("{:>10}{:>8}", "hit", "of opt").repeat(self.capacities.len())
+        );
+        let best = self.rows.last().map(|r| r.hit_rates.clone()).unwrap_or_default();
+        for r in &self.rows {
+            let _ = write!(o, "{:<12}", r.policy);
+            for (rate, opt) in r.hit_rates.iter().zip(&best) {
+                let of = if *opt > 0.0 { rate / opt * 100.0 } else { 100.0 };
+                let _ = write!(o, "{:>9.2}%{:>7.1}%", rate * 100.0, of);
+            }
+            let _ = writeln!(o);
+        }
+        let _ = writeln!(
+            o,
+            "capacity in blocks of {} tokens (and as a share of the {} distinct blocks)",
+            self.block_tokens, self.distinct_blocks
+        );
+        o
     }
 }
 
@@ -190,6 +317,10 @@ impl TraceAnalysis {
                 }
             }
         }
+        if let Some(c) = &self.policies {
+            o.push('\n');
+            o.push_str(&c.render());
+        }
         o
     }
 }
@@ -241,11 +372,39 @@ mod tests {
     }
 
     #[test]
+    fn policies_replay_blocks_against_belady() {
+        let t = trace(&[
+            (0, 1024, &[1, 2]),
+            (1000, 1100, &[1, 2, 3]),
+            (2000, 1100, &[1, 4, 3]),
+            (3000, 600, &[1, 2]),
+        ]);
+        let kinds = policies_named(&["lru", "lru"]).unwrap();
+        let c = compare_policies(&t, &kinds, &[2, 4], &PolicyConfig::default()).unwrap();
+        // Two blocks of room: LRU keeps request two's prefix only; the optimum also keeps 1
+        // for the last two requests (and declines 4, never used again).
+        assert_eq!(c.rows[0].replays[0].hit_blocks, 2);
+        assert_eq!(c.rows[1].replays[0].hit_blocks, 4);
+        expect_test::expect![[r#"
+            eviction policies: share of prompt blocks hit in one prefix cache, and of Belady's optimum
+            capacity               2 (50%)          4 (100%)
+                               hit  of opt       hit  of opt
+            lru             20.00%   50.0%    50.00%  100.0%
+            belady          40.00%  100.0%    50.00%  100.0%
+            capacity in blocks of 512 tokens (and as a share of the 4 distinct blocks)
+        "#]]
+        .assert_eq(&c.render());
+        assert_eq!(policies_named(&["all"]).unwrap(), PolicyKind::ALL);
+        assert_eq!(policies_named(&["fifo", "nope"]).unwrap_err().name, "nope");
+    }
+
+    #[test]
     fn length_only_traces_have_no_prefix_figures() {
         let t = Trace::parse_azure("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.0,10,5\n".as_bytes())
             .unwrap();
         let a = analyze(&t, None);
         assert!(a.prefix.is_none());
+        assert!(compare_policies(&t, &[PolicyKind::Lru], &[4], &PolicyConfig::default()).is_none());
         assert!(a.render().contains("no hash ids"));
     }
 }

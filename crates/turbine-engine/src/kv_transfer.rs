@@ -1,10 +1,68 @@
 //! What an engine offers for disaggregated serving: its KV blocks as bytes with their layout,
 //! exported by a prefill engine and imported by a decode engine of the same layout.
 
+use std::fmt;
+use std::str::FromStr;
+
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 use crate::EngineError;
+
+/// How a KV cache stores each key and value. Narrower types hold more tokens in the same
+/// bytes at some precision: `f16` half of `f32`'s bytes, `q8` about a quarter.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum KvDtype {
+    #[default]
+    F32,
+    F16,
+    /// Symmetric int8 per row (one token's `head_dim` keys or values of one KV head), with
+    /// one f32 scale per row, `max |x| / 127`.
+    Q8,
+}
+
+impl KvDtype {
+    pub const ALL: [KvDtype; 3] = [KvDtype::F32, KvDtype::F16, KvDtype::Q8];
+
+    /// The name in flags and in [`KvLayout::dtype`].
+    pub fn name(self) -> &'static str {
+        match self {
+            KvDtype::F32 => "f32",
+            KvDtype::F16 => "f16",
+            KvDtype::Q8 => "q8",
+        }
+    }
+
+    /// Bytes of one row of `head_dim` values, with its scale for `q8`.
+    pub fn row_bytes(self, head_dim: usize) -> usize {
+        match self {
+            KvDtype::F32 => 4 * head_dim,
+            KvDtype::F16 => 2 * head_dim,
+            KvDtype::Q8 => head_dim + 4,
+        }
+    }
+}
+
+impl fmt::Display for KvDtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown KV cache dtype {0:?}: expected f32, f16 or q8")]
+pub struct UnknownKvDtype(pub String);
+
+impl FromStr for KvDtype {
+    type Err = UnknownKvDtype;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        KvDtype::ALL
+            .into_iter()
+            .find(|d| d.name() == s)
+            .ok_or_else(|| UnknownKvDtype(s.to_owned()))
+    }
+}
 
 /// How exported KV bytes are laid out, so that an importer can check it matches its own.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -13,7 +71,8 @@ pub struct KvLayout {
     pub num_kv_heads: usize,
     pub head_dim: usize,
     pub block_size: usize,
-    /// Element type of the bytes: `f32`, little-endian.
+    /// Element type of the bytes, a [`KvDtype`] name: `f32` or `f16` little-endian, or `q8`:
+    /// int8 values, then their rows' little-endian f32 scales.
     pub dtype: String,
     /// Axis order within one block of one layer, keys then values.
     pub order: String,
@@ -22,11 +81,13 @@ pub struct KvLayout {
 impl KvLayout {
     /// Bytes of one block, all layers, keys and values.
     pub fn block_bytes(&self) -> usize {
-        let elem = match self.dtype.as_str() {
-            "f16" | "bf16" => 2,
-            _ => 4,
+        let row = match self.dtype.parse::<KvDtype>() {
+            Ok(dtype) => dtype.row_bytes(self.head_dim),
+            Err(_) if self.dtype == "bf16" => 2 * self.head_dim,
+            // Layouts that are not an engine's cache (the mocker's) count 4 bytes a value.
+            Err(_) => 4 * self.head_dim,
         };
-        2 * self.num_layers * self.num_kv_heads * self.head_dim * self.block_size * elem
+        2 * self.num_layers * self.num_kv_heads * self.block_size * row
     }
 }
 

@@ -10,6 +10,7 @@ pub mod host;
 pub mod kv_transfer;
 pub mod mocker;
 pub mod pool;
+pub mod tiers;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -97,6 +98,11 @@ pub trait Engine: Send + Sync + 'static {
     /// that report load without KV events (an external server's metrics) override this.
     fn load(&self) -> Option<watch::Receiver<WorkerLoad>> {
         self.kv_cache().map(|c| c.load())
+    }
+
+    /// The counters of the block manager below the engine's KV cache, if it has tiers.
+    fn kvbm_stats(&self) -> Option<std::sync::Arc<turbine_kvbm::KvbmStats>> {
+        None
     }
 
     /// Moving the engine's KV blocks to and from other engines (disaggregated serving).

@@ -13,7 +13,7 @@
 
 use std::collections::hash_map::Entry;
 
-use turbine_protocols::kv::{CachedBlock, KvEvent, KvEventData, KvSnapshot, StoredBlock};
+use turbine_protocols::kv::{CachedBlock, KvEvent, KvEventData, KvSnapshot, StorageTier, StoredBlock};
 use turbine_tokens::{BlockHash, HashMapOfHashes, SequenceHash};
 
 /// Index of a block in the pool.
@@ -42,6 +42,11 @@ pub struct BlockPool {
     cached: HashMapOfHashes<BlockId>,
     next_event_id: u64,
     events: Vec<KvEvent>,
+    /// Set when a block manager below the pool copies blocks out: registrations and
+    /// evictions are then recorded with their block ids (`take_registered`, `take_evicted`).
+    tracking: bool,
+    registered: Vec<(BlockId, CachedBlock)>,
+    evicted: Vec<(BlockId, CachedBlock)>,
 }
 
 impl BlockPool {
@@ -68,6 +73,9 @@ impl BlockPool {
             cached: HashMapOfHashes::default(),
             next_event_id: 0,
             events: Vec::new(),
+            tracking: false,
+            registered: Vec::new(),
+            evicted: Vec::new(),
         };
         for id in 0..num_blocks as BlockId {
             pool.push_free(id);
@@ -147,12 +155,16 @@ impl BlockPool {
             if let Some(cached) = block.hash.take() {
                 self.cached.remove(&cached.block.sequence_hash);
                 evicted.push(cached.block.sequence_hash);
+                if self.tracking {
+                    self.evicted.push((id, cached));
+                }
             }
             ids.push(id);
         }
         if !evicted.is_empty() {
             self.emit(KvEventData::Removed {
                 sequence_hashes: evicted,
+                tier: StorageTier::Device,
             });
         }
         Some(ids)
@@ -185,13 +197,18 @@ impl BlockPool {
                 block.hash = Some(CachedBlock {
                     parent_hash: prev,
                     block: stored,
+                    tier: StorageTier::Device,
                 });
                 run.push(stored);
+                if self.tracking {
+                    self.registered.extend(block.hash.map(|c| (id, c)));
+                }
             } else {
                 if !run.is_empty() {
                     self.emit(KvEventData::Stored {
                         parent_hash: run_parent,
                         blocks: std::mem::take(&mut run),
+                        tier: StorageTier::Device,
                     });
                 }
                 run_parent = Some(h.sequence);
@@ -202,6 +219,7 @@ impl BlockPool {
             self.emit(KvEventData::Stored {
                 parent_hash: run_parent,
                 blocks: run,
+                tier: StorageTier::Device,
             });
         }
     }
@@ -224,10 +242,13 @@ impl BlockPool {
     /// empties the cache, `Removed` otherwise.
     pub fn clear_cache(&mut self) {
         let mut removed = Vec::new();
-        for block in self.blocks.iter_mut().filter(|b| b.refs == 0) {
+        for (id, block) in self.blocks.iter_mut().enumerate().filter(|(_, b)| b.refs == 0) {
             if let Some(cached) = block.hash.take() {
                 self.cached.remove(&cached.block.sequence_hash);
                 removed.push(cached.block.sequence_hash);
+                if self.tracking {
+                    self.evicted.push((id as BlockId, cached));
+                }
             }
         }
         if self.cached.is_empty() {
@@ -235,8 +256,40 @@ impl BlockPool {
         } else if !removed.is_empty() {
             self.emit(KvEventData::Removed {
                 sequence_hashes: removed,
+                tier: StorageTier::Device,
             });
         }
+    }
+
+    /// Records registrations and evictions with their block ids from now on, for a block
+    /// manager that copies blocks out of the pool.
+    pub fn track_changes(&mut self) {
+        self.tracking = true;
+    }
+
+    /// Blocks registered since the last call (with [`BlockPool::track_changes`]).
+    pub fn take_registered(&mut self) -> Vec<(BlockId, CachedBlock)> {
+        std::mem::take(&mut self.registered)
+    }
+
+    /// Blocks evicted since the last call (with [`BlockPool::track_changes`]): their bytes
+    /// are intact until the caller lets the blocks' new owners write them.
+    pub fn take_evicted(&mut self) -> Vec<(BlockId, CachedBlock)> {
+        std::mem::take(&mut self.evicted)
+    }
+
+    /// Whether block `id` still holds the block registered as `hash`.
+    pub fn holds(&self, id: BlockId, hash: SequenceHash) -> bool {
+        self.blocks
+            .get(id as usize)
+            .and_then(|b| b.hash)
+            .is_some_and(|c| c.block.sequence_hash == hash)
+    }
+
+    /// Numbers an event about the worker's cache that the pool did not make (a tier below
+    /// it changed) into the pool's stream, so that one sequence orders both.
+    pub fn record(&mut self, data: KvEventData) {
+        self.emit(data);
     }
 
     /// The events recorded since the last call.
@@ -336,7 +389,10 @@ impl BlockPool {
 /// reconstructs, in its simplest form. Checks the event stream as it goes.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct EventReplica {
+    /// Blocks in the pool (the device tier).
     pub registered: std::collections::HashSet<SequenceHash>,
+    /// Blocks in the tiers below the pool, with their tier.
+    pub below: std::collections::HashSet<(SequenceHash, StorageTier)>,
     next_event_id: u64,
 }
 
@@ -360,16 +416,24 @@ impl EventReplica {
         }
         self.next_event_id += 1;
         match &event.data {
-            KvEventData::Stored { blocks, .. } => {
+            KvEventData::Stored { blocks, tier, .. } => {
                 for b in blocks {
-                    if !self.registered.insert(b.sequence_hash) {
+                    let new = match tier {
+                        StorageTier::Device => self.registered.insert(b.sequence_hash),
+                        t => self.below.insert((b.sequence_hash, *t)),
+                    };
+                    if !new {
                         return Err(ReplayError::StoredTwice(b.sequence_hash));
                     }
                 }
             }
-            KvEventData::Removed { sequence_hashes } => {
+            KvEventData::Removed { sequence_hashes, tier } => {
                 for h in sequence_hashes {
-                    if !self.registered.remove(h) {
+                    let known = match tier {
+                        StorageTier::Device => self.registered.remove(h),
+                        t => self.below.remove(&(*h, *t)),
+                    };
+                    if !known {
                         return Err(ReplayError::RemovedUnknown(*h));
                     }
                 }
@@ -379,9 +443,24 @@ impl EventReplica {
         Ok(())
     }
 
-    /// The registered set of `snapshot`, for comparison.
+    /// The device blocks of `snapshot`, for comparison with `registered`.
     pub fn of(snapshot: &KvSnapshot) -> std::collections::HashSet<SequenceHash> {
-        snapshot.blocks.iter().map(|b| b.block.sequence_hash).collect()
+        snapshot
+            .blocks
+            .iter()
+            .filter(|b| b.tier == StorageTier::Device)
+            .map(|b| b.block.sequence_hash)
+            .collect()
+    }
+
+    /// The blocks of `snapshot` below the pool, for comparison with `below`.
+    pub fn below_of(snapshot: &KvSnapshot) -> std::collections::HashSet<(SequenceHash, StorageTier)> {
+        snapshot
+            .blocks
+            .iter()
+            .filter(|b| b.tier != StorageTier::Device)
+            .map(|b| (b.block.sequence_hash, b.tier))
+            .collect()
     }
 }
 
@@ -415,7 +494,8 @@ mod tests {
             KvEvent {
                 event_id: 1,
                 data: KvEventData::Removed {
-                    sequence_hashes: vec![a[1].sequence]
+                    sequence_hashes: vec![a[1].sequence],
+                    tier: StorageTier::Device,
                 }
             }
         );

@@ -575,10 +575,19 @@ fn route_options(headers: &HeaderMap, ext: Option<&TurbineExt>) -> Result<RouteO
         )),
         _ => Ok(v),
     };
+    let weight = |name: &'static str, v: Option<f64>| match v {
+        Some(x) if !(0.0..=1.0).contains(&x) => Err(ApiError::invalid_param(
+            format!("turbine.{name}"),
+            format!("turbine.{name} must be a number from 0 to 1, got {x}"),
+        )),
+        _ => Ok(v),
+    };
     let ext = ext.cloned().unwrap_or_default();
     let overrides = SelectorOverrides {
         overlap_weight: check("kv_overlap_weight", ext.kv_overlap_weight)?,
         temperature: check("kv_temperature", ext.kv_temperature)?,
+        host_hit_weight: weight("kv_host_hit_weight", ext.kv_host_hit_weight)?,
+        disk_hit_weight: weight("kv_disk_hit_weight", ext.kv_disk_hit_weight)?,
     };
     Ok(RouteOptions { session, overrides })
 }

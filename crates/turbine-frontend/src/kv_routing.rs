@@ -25,6 +25,8 @@ use crate::models::{ModelManager, ServedModel};
 pub(crate) struct SelectorOverrides {
     pub(crate) overlap_weight: Option<f64>,
     pub(crate) temperature: Option<f64>,
+    pub(crate) host_hit_weight: Option<f64>,
+    pub(crate) disk_hit_weight: Option<f64>,
 }
 
 /// The time cost's weights (see [`CostModel::Time`]).
@@ -210,6 +212,8 @@ impl KvRouter {
             block_size,
             overlap_weight: overrides.overlap_weight.unwrap_or(self.selector.overlap_weight),
             temperature: overrides.temperature.unwrap_or(self.selector.temperature),
+            host_hit_weight: overrides.host_hit_weight.unwrap_or(self.selector.host_hit_weight),
+            disk_hit_weight: overrides.disk_hit_weight.unwrap_or(self.selector.disk_hit_weight),
             cost: match (self.time, served.card.timing) {
                 (Some(t), Some(profile)) => CostModel::Time {
                     profile,

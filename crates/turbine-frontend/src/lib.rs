@@ -31,6 +31,10 @@ pub struct FrontendConfig {
     /// `kv` mode: weight of prefill work against decode load, and sampling temperature.
     pub kv_overlap_weight: f64,
     pub kv_temperature: f64,
+    /// `kv` mode: what a cached block in a worker's host memory, and on its disk, counts for
+    /// (0 to 1) against one on its device.
+    pub kv_host_hit_weight: f64,
+    pub kv_disk_hit_weight: f64,
     /// `kv` mode: what costs are counted in, and for [`KvCost::Time`] how much a request's own
     /// prefill counts against waiting and how many of its decode steps the cost looks ahead.
     pub kv_cost: KvCost,
@@ -94,6 +98,8 @@ impl Default for FrontendConfig {
             max_body_bytes: 32 * 1024 * 1024,
             kv_overlap_weight: 1.0,
             kv_temperature: 0.0,
+            kv_host_hit_weight: turbine_router::selector::DEFAULT_HOST_HIT_WEIGHT,
+            kv_disk_hit_weight: turbine_router::selector::DEFAULT_DISK_HIT_WEIGHT,
             kv_cost: KvCost::Time,
             kv_compute_weight: DEFAULT_COMPUTE_WEIGHT,
             kv_decode_horizon: DEFAULT_DECODE_HORIZON,
@@ -131,6 +137,8 @@ impl Frontend {
                 let selector = turbine_router::selector::SelectorConfig {
                     overlap_weight: config.kv_overlap_weight,
                     temperature: config.kv_temperature,
+                    host_hit_weight: config.kv_host_hit_weight,
+                    disk_hit_weight: config.kv_disk_hit_weight,
                     ..Default::default()
                 };
                 Some(

@@ -42,6 +42,8 @@ pub(crate) struct Metrics {
     /// Where each request of a disaggregated model was prefilled, and why.
     pub(crate) disagg: IntCounterVec,
     pub(crate) kv_fallback: prometheus::IntCounter,
+    /// Prompt blocks cached on the worker each `kv` decision chose, by tier.
+    pub(crate) kv_matched_blocks: IntCounterVec,
 }
 
 /// Only fails on a duplicate or malformed name, which is a programming error caught by the
@@ -139,6 +141,12 @@ impl Metrics {
                     "kv routing decisions made on predictions because the event plane was disconnected.",
                 )
                 .unwrap_or_else(|e| invalid("kv_fallback", e)),
+            ),
+            kv_matched_blocks: counter(
+                &r,
+                "kv_matched_blocks_total",
+                "Leading prompt blocks cached on the worker each kv routing decision chose, by the fastest tier holding each (device, host, disk).",
+                &["model", "tier"],
             ),
             migrations: counter(
                 &r,

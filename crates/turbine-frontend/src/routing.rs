@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
+use turbine_protocols::kv::StorageTier;
 use turbine_protocols::{Disagg, EngineOutput, KvTransferParams, PreprocessedRequest};
 use turbine_router::{Router, RouterMode, WorkerId};
 use turbine_runtime::{Client, ErrorKind, HandlerError, Instance, InstanceId, RequestError, ResponseStream, Runtime};
@@ -63,6 +64,8 @@ pub(crate) struct Dispatcher {
     migration_limit: u32,
     migrations: prometheus::IntCounterVec,
     disagg: prometheus::IntCounterVec,
+    /// Prompt blocks cached on each `kv` decision's worker, by tier.
+    kv_matched_blocks: prometheus::IntCounterVec,
     disagg_policy: crate::DisaggPolicy,
 }
 
@@ -143,6 +146,7 @@ impl Dispatcher {
             migration_limit: config.migration_limit,
             migrations: metrics.migrations.clone(),
             disagg: metrics.disagg.clone(),
+            kv_matched_blocks: metrics.kv_matched_blocks.clone(),
             disagg_policy: config.disagg.clone(),
             models,
             client: runtime.client(),
@@ -226,12 +230,27 @@ impl Dispatcher {
                     candidates = ?decision
                         .candidates
                         .iter()
-                        .map(|c| (c.worker, c.overlap_blocks, round1(c.prefill), round1(c.decode), round1(c.cost)))
+                        .map(|c| (
+                            c.worker,
+                            c.overlap_blocks,
+                            round1(c.credit),
+                            round1(c.prefill),
+                            round1(c.decode),
+                            round1(c.cost)
+                        ))
                         .collect::<Vec<_>>(),
-                    "kv routing decision (worker, overlap blocks, prefill, decode, cost)"
+                    "kv routing decision (worker, overlap blocks, their credit by tier, prefill, decode, cost)"
                 );
                 let chosen = decision.candidates.iter().find(|c| c.worker == decision.worker)?;
                 prefill -= (u64::from(chosen.overlap_blocks) * u64::from(bs)).min(isl);
+                for tier in StorageTier::ALL {
+                    let n = chosen.tiers.get(tier);
+                    if n > 0 {
+                        self.kv_matched_blocks
+                            .with_label_values(&[&served.card.name, tier.as_str()])
+                            .inc_by(u64::from(n));
+                    }
+                }
                 Some(decision.worker)
             }
             (None, _) => self.router(&served.card.name).select(&ids),

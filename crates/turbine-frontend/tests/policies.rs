@@ -128,6 +128,14 @@ async fn session_requests_stay_on_one_worker() -> Result<()> {
     assert_eq!(r.status(), 400);
     let body: Value = r.json().await?;
     assert_eq!(body["error"]["param"], "turbine.kv_temperature");
+    let r = http
+        .post(url)
+        .json(&json!({"model": "echo", "prompt": "hi", "turbine": {"kv_host_hit_weight": 1.5}}))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await?;
+    assert_eq!(body["error"]["param"], "turbine.kv_host_hit_weight");
     Ok(())
 }
 

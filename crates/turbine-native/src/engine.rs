@@ -16,12 +16,14 @@ use tokio_util::sync::CancellationToken;
 use turbine_engine::host::{self, Command, EngineHandle};
 use turbine_engine::output::Buffered;
 use turbine_engine::scheduler::{Scheduler, SeqSpec, Step, Stored};
+use turbine_engine::tiers::Tiers;
 use turbine_engine::{Engine, EngineError, EngineStream, KvCache, KvLayout, KvTransfer, MockerConfig};
+use turbine_kvbm::{BlockBytes, KvbmConfig, PoolShape};
 use turbine_protocols::kv::{KvEvent, WorkerLoad};
 use turbine_protocols::PreprocessedRequest;
 
 use crate::model::{LoadReport, Model, SeqInput};
-use crate::{KvBlocks, NativeError, PagedKv, Sampler};
+use crate::{KvBlocks, KvDtype, NativeError, PagedKv, Sampler};
 
 /// The engine's settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,6 +41,11 @@ pub struct NativeConfig {
     pub seed: u64,
     /// Convert weights with no fast CPU kernel (Q4_1, Q5_0, Q5_1) to Q8_0 at load.
     pub convert_slow_weights: bool,
+    /// How KV values are stored: `f16` and `q8` fit 2x and about 4x the blocks of `f32` in
+    /// `kv_cache_bytes`, at some precision.
+    pub kv_cache_dtype: KvDtype,
+    /// Tiers below the KV cache (host memory, disk); none by default.
+    pub kvbm: KvbmConfig,
 }
 
 impl Default for NativeConfig {
@@ -51,6 +58,8 @@ impl Default for NativeConfig {
             enable_prefix_caching: true,
             seed: 0,
             convert_slow_weights: true,
+            kv_cache_dtype: KvDtype::F32,
+            kvbm: KvbmConfig::default(),
         }
     }
 }
@@ -70,6 +79,8 @@ enum Own {
         tokens: Vec<u32>,
         reply: oneshot::Sender<usize>,
     },
+    /// Checks the tiers below the cache: no slot leaked or left leased.
+    AuditTiers { reply: oneshot::Sender<Result<(), String>> },
 }
 
 type Handle = EngineHandle<Buffered, Sampler, Own>;
@@ -86,6 +97,7 @@ pub struct NativeEngine {
     /// Seeds requests that name no seed of their own.
     seed: u64,
     layout: KvLayout,
+    kvbm_stats: Option<Arc<turbine_kvbm::KvbmStats>>,
 }
 
 impl NativeEngine {
@@ -101,7 +113,8 @@ impl NativeEngine {
 
     pub fn start(model: Model, config: NativeConfig) -> Result<Self, NativeError> {
         let c = model.config().clone();
-        let per_block = PagedKv::bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim) * config.block_size;
+        let per_block = PagedKv::bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, config.kv_cache_dtype)
+            * config.block_size;
         let num_blocks = config.kv_cache_bytes / per_block.max(1);
         if num_blocks == 0 || config.block_size == 0 || config.max_num_batched_tokens == 0 || config.max_num_seqs == 0 {
             return Err(NativeError::Config(format!(
@@ -118,24 +131,47 @@ impl NativeEngine {
             ..MockerConfig::default()
         };
         scheduling.validate().map_err(|e| NativeError::Config(e.to_string()))?;
-        let kv = PagedKv::new(c.num_layers, num_blocks, config.block_size, c.num_kv_heads, c.head_dim);
+        let kv = PagedKv::new(
+            c.num_layers,
+            num_blocks,
+            config.block_size,
+            c.num_kv_heads,
+            c.head_dim,
+            config.kv_cache_dtype,
+        );
         let layout = kv.layout();
-        let scheduler = Scheduler::new(scheduling);
+        let mut scheduler = Scheduler::new(scheduling);
+        let shape = PoolShape {
+            block_bytes: kv.block_bytes(),
+            blocks: num_blocks,
+            compat: model.fingerprint()? ^ xxhash_rust::xxh3::xxh3_64(format!("{layout:?}").as_bytes()),
+            simulated: false,
+        };
+        let tiers =
+            Tiers::new(&config.kvbm, shape, scheduler.pool_mut()).map_err(|e| NativeError::Config(e.to_string()))?;
+        if let Some(t) = &tiers {
+            for (tier, blocks, capacity) in t.kvbm().usage() {
+                tracing::info!(tier = tier.label(), blocks, capacity, "KV block manager tier");
+            }
+        }
         let (handle, ends) = Handle::new(scheduler.load());
         tracing::info!(
             blocks = num_blocks,
             block_size = config.block_size,
+            dtype = %config.kv_cache_dtype,
             kv_mib = (num_blocks * per_block) >> 20,
             "native engine KV cache"
         );
         let max_len = c.max_position_embeddings.min(num_blocks * config.block_size);
         let vocab_size = c.vocab_size;
+        let kvbm_stats = tiers.as_ref().map(|t| t.stats());
         let looper = Loop {
             model,
             kv,
             scheduler,
             subscribers: Vec::new(),
             load: ends.load,
+            tiers,
         };
         let rx = ends.commands;
         std::thread::Builder::new()
@@ -151,6 +187,7 @@ impl NativeEngine {
             vocab_size,
             seed: config.seed,
             layout,
+            kvbm_stats,
         })
     }
 }
@@ -160,6 +197,20 @@ impl NativeEngine {
     /// with their layout: what a prefill worker hands a decode worker.
     pub async fn export_prefix(&self, tokens: Vec<u32>) -> Result<KvBlocks, EngineError> {
         self.handle.ask(|reply| Own::Export { tokens, reply }).await
+    }
+
+    /// The block manager's counters, when tiers are configured below the cache.
+    pub fn kvbm_stats(&self) -> Option<Arc<turbine_kvbm::KvbmStats>> {
+        self.kvbm_stats.clone()
+    }
+
+    /// Checks that the tiers below the cache hold no leaked or leased slot; an error names
+    /// the first broken invariant.
+    pub async fn audit_tiers(&self) -> Result<(), EngineError> {
+        self.handle
+            .ask(|reply| Own::AuditTiers { reply })
+            .await?
+            .map_err(EngineError::Failed)
     }
 
     /// Stores `kv`, exported by an engine with the same layout, as the cached KV of the first
@@ -236,6 +287,10 @@ impl Engine for NativeEngine {
         Some(KvCache::new(self.handle.clone()))
     }
 
+    fn kvbm_stats(&self) -> Option<Arc<turbine_kvbm::KvbmStats>> {
+        self.kvbm_stats.clone()
+    }
+
     fn kv_transfer(&self) -> Option<Arc<dyn KvTransfer>> {
         Some(Arc::new(NativeKv {
             handle: self.handle.clone(),
@@ -250,10 +305,20 @@ struct Loop {
     scheduler: Scheduler<Sink, Stored>,
     subscribers: Vec<mpsc::UnboundedSender<Vec<KvEvent>>>,
     load: watch::Sender<WorkerLoad>,
+    tiers: Option<Tiers>,
 }
 
 impl Loop {
     fn handle(&mut self, command: Command<Buffered, Sampler, Own>) {
+        let command = match (command, &self.tiers) {
+            (Command::Snapshot(reply), Some(tiers)) => {
+                let mut snapshot = self.scheduler.snapshot();
+                tiers.extend_snapshot(&mut snapshot);
+                let _ = reply.send(snapshot);
+                return;
+            }
+            (command, _) => command,
+        };
         let Some(own) = host::apply(command, &mut self.scheduler, &mut self.subscribers) else {
             return;
         };
@@ -278,6 +343,9 @@ impl Loop {
             Own::CachedPrefix { tokens, reply } => {
                 let hashes = turbine_tokens::block_hashes(&tokens, self.kv.block_size());
                 let _ = reply.send(self.scheduler.pool_mut().match_prefix(&hashes));
+            }
+            Own::AuditTiers { reply } => {
+                let _ = reply.send(self.tiers.as_ref().map_or(Ok(()), |t| t.kvbm().audit()));
             }
         }
     }
@@ -346,7 +414,14 @@ impl Loop {
                     Err(mpsc::error::TryRecvError::Disconnected) => return,
                 }
             }
-            let step = self.scheduler.schedule();
+            let step = match &mut self.tiers {
+                Some(tiers) => {
+                    let step = self.scheduler.schedule_with(&mut tiers.lower(&mut self.kv));
+                    tiers.after_schedule(self.scheduler.pool_mut(), &self.kv);
+                    step
+                }
+                None => self.scheduler.schedule(),
+            };
             self.flush();
             if step.is_empty() {
                 match rx.blocking_recv() {
@@ -355,7 +430,13 @@ impl Loop {
                 }
                 continue;
             }
-            if let Err(e) = self.step(&step) {
+            let started = std::time::Instant::now();
+            let stepped = self.step(&step);
+            if let Some(tiers) = &mut self.tiers {
+                tiers.observe_prefill(step.prefill_tokens, started.elapsed());
+                tiers.after_step(self.scheduler.pool_mut(), &self.kv);
+            }
+            if let Err(e) = stepped {
                 // Nothing a request did should get here (inputs are checked on arrival), so
                 // this is a bug or a resource failure: end the step's requests, keep serving.
                 tracing::error!(error = %e, "native engine step failed; its requests end");
@@ -392,5 +473,16 @@ impl Loop {
             |sink, p| sink.out.push(p.token, p.cached_tokens, p.finish),
         );
         Ok(())
+    }
+}
+
+/// The KV tensors as the block manager copies them: a block's pieces in place.
+impl BlockBytes for PagedKv {
+    fn pieces(&self, block: u32) -> Option<Vec<&[u8]>> {
+        self.block_pieces(block).ok()
+    }
+
+    fn pieces_mut(&mut self, block: u32) -> Option<Vec<&mut [u8]>> {
+        self.block_pieces_mut(block).ok()
     }
 }

@@ -17,7 +17,7 @@ use std::path::PathBuf;
 
 pub use config::ModelConfig;
 pub use engine::{NativeConfig, NativeEngine};
-pub use kv::{KvBlocks, KvLayout, PagedKv};
+pub use kv::{KvBlocks, KvDtype, KvLayout, PagedKv, UnknownKvDtype};
 pub use model::{write_converted_gguf, LoadReport, Model, SeqInput};
 pub use sampling::Sampler;
 

@@ -126,6 +126,24 @@ impl Model {
         &self.config
     }
 
+    /// A hash of the architecture and of some weights, telling checkpoints apart where their
+    /// KV would differ: what a disk tier written by another model is refused on.
+    pub fn fingerprint(&self) -> Result<u64, NativeError> {
+        let rows = self.embed.dim(0)?.min(8);
+        let sample: Vec<f32> = self
+            .embed
+            .narrow(0, 0, rows)?
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1()?;
+        let norm: Vec<f32> = self.norm.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+        let mut bytes = format!("{:?}", self.config).into_bytes();
+        for x in sample.iter().chain(&norm) {
+            bytes.extend_from_slice(&x.to_le_bytes());
+        }
+        Ok(xxhash_rust::xxh3::xxh3_64(&bytes))
+    }
+
     pub fn device(&self) -> &Device {
         &self.device
     }

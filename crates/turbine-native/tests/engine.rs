@@ -170,7 +170,12 @@ async fn preemption_and_cancellation_free_blocks_and_events_replay() -> Result<(
     // Room for 24 blocks (384 tokens): eight 64-token prompts growing by 48 each need more,
     // so some are preempted and recomputed, and must still give their unpressured output.
     let spec = TinySpec::default();
-    let per_token = turbine_native::PagedKv::bytes_per_token(spec.layers, spec.kv_heads, spec.hidden / spec.heads);
+    let per_token = turbine_native::PagedKv::bytes_per_token(
+        spec.layers,
+        spec.kv_heads,
+        spec.hidden / spec.heads,
+        turbine_native::KvDtype::F32,
+    );
     let t = tiny(NativeConfig {
         kv_cache_bytes: per_token * 16 * 24,
         ..NativeConfig::default()

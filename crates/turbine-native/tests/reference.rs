@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::{llama, quantized_llama, qwen2};
 use turbine_native::tiny::{write_tiny_model, TinySpec};
-use turbine_native::{sampling::argmax, write_converted_gguf, Model, PagedKv, SeqInput};
+use turbine_native::{sampling::argmax, write_converted_gguf, KvDtype, Model, PagedKv, SeqInput};
 
 const SMOLLM2: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -29,7 +29,7 @@ impl Direct {
     fn new(model: Model) -> Self {
         let c = model.config().clone();
         Self {
-            kv: PagedKv::new(c.num_layers, 512, BLOCK, c.num_kv_heads, c.head_dim),
+            kv: PagedKv::new(c.num_layers, 512, BLOCK, c.num_kv_heads, c.head_dim, KvDtype::F32),
             model,
             next_block: 0,
         }

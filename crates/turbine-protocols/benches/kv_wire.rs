@@ -5,7 +5,7 @@
 //! `cargo bench -p turbine-protocols --bench kv_wire`
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use turbine_protocols::kv::{KvEvent, KvEventData, KvEventMessage, StoredBlock};
+use turbine_protocols::kv::{KvEvent, KvEventData, KvEventMessage, StorageTier, StoredBlock};
 
 fn message(events: usize, blocks: usize) -> KvEventMessage {
     let mut h = 0x9E37_79B9_7F4A_7C15u64;
@@ -26,6 +26,7 @@ fn message(events: usize, blocks: usize) -> KvEventMessage {
                             local_hash: next(),
                         })
                         .collect(),
+                    tier: StorageTier::Device,
                 },
             })
             .collect(),

@@ -111,6 +111,12 @@ pub struct TurbineExt {
     /// This request's sampling temperature over `kv` routing costs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_temperature: Option<f64>,
+    /// What this request's cached blocks in a worker's host memory, and on its disk, count
+    /// for (0 to 1) against blocks on its device, in `kv` routing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_host_hit_weight: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_disk_hit_weight: Option<f64>,
 }
 
 /// `stop`: one string or a list of them.

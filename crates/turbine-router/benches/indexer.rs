@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use turbine_protocols::kv::{KvEvent, KvEventData, StoredBlock};
+use turbine_protocols::kv::{KvEvent, KvEventData, StorageTier, StoredBlock};
 use turbine_router::indexer::KvIndexer;
 use turbine_router::selector::{select, Load, SelectorConfig};
 
@@ -74,6 +74,7 @@ fn events(w: &Workload, rng: &mut StdRng) -> (Vec<(u64, KvEvent)>, usize) {
                         data: KvEventData::Stored {
                             parent_hash,
                             blocks: stored,
+                            tier: StorageTier::Device,
                         },
                     },
                 ));

@@ -8,7 +8,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use turbine_protocols::kv::{KvEvent, KvEventData, StoredBlock};
+use turbine_protocols::kv::{KvEvent, KvEventData, StorageTier, StoredBlock};
 
 use crate::indexer::{IndexerError, KvIndexer, Overlaps};
 use crate::WorkerId;
@@ -53,6 +53,7 @@ impl ApproxIndexer {
             KvEventData::Stored {
                 parent_hash: None,
                 blocks,
+                tier: StorageTier::Device,
             },
         )?;
         for &h in hashes {
@@ -116,6 +117,7 @@ impl ApproxIndexer {
             worker,
             KvEventData::Removed {
                 sequence_hashes: vec![hash],
+                tier: StorageTier::Device,
             },
         )
     }

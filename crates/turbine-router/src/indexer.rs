@@ -23,204 +23,33 @@
 //! in place as dead spans, out of the map, until they outnumber the live ones and the segment
 //! is compacted; a block stored again where its dead copy sits comes back to life there.
 //!
+//! A worker may hold a block in several storage tiers at once (on the device and copied to
+//! host memory, say): a span's set is who holds its blocks in any tier, so matching follows
+//! a worker for as long as some tier of it holds the request's blocks, and the span names
+//! its holders tier by tier where any is off the device (`tiers.rs`). A match then counts,
+//! for each worker, how many of its blocks are held at best in host memory or on disk.
+//!
 //! Each worker's events carry consecutive ids. An event after a gap is not applied: the
 //! indexer keeps waiting for the missing id, and the caller fetches the missed events (or a
 //! snapshot, [`KvIndexer::apply_snapshot`]) from the worker.
 
+mod segment;
 mod table;
+mod tiers;
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
-use turbine_protocols::kv::{KvEvent, KvEventData, KvSnapshot};
+use turbine_protocols::kv::{KvEvent, KvEventData, KvSnapshot, StorageTier};
 
 use crate::WorkerId;
+use segment::{Loc, Segment, Span, WorkerSet};
 use table::BlockTable;
+use tiers::{TierTable, Tiers};
 
 /// Most workers one indexer tracks: the width of [`WorkerSet`].
 pub const MAX_WORKERS: usize = 128;
-
-/// A set of workers, by their slot in the indexer. Two words rather than a `u128`, whose
-/// 16-byte alignment would pad every span.
-#[derive(Debug, Clone, Copy, Default, Eq)]
-struct WorkerSet([u64; 2]);
-
-/// Word by word: a derived comparison loads each side as one 16-byte vector, and where a
-/// side was just written a word at a time, that load waits for every store in flight.
-impl PartialEq for WorkerSet {
-    fn eq(&self, other: &Self) -> bool {
-        self.0[0] == other.0[0] && self.0[1] == other.0[1]
-    }
-}
-
-impl WorkerSet {
-    fn with(mut self, slot: usize) -> Self {
-        self.0[slot / 64] |= 1 << (slot % 64);
-        self
-    }
-    fn without(mut self, slot: usize) -> Self {
-        self.0[slot / 64] &= !(1 << (slot % 64));
-        self
-    }
-    fn contains(self, slot: usize) -> bool {
-        self.0[slot / 64] & (1 << (slot % 64)) != 0
-    }
-    fn is_empty(self) -> bool {
-        self.0 == [0, 0]
-    }
-    fn and(self, other: Self) -> Self {
-        Self([self.0[0] & other.0[0], self.0[1] & other.0[1]])
-    }
-    fn and_not(self, other: Self) -> Self {
-        Self([self.0[0] & !other.0[0], self.0[1] & !other.0[1]])
-    }
-    fn slots(self) -> impl Iterator<Item = usize> {
-        (0..2).flat_map(move |word| {
-            let mut bits = self.0[word];
-            std::iter::from_fn(move || {
-                if bits == 0 {
-                    return None;
-                }
-                let bit = bits.trailing_zeros() as usize;
-                bits &= bits - 1;
-                Some(word * 64 + bit)
-            })
-        })
-    }
-}
-
-/// Where a block sits: its segment (the high half) and its index there (the low half). One
-/// word, written and read whole: a read of a value written in halves waits for every store
-/// ahead of it, the map's cache-missing ones included.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct Loc(u64);
-
-impl Loc {
-    /// No place: its offset is past any segment's end.
-    const NONE: Self = Self(u64::MAX);
-
-    fn new(seg: u32, off: u32) -> Self {
-        Self(u64::from(seg) << 32 | u64::from(off))
-    }
-    fn seg(self) -> u32 {
-        (self.0 >> 32) as u32
-    }
-    fn off(self) -> u32 {
-        self.0 as u32
-    }
-    /// The place after this one in its segment (offsets stay below [`MAX_SEGMENT`]).
-    fn next(self) -> Self {
-        Self(self.0 + 1)
-    }
-}
-
-impl std::fmt::Debug for Loc {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}", self.seg(), self.off())
-    }
-}
-
-/// Blocks from `start` up to the next span (or the segment's end) are held by exactly `set`.
-/// An empty set marks dead blocks: held by no worker, and not in the map.
-#[derive(Debug, Clone, Copy)]
-struct Span {
-    start: u32,
-    set: WorkerSet,
-}
-
-/// A piece of chain: hashes that followed one another in the events, and who holds which,
-/// as spans. A free segment (in [`Blocks::free`]) has no hashes.
-#[derive(Debug, Default)]
-struct Segment {
-    hashes: Vec<u64>,
-    /// Sorted by start, the first at 0; neighbours' sets differ.
-    spans: Vec<Span>,
-    /// Blocks in spans with a non-empty set.
-    live: u32,
-}
-
-impl Segment {
-    fn len(&self) -> u32 {
-        self.hashes.len() as u32
-    }
-
-    /// The span that offset `off` is in.
-    #[inline]
-    fn span_of(&self, off: u32) -> usize {
-        self.spans.partition_point(|s| s.start <= off).saturating_sub(1)
-    }
-
-    #[inline]
-    fn span_end(&self, i: usize) -> u32 {
-        self.spans.get(i + 1).map_or(self.len(), |s| s.start)
-    }
-
-    #[inline]
-    fn set_at(&self, off: u32) -> WorkerSet {
-        self.spans[self.span_of(off)].set
-    }
-
-    /// Makes a span start at `at`, returning its index (the span count where `at` is the
-    /// segment's end).
-    fn split(&mut self, at: u32) -> usize {
-        if at >= self.len() {
-            return self.spans.len();
-        }
-        let i = self.span_of(at);
-        if self.spans[i].start == at {
-            return i;
-        }
-        let set = self.spans[i].set;
-        self.spans.insert(i + 1, Span { start: at, set });
-        i + 1
-    }
-
-    /// Maps the sets of blocks `a..b` through `f`. Returns how many blocks' sets changed.
-    fn update(&mut self, a: u32, b: u32, f: impl Fn(WorkerSet) -> WorkerSet) -> u32 {
-        let i = self.split(a);
-        let j = self.split(b);
-        let mut changed = 0;
-        for k in i..j {
-            let n = self.span_end(k) - self.spans[k].start;
-            let (old, new) = (self.spans[k].set, f(self.spans[k].set));
-            if new != old {
-                changed += n;
-                match (old.is_empty(), new.is_empty()) {
-                    (true, false) => self.live += n,
-                    (false, true) => self.live -= n,
-                    _ => {}
-                }
-                self.spans[k].set = new;
-            }
-        }
-        // Neighbours that now agree merge, across the range's edges too.
-        let lo = i.saturating_sub(1);
-        let hi = (j + 1).min(self.spans.len());
-        let mut w = lo + 1;
-        for r in lo + 1..hi {
-            if self.spans[r].set != self.spans[w - 1].set {
-                self.spans[w] = self.spans[r];
-                w += 1;
-            }
-        }
-        self.spans.drain(w.min(hi)..hi);
-        changed
-    }
-
-    /// Appends `hash` as a dead block; the store that appends it then makes it live.
-    fn push_dead(&mut self, hash: u64) -> u32 {
-        let off = self.len();
-        if self.spans.last().is_none_or(|s| !s.set.is_empty()) {
-            self.spans.push(Span {
-                start: off,
-                set: WorkerSet::default(),
-            });
-        }
-        self.hashes.push(hash);
-        off
-    }
-}
 
 /// Blocks of a stored event looked up ahead of storing them.
 const LOOKAHEAD: usize = 16;
@@ -233,17 +62,20 @@ const MAX_SEGMENT: usize = 1 << 31;
 /// chain leaves it.
 struct Store {
     slot: usize,
+    tier: StorageTier,
     prev: Option<Loc>,
     range: Option<(u32, u32, u32)>,
     added: usize,
 }
 
-/// The tree: segments, and the map from each held block hash to its place in one.
+/// The tree: segments, the map from each held block hash to its place in one, and the tier
+/// breakdowns that spans name.
 #[derive(Debug, Default)]
 struct Blocks {
     map: BlockTable,
     segs: Vec<Segment>,
     free: Vec<u32>,
+    tiers: TierTable,
 }
 
 impl Blocks {
@@ -257,7 +89,7 @@ impl Blocks {
         }
     }
 
-    /// Adds `slot` to the blocks `hashes`, a chain whose first block follows `parent`.
+    /// Adds `slot` in `tier` to the blocks `hashes`, a chain whose first block follows `parent`.
     /// `last` is a block stored before and where it went then, likely `parent`; it becomes
     /// the last of `hashes` and where that went. Returns how many blocks are new to `slot`.
     // The two halves of `last` are read and written apart: a read of both at once, of
@@ -266,6 +98,7 @@ impl Blocks {
     fn store(
         &mut self,
         slot: usize,
+        tier: StorageTier,
         parent: Option<u64>,
         last: &mut (u64, Loc),
         mut hashes: impl Iterator<Item = u64>,
@@ -280,6 +113,7 @@ impl Blocks {
         });
         let mut st = Store {
             slot,
+            tier,
             prev,
             range: None,
             added: 0,
@@ -400,36 +234,43 @@ impl Blocks {
         let Some((id, a, b)) = st.range.take() else {
             return;
         };
-        let slot = st.slot;
+        let (slot, tier) = (st.slot, st.tier);
         let seg = &mut self.segs[id as usize];
         // The common case, blocks just appended (dead, in a span of their own), goes without
         // the general splitting and merging.
         let n = seg.spans.len();
         if n > 0 && seg.spans[n - 1].start == a && seg.spans[n - 1].set.is_empty() && b == seg.len() {
-            let set = WorkerSet::default().with(slot);
-            if n > 1 && seg.spans[n - 2].set == set {
+            let span = Span {
+                start: a,
+                tiers: match tier {
+                    StorageTier::Device => TierTable::NONE,
+                    _ => self.tiers.intern(Tiers::default().with(slot, tier)),
+                },
+                set: WorkerSet::default().with(slot),
+            };
+            if n > 1 && seg.spans[n - 2].same(&span) {
                 seg.spans.pop();
             } else {
-                seg.spans[n - 1].set = set;
+                seg.spans[n - 1] = span;
             }
             seg.live += b - a;
             st.added += (b - a) as usize;
             return;
         }
-        st.added += seg.update(a, b, |s| s.with(slot)) as usize;
+        st.added += seg.update(a, b, &mut self.tiers, |t| t.with(slot, tier)) as usize;
     }
 
-    /// Takes `slot` out of the blocks `hashes`, returning how many it held. Blocks next to
-    /// each other in a segment change together, as one range.
-    fn remove(&mut self, slot: usize, hashes: &[u64]) -> usize {
+    /// Takes `slot` out of `tier` of the blocks `hashes`, returning how many it no longer
+    /// holds in any tier. Blocks next to each other in a segment change together, as one
+    /// range.
+    fn remove(&mut self, slot: usize, tier: StorageTier, hashes: &[u64]) -> usize {
         let mut held: Vec<Loc> = hashes
             .iter()
             .filter_map(|h| {
                 let loc = self.map.get(*h)?;
-                self.segs[loc.seg() as usize]
-                    .set_at(loc.off())
-                    .contains(slot)
-                    .then_some(loc)
+                let seg = &self.segs[loc.seg() as usize];
+                let span = seg.spans[seg.span_of(loc.off())];
+                self.tiers.get(span.set, span.tiers).contains(slot, tier).then_some(loc)
             })
             .collect();
         held.sort_unstable();
@@ -444,7 +285,7 @@ impl Blocks {
                 b += 1;
                 i += 1;
             }
-            removed += self.segs[seg as usize].update(a, b, |s| s.without(slot)) as usize;
+            removed += self.segs[seg as usize].update(a, b, &mut self.tiers, |t| t.without(slot, tier)) as usize;
             self.unmap_dead(seg, a, b);
             // After the segment's last range: compacting moves what the others point at.
             if held.get(i).is_none_or(|l| l.seg() != seg) {
@@ -454,18 +295,48 @@ impl Blocks {
         removed
     }
 
-    /// Takes `slot` out of every segment: for the rare events that need it (a worker
-    /// cleared, resynchronised or gone).
-    fn clear_slot(&mut self, slot: usize) {
+    /// Maps every block `slot` holds through `f`, which changes only `slot`: for the rare
+    /// events that need it (a worker's device cleared, or the worker resynchronised or
+    /// gone). Returns how many blocks it no longer holds in any tier.
+    fn clear_slot(&mut self, slot: usize, f: impl Fn(Tiers) -> Tiers) -> usize {
+        let mut removed = 0;
         for id in 0..self.segs.len() as u32 {
             let seg = &mut self.segs[id as usize];
             if !seg.spans.iter().any(|s| s.set.contains(slot)) {
                 continue;
             }
             let len = seg.len();
-            seg.update(0, len, |s| s.without(slot));
+            removed += seg.update(0, len, &mut self.tiers, &f) as usize;
             self.unmap_dead(id, 0, len);
             self.compact(id);
+        }
+        removed
+    }
+
+    /// Drops the tier breakdowns no span names any more, once there may be many.
+    fn collect_tiers(&mut self) {
+        if self.tiers.needs_collecting(self.segs.len()) {
+            self.drop_unused_tiers();
+        }
+    }
+
+    fn drop_unused_tiers(&mut self) {
+        let mut used: Vec<u32> = self
+            .segs
+            .iter()
+            .flat_map(|s| s.spans.iter().map(|span| span.tiers))
+            .filter(|&t| t != TierTable::NONE)
+            .collect();
+        used.sort_unstable();
+        used.dedup();
+        self.tiers.retain(&used);
+        for span in self.segs.iter_mut().flat_map(|s| s.spans.iter_mut()) {
+            if span.tiers != TierTable::NONE {
+                // Every id a span names is in `used`.
+                span.tiers = used
+                    .binary_search(&span.tiers)
+                    .map_or(TierTable::NONE, |i| i as u32 + 1);
+            }
         }
     }
 
@@ -488,7 +359,7 @@ impl Blocks {
     /// Bounds segment `id`'s memory by what it holds: frees it once nothing in it is live,
     /// and drops its dead blocks once they outnumber the live ones.
     fn compact(&mut self, id: u32) {
-        let Self { map, segs, free } = self;
+        let Self { map, segs, free, .. } = self;
         let seg = &mut segs[id as usize];
         if seg.live == 0 {
             *seg = Segment::default();
@@ -507,10 +378,10 @@ impl Blocks {
                 moved.get_or_insert(hashes.len());
                 continue;
             }
-            if spans.last().is_none_or(|s| s.set != span.set) {
+            if spans.last().is_none_or(|s| !s.same(&span)) {
                 spans.push(Span {
                     start: hashes.len() as u32,
-                    set: span.set,
+                    ..span
                 });
             }
             hashes.extend_from_slice(&seg.hashes[span.start as usize..seg.span_end(k) as usize]);
@@ -574,15 +445,53 @@ impl Hasher for Mix {
     }
 }
 
-/// How many leading blocks of a request each worker holds (workers holding none are absent).
+/// How many leading blocks of a request each worker holds, in any tier (workers holding none
+/// are absent), and where they are held.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Overlaps {
     pub scores: Vec<(WorkerId, u32)>,
+    /// How the blocks of `scores` divide between tiers, for the workers holding some of them
+    /// only off the device; a worker absent here holds all of them on the device.
+    pub tiers: Vec<(WorkerId, TierBlocks)>,
 }
 
 impl Overlaps {
+    /// The leading blocks `worker` holds, in any tier.
     pub fn get(&self, worker: WorkerId) -> u32 {
         self.scores.iter().find(|(w, _)| *w == worker).map_or(0, |(_, n)| *n)
+    }
+
+    /// The leading blocks `worker` holds, by the fastest tier that holds each.
+    pub fn tiers(&self, worker: WorkerId) -> TierBlocks {
+        match self.tiers.iter().find(|(w, _)| *w == worker) {
+            Some(&(_, t)) => t,
+            None => TierBlocks {
+                device: self.get(worker),
+                ..TierBlocks::default()
+            },
+        }
+    }
+}
+
+/// A worker's matched blocks by the fastest tier that holds each.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TierBlocks {
+    pub device: u32,
+    pub host: u32,
+    pub disk: u32,
+}
+
+impl TierBlocks {
+    pub fn get(&self, tier: StorageTier) -> u32 {
+        match tier {
+            StorageTier::Device => self.device,
+            StorageTier::Host => self.host,
+            StorageTier::Disk => self.disk,
+        }
+    }
+
+    pub fn total(&self) -> u32 {
+        self.device + self.host + self.disk
     }
 }
 
@@ -618,22 +527,24 @@ impl KvIndexer {
             _ => {}
         }
         w.next_event = Some(event.event_id + 1);
+        let slot = w.slot;
         match &event.data {
             KvEventData::Stored {
                 parent_hash,
                 blocks: stored,
+                tier,
             } => {
                 let hashes = stored.iter().map(|b| b.sequence_hash);
-                w.blocks += blocks.store(w.slot, *parent_hash, &mut w.last, hashes);
+                w.blocks += blocks.store(slot, *tier, *parent_hash, &mut w.last, hashes);
             }
-            KvEventData::Removed { sequence_hashes } => {
-                w.blocks -= blocks.remove(w.slot, sequence_hashes);
+            KvEventData::Removed { sequence_hashes, tier } => {
+                w.blocks -= blocks.remove(slot, *tier, sequence_hashes);
             }
             KvEventData::Cleared => {
-                blocks.clear_slot(w.slot);
-                w.blocks = 0;
+                w.blocks -= blocks.clear_slot(slot, |t| t.without(slot, StorageTier::Device));
             }
         }
+        blocks.collect_tiers();
         Ok(Applied::Applied)
     }
 
@@ -645,7 +556,8 @@ impl KvIndexer {
             by_slot,
         } = self;
         let w = worker_entry(workers, by_slot, worker)?;
-        blocks.clear_slot(w.slot);
+        let slot = w.slot;
+        blocks.clear_slot(slot, |t| t.without_slot(slot));
         w.blocks = 0;
         w.last = (0, Loc::NONE);
         // Snapshots list blocks in any order (sorted by hash, say): storing each after its
@@ -653,24 +565,38 @@ impl KvIndexer {
         for i in chain_order(snapshot) {
             let b = &snapshot.blocks[i];
             let hash = std::iter::once(b.block.sequence_hash);
-            w.blocks += blocks.store(w.slot, b.parent_hash, &mut w.last, hash);
+            w.blocks += blocks.store(slot, b.tier, b.parent_hash, &mut w.last, hash);
         }
         w.next_event = Some(snapshot.last_event_id.map_or(0, |id| id + 1));
+        blocks.collect_tiers();
         Ok(())
     }
 
     /// Forgets `worker` and every block it held.
     pub fn remove_worker(&mut self, worker: WorkerId) {
         if let Some(w) = self.workers.remove(&worker) {
-            self.blocks.clear_slot(w.slot);
+            self.blocks.clear_slot(w.slot, |t| t.without_slot(w.slot));
             self.by_slot[w.slot] = None;
+            self.blocks.collect_tiers();
         }
     }
 
     /// For each worker, how many leading blocks of `hashes` (a request's sequence hashes,
-    /// in order) it holds.
+    /// in order) it holds in any tier, and in which: a worker's prefix ends at the first
+    /// block none of its tiers holds.
     pub fn find_matches(&self, hashes: &[u64]) -> Overlaps {
-        let mut scores = Vec::new();
+        let mut out = Overlaps::default();
+        // Per slot, blocks matched at best in host memory and on disk; allocated at the
+        // first span with any, which most requests never meet.
+        let mut off_device: Vec<[u32; 2]> = Vec::new();
+        let done = |out: &mut Overlaps, off_device: &[[u32; 2]], slot: usize, depth: usize| {
+            let Some(w) = self.by_slot[slot] else { return };
+            out.scores.push((w, depth as u32));
+            if let Some(&[host, disk]) = off_device.get(slot).filter(|c| **c != [0, 0]) {
+                let device = depth as u32 - host - disk;
+                out.tiers.push((w, TierBlocks { device, host, disk }));
+            }
+        };
         let mut active = WorkerSet::default();
         let mut started = false;
         let mut depth = 0;
@@ -702,14 +628,30 @@ impl KvIndexer {
                 started = true;
                 if next != active {
                     for slot in active.and_not(next).slots() {
-                        scores.extend(self.by_slot[slot].map(|w| (w, d as u32)));
+                        done(&mut out, &off_device, slot, d);
                     }
                     if next.is_empty() {
-                        return Overlaps { scores };
+                        return out;
                     }
                     active = next;
                 }
                 let span_end = seg.span_end(k) as usize;
+                let tiers = seg.spans[k].tiers;
+                if tiers != TierTable::NONE {
+                    let (host, disk) = self.blocks.tiers.get(set, tiers).best_off_device(active);
+                    if !(host.is_empty() && disk.is_empty()) {
+                        let n = (span_end.min(off + matched) - from) as u32;
+                        if off_device.is_empty() {
+                            off_device = vec![[0; 2]; self.by_slot.len()];
+                        }
+                        for slot in host.slots() {
+                            off_device[slot][0] += n;
+                        }
+                        for slot in disk.slots() {
+                            off_device[slot][1] += n;
+                        }
+                    }
+                }
                 if span_end >= off + matched {
                     break;
                 }
@@ -720,9 +662,9 @@ impl KvIndexer {
             at = if depth == end { after } else { lookup(depth) };
         }
         for slot in active.slots() {
-            scores.extend(self.by_slot[slot].map(|w| (w, depth as u32)));
+            done(&mut out, &off_device, slot, depth);
         }
-        Overlaps { scores }
+        out
     }
 
     /// Distinct blocks held by any worker.
@@ -742,17 +684,19 @@ impl KvIndexer {
             })
             .sum();
         b.map.memory_bytes()
+            + b.tiers.memory_bytes()
             + b.segs.capacity() * std::mem::size_of::<Segment>()
             + arrays
             + b.free.capacity() * std::mem::size_of::<u32>()
     }
 
-    /// (worker, block) pairs held: what the workers' events have stored and not removed.
+    /// (worker, block) pairs held in any tier: what the workers' events have stored and not
+    /// removed.
     pub fn stored_pairs(&self) -> usize {
         self.workers.values().map(|w| w.blocks).sum()
     }
 
-    /// Blocks `worker` holds, as far as its events tell.
+    /// Blocks `worker` holds in any tier, as far as its events tell.
     pub fn worker_blocks(&self, worker: WorkerId) -> usize {
         self.workers.get(&worker).map_or(0, |w| w.blocks)
     }
@@ -849,327 +793,4 @@ fn chain_order(snapshot: &KvSnapshot) -> Vec<usize> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-    use std::collections::{BTreeMap, BTreeSet};
-    use turbine_protocols::kv::{CachedBlock, StoredBlock};
-
-    fn stored(id: u64, hashes: &[u64]) -> KvEvent {
-        let blocks = hashes
-            .iter()
-            .map(|&h| StoredBlock {
-                sequence_hash: h,
-                local_hash: h,
-            })
-            .collect();
-        KvEvent {
-            event_id: id,
-            data: KvEventData::Stored {
-                parent_hash: None,
-                blocks,
-            },
-        }
-    }
-
-    #[test]
-    fn overlaps_count_leading_blocks_per_worker() {
-        let mut ix = KvIndexer::new();
-        assert_eq!(ix.apply(1, &stored(0, &[10, 11, 12])), Ok(Applied::Applied));
-        assert_eq!(ix.apply(2, &stored(0, &[10, 11])), Ok(Applied::Applied));
-        assert_eq!(
-            ix.apply(3, &stored(0, &[11, 12])),
-            Ok(Applied::Applied),
-            "no block 10: overlap 0"
-        );
-        let mut m = ix.find_matches(&[10, 11, 12, 13]).scores;
-        m.sort();
-        assert_eq!(m, [(1, 3), (2, 2)]);
-        assert_eq!(ix.find_matches(&[99]).scores, []);
-        assert_eq!(ix.num_blocks(), 3);
-    }
-
-    #[test]
-    fn gaps_wait_for_a_resync() {
-        let mut ix = KvIndexer::new();
-        assert_eq!(
-            ix.apply(1, &stored(3, &[1])),
-            Ok(Applied::NeedsResync { after: None }),
-            "new worker"
-        );
-        let snapshot = KvSnapshot {
-            last_event_id: Some(4),
-            blocks: vec![CachedBlock {
-                parent_hash: None,
-                block: StoredBlock {
-                    sequence_hash: 7,
-                    local_hash: 7,
-                },
-            }],
-        };
-        ix.apply_snapshot(1, &snapshot).unwrap();
-        assert_eq!(ix.apply(1, &stored(4, &[8])), Ok(Applied::Duplicate));
-        assert_eq!(ix.apply(1, &stored(5, &[8])), Ok(Applied::Applied));
-        assert_eq!(
-            ix.apply(1, &stored(7, &[9])),
-            Ok(Applied::NeedsResync { after: Some(5) })
-        );
-        assert_eq!(
-            ix.apply(1, &stored(6, &[9])),
-            Ok(Applied::Applied),
-            "the missing event fills the gap"
-        );
-        assert_eq!(ix.apply(1, &stored(7, &[9])), Ok(Applied::Applied));
-        assert_eq!(ix.worker_blocks(1), 3);
-        ix.remove_worker(1);
-        assert_eq!(ix.num_blocks(), 0);
-    }
-
-    #[test]
-    fn a_block_leaving_the_middle_of_a_segment_splits_its_span() {
-        let mut ix = KvIndexer::new();
-        let chain: Vec<u64> = (100..110).collect();
-        ix.apply(1, &stored(0, &chain)).unwrap();
-        ix.apply(2, &stored(0, &chain)).unwrap();
-        assert_eq!(shape(&ix), [1], "one chain, one set: one segment of one span");
-        ix.apply(
-            2,
-            &KvEvent {
-                event_id: 1,
-                data: KvEventData::Removed {
-                    sequence_hashes: vec![104],
-                },
-            },
-        )
-        .unwrap();
-        let mut m = ix.find_matches(&chain).scores;
-        m.sort();
-        assert_eq!(m, [(1, 10), (2, 4)]);
-        assert_eq!(shape(&ix), [3]);
-        ix.apply(2, &stored(2, &[104])).unwrap();
-        let mut m = ix.find_matches(&chain).scores;
-        m.sort();
-        assert_eq!(m, [(1, 10), (2, 10)]);
-        assert_eq!(shape(&ix), [1], "the block found where it was, the spans merge back");
-    }
-
-    #[test]
-    fn a_dead_block_is_matched_where_it_is_held_again() {
-        let mut ix = KvIndexer::new();
-        let remove = |id, hashes: &[u64]| KvEvent {
-            event_id: id,
-            data: KvEventData::Removed {
-                sequence_hashes: hashes.to_vec(),
-            },
-        };
-        ix.apply(1, &stored(0, &[1, 2, 3, 4, 5, 6])).unwrap();
-        ix.apply(1, &remove(1, &[3])).unwrap();
-        assert_eq!(shape(&ix), [3], "one dead block in six: kept in place");
-        // Stored again without its parent: a segment of its own, while the dead copy stays.
-        ix.apply(2, &stored(0, &[3])).unwrap();
-        assert_eq!(ix.find_matches(&[1, 2, 3, 4]).scores, [(1, 2)]);
-        let mut m = ix.find_matches(&[3, 4]).scores;
-        m.sort();
-        assert_eq!(m, [(2, 1)]);
-        ix.apply(1, &remove(2, &[1, 2, 4])).unwrap();
-        assert_eq!(shape(&ix), [1, 1], "dead blocks outnumbering the live ones are dropped");
-        assert_eq!(ix.find_matches(&[5, 6]).scores, [(1, 2)]);
-        assert_eq!(ix.num_blocks(), 3);
-    }
-
-    #[test]
-    fn a_snapshot_in_hash_order_rebuilds_chains_as_segments() {
-        let mut ix = KvIndexer::new();
-        // Two chains sharing 5 blocks, with hashes in no particular order along them.
-        let a = [9u64, 3, 7, 1, 8, 20, 2, 40];
-        let b = [9u64, 3, 7, 1, 8, 5, 60, 4];
-        let mut blocks: Vec<CachedBlock> = [a, b]
-            .iter()
-            .flat_map(|chain| {
-                chain.iter().enumerate().map(|(i, &h)| CachedBlock {
-                    parent_hash: i.checked_sub(1).map(|p| chain[p]),
-                    block: StoredBlock {
-                        sequence_hash: h,
-                        local_hash: h,
-                    },
-                })
-            })
-            .collect();
-        blocks.sort_by_key(|b| b.block.sequence_hash);
-        let snapshot = KvSnapshot {
-            last_event_id: None,
-            blocks,
-        };
-        ix.apply_snapshot(1, &snapshot).unwrap();
-        assert_eq!(ix.worker_blocks(1), 11);
-        assert_eq!(shape(&ix), [1, 1], "a chain and its fork");
-        assert_eq!(ix.find_matches(&a).get(1), 8);
-        assert_eq!(ix.find_matches(&b).get(1), 8);
-    }
-
-    /// The span count of each segment in use, in order.
-    fn shape(ix: &KvIndexer) -> Vec<usize> {
-        ix.blocks
-            .segs
-            .iter()
-            .filter(|s| !s.hashes.is_empty())
-            .map(|s| s.spans.len())
-            .collect()
-    }
-
-    impl KvIndexer {
-        /// Checks the tree's own invariants, and that it holds exactly `model`'s blocks.
-        fn check(&self, model: &BTreeMap<u64, BTreeSet<u64>>) {
-            let b = &self.blocks;
-            let (mut live, mut pairs) = (0, 0);
-            for (id, seg) in b.segs.iter().enumerate() {
-                if seg.hashes.is_empty() {
-                    assert!(b.free.contains(&(id as u32)), "an empty segment is free");
-                    assert!(seg.spans.is_empty());
-                    continue;
-                }
-                assert_eq!(seg.spans[0].start, 0, "the spans cover the segment");
-                for w in seg.spans.windows(2) {
-                    assert!(w[0].start < w[1].start, "spans are sorted and not empty");
-                    assert_ne!(w[0].set, w[1].set, "neighbouring spans differ");
-                }
-                assert!(seg.spans.last().is_some_and(|s| s.start < seg.len()));
-                let mut seg_live = 0;
-                for (k, span) in seg.spans.iter().enumerate() {
-                    let n = (seg.span_end(k) - span.start) as usize;
-                    if span.set.is_empty() {
-                        continue;
-                    }
-                    seg_live += n;
-                    pairs += n * span.set.slots().count();
-                    for off in span.start..seg.span_end(k) {
-                        let at = Loc::new(id as u32, off);
-                        let h = seg.hashes[off as usize];
-                        assert_eq!(b.map.get(h), Some(at), "the map points at each live block");
-                    }
-                }
-                assert_eq!(seg.live as usize, seg_live);
-                assert!(seg_live > 0, "a segment in use holds a live block");
-                assert!(seg.hashes.len() - seg_live <= seg_live, "dead blocks are the minority");
-                live += seg_live;
-            }
-            assert_eq!(live, b.map.len(), "every mapped block is live in a segment");
-            assert_eq!(pairs, model.values().map(BTreeSet::len).sum::<usize>());
-            for (w, held) in model {
-                let slot = self.workers[w].slot;
-                for h in held {
-                    let loc = b.map.get(*h).expect("a held block is mapped");
-                    let set = b.segs[loc.seg() as usize].set_at(loc.off());
-                    assert!(set.contains(slot), "worker {w} holds {h}");
-                }
-                assert_eq!(self.worker_blocks(*w), held.len());
-            }
-        }
-    }
-
-    /// Block `pos` of chain `family`.
-    fn block(family: u64, pos: u64) -> u64 {
-        family << 32 | pos
-    }
-
-    const CHAIN: u64 = 40;
-
-    #[derive(Debug, Clone)]
-    enum Op {
-        /// Blocks `from..from + len` of a chain, in chain order, in one event.
-        Store(u64, u64, u64, u64),
-        /// The same blocks evicted, last first or first first.
-        Remove(u64, u64, u64, u64, bool),
-        Clear(u64),
-        Leave(u64),
-        /// A resync from the worker's blocks listed in hash order.
-        Resync(u64),
-        /// The first `k` blocks of one chain, then another's from there on.
-        Query(u64, u64, u64),
-    }
-
-    fn op() -> impl Strategy<Value = Op> {
-        let w = 0u64..4;
-        let f = 0u64..4;
-        let span = (0..CHAIN).prop_flat_map(|from| (Just(from), 1..=CHAIN - from));
-        prop_oneof![
-            8 => (w.clone(), f.clone(), span.clone()).prop_map(|(w, f, (a, n))| Op::Store(w, f, a, n)),
-            4 => (w.clone(), f.clone(), span, any::<bool>()).prop_map(|(w, f, (a, n), r)| Op::Remove(w, f, a, n, r)),
-            1 => w.clone().prop_map(Op::Clear),
-            1 => w.clone().prop_map(Op::Leave),
-            1 => w.prop_map(Op::Resync),
-            4 => (f.clone(), 0..=CHAIN, f).prop_map(|(f, k, g)| Op::Query(f, k, g)),
-        ]
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
-
-        /// Chains of shared prefixes, stored and evicted in stretches, so that segments grow
-        /// long and their spans split in the middle: the tree stays consistent and exact.
-        #[test]
-        fn segments_stay_exact_under_chain_workloads(ops in proptest::collection::vec(op(), 1..120)) {
-            let mut ix = KvIndexer::new();
-            let mut model: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
-            let mut ids: BTreeMap<u64, u64> = BTreeMap::new();
-            fn send(ix: &mut KvIndexer, ids: &mut BTreeMap<u64, u64>, w: u64, data: KvEventData) {
-                let id = ids.entry(w).or_insert(0);
-                let event = KvEvent { event_id: *id, data };
-                *id += 1;
-                assert_eq!(ix.apply(w, &event), Ok(Applied::Applied));
-            }
-            for op in ops {
-                match op {
-                    Op::Store(w, f, from, n) => {
-                        let hashes: Vec<u64> = (from..from + n).map(|p| block(f, p)).collect();
-                        let blocks = hashes.iter().map(|&h| StoredBlock { sequence_hash: h, local_hash: h }).collect();
-                        let parent_hash = from.checked_sub(1).map(|p| block(f, p));
-                        send(&mut ix, &mut ids, w, KvEventData::Stored { parent_hash, blocks });
-                        model.entry(w).or_default().extend(hashes);
-                    }
-                    Op::Remove(w, f, from, n, last_first) => {
-                        let mut hashes: Vec<u64> = (from..from + n).map(|p| block(f, p)).collect();
-                        if last_first {
-                            hashes.reverse();
-                        }
-                        let held = model.entry(w).or_default();
-                        for h in &hashes {
-                            held.remove(h);
-                        }
-                        send(&mut ix, &mut ids, w, KvEventData::Removed { sequence_hashes: hashes });
-                    }
-                    Op::Clear(w) => {
-                        send(&mut ix, &mut ids, w, KvEventData::Cleared);
-                        model.insert(w, BTreeSet::new());
-                    }
-                    Op::Leave(w) => {
-                        ix.remove_worker(w);
-                        model.remove(&w);
-                        ids.remove(&w);
-                    }
-                    Op::Resync(w) => {
-                        let held = model.entry(w).or_default();
-                        let blocks = held.iter().map(|&h| CachedBlock {
-                            parent_hash: (h & 0xffff_ffff > 0).then(|| h - 1),
-                            block: StoredBlock { sequence_hash: h, local_hash: h },
-                        }).collect();
-                        let last = ids.get(&w).and_then(|id| id.checked_sub(1));
-                        ix.apply_snapshot(w, &KvSnapshot { last_event_id: last, blocks }).unwrap();
-                    }
-                    Op::Query(f, k, g) => {
-                        let query: Vec<u64> = (0..CHAIN).map(|p| block(if p < k { f } else { g }, p)).collect();
-                        let mut got = ix.find_matches(&query).scores;
-                        got.sort();
-                        let want: Vec<(u64, u32)> = model
-                            .iter()
-                            .map(|(&w, held)| (w, query.iter().take_while(|h| held.contains(h)).count() as u32))
-                            .filter(|&(_, n)| n > 0)
-                            .collect();
-                        prop_assert_eq!(got, want, "query {:?}", query);
-                    }
-                }
-                ix.check(&model);
-            }
-        }
-    }
-}
+mod tests;

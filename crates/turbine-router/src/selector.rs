@@ -3,10 +3,14 @@
 //! worker already carries.
 //!
 //! For a request of `isl` tokens and a worker holding `overlap` of its leading blocks, with
-//! `queued` prompt tokens routed there and not yet prefilled, `uncached = isl - overlap *
-//! block_size` and `cost = overlap_weight * prefill + decode`, where, by [`CostModel`]:
+//! `queued` prompt tokens routed there and not yet prefilled, `uncached = isl - credit *
+//! block_size` and `cost = overlap_weight * prefill + decode`, where `credit` counts each
+//! block of the overlap by the fastest tier of the worker holding it: 1 on the device,
+//! `host_hit_weight` in host memory, `disk_hit_weight` on disk (a block off the device is
+//! not computed again, but loading it back takes time). By [`CostModel`]:
 //! - `Blocks`: `prefill = (queued + uncached) / block_size` and `decode = active_blocks +
-//!   (request blocks not cached there)`;
+//!   (request blocks not on the device there)`: a block loaded back from host or disk takes
+//!   a device block like a computed one;
 //! - `Time`, from the engine's [`TimingProfile`]: `prefill = wait + compute_weight * own`,
 //!   where `wait` is the milliseconds to prefill the `queued` tokens in the engine's chunks
 //!   and `own` what the `uncached` ones add (so `wait + own` is the request's predicted time
@@ -20,15 +24,21 @@
 //! decode step costs little more for more blocks, so turns of a conversation were sent away
 //! from the history they could reuse. Time prices both as the engine spends them.
 //!
-//! At temperature 0 the cheapest wins, ties go to the longest overlap, then to the least
+//! At temperature 0 the cheapest wins, ties go to the largest credit, then to the least
 //! loaded (fewest active blocks), then to chance; above 0, a worker is drawn with
 //! probability proportional to `exp(-cost / max_cost / temperature)`.
 
 use rand::Rng;
 use turbine_protocols::TimingProfile;
 
-use crate::indexer::Overlaps;
+use crate::indexer::{Overlaps, TierBlocks};
 use crate::WorkerId;
+
+/// What a matched block held in host memory (G2) counts for against one on the device, by
+/// default: it needs no prefill, but copying it back costs a fraction of computing it.
+pub const DEFAULT_HOST_HIT_WEIGHT: f64 = 0.75;
+/// The same for a block on disk (G3), slower to read back.
+pub const DEFAULT_DISK_HIT_WEIGHT: f64 = 0.25;
 
 /// What the router believes a worker is busy with.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -73,6 +83,10 @@ pub struct SelectorConfig {
     /// 0 picks the cheapest; higher spreads choices over near-cheapest workers.
     pub temperature: f64,
     pub cost: CostModel,
+    /// What a matched block held at best in host memory, and on disk, counts for (0 to 1)
+    /// against one on the device.
+    pub host_hit_weight: f64,
+    pub disk_hit_weight: f64,
 }
 
 impl Default for SelectorConfig {
@@ -82,6 +96,8 @@ impl Default for SelectorConfig {
             overlap_weight: 1.0,
             temperature: 0.0,
             cost: CostModel::Blocks,
+            host_hit_weight: DEFAULT_HOST_HIT_WEIGHT,
+            disk_hit_weight: DEFAULT_DISK_HIT_WEIGHT,
         }
     }
 }
@@ -90,7 +106,12 @@ impl Default for SelectorConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Candidate {
     pub worker: WorkerId,
+    /// Leading blocks of the request the worker holds, in any tier.
     pub overlap_blocks: u32,
+    /// Those blocks by the fastest tier holding each.
+    pub tiers: TierBlocks,
+    /// What they save, in blocks of prefill: each counted by its tier's weight.
+    pub credit: f64,
     pub prefill: f64,
     pub decode: f64,
     pub cost: f64,
@@ -119,9 +140,15 @@ pub fn select(
     let candidates: Vec<Candidate> = loads
         .iter()
         .map(|&(worker, load)| {
-            let overlap = overlaps.get(worker);
-            let uncached = isl - (u64::from(overlap) * bs).min(isl);
-            let new_blocks = request_blocks.saturating_sub(u64::from(overlap));
+            let tiers = overlaps.tiers(worker);
+            let overlap = tiers.total();
+            let credit = f64::from(tiers.device)
+                + config.host_hit_weight * f64::from(tiers.host)
+                + config.disk_hit_weight * f64::from(tiers.disk);
+            // Whole tokens: exact for device blocks, as counting in blocks was.
+            let saved = (credit * bs as f64) as u64;
+            let uncached = isl - saved.min(isl);
+            let new_blocks = request_blocks.saturating_sub(u64::from(tiers.device));
             let prefill_tokens = load.active_prefill_tokens + uncached;
             let (prefill, decode) = match &config.cost {
                 CostModel::Blocks => (
@@ -144,6 +171,8 @@ pub fn select(
             Candidate {
                 worker,
                 overlap_blocks: overlap,
+                tiers,
+                credit,
                 prefill,
                 decode,
                 cost: config.overlap_weight * prefill + decode,
@@ -174,10 +203,10 @@ fn cheapest(candidates: &[Candidate], loads: &[(WorkerId, Load)], rng: &mut impl
     let tied: Vec<&Candidate> = candidates.iter().filter(|c| c.cost <= min + EPS).collect();
     // Equal costs with unequal overlaps (a queue ahead as long as the prefix saved): the
     // cache stays warmer where the prefix already is.
-    let most = tied.iter().map(|c| c.overlap_blocks).max()?;
+    let most = tied.iter().map(|c| c.credit).fold(f64::NEG_INFINITY, f64::max);
     let tied: Vec<WorkerId> = tied
         .into_iter()
-        .filter(|c| c.overlap_blocks == most)
+        .filter(|c| c.credit >= most - EPS)
         .map(|c| c.worker)
         .collect();
     let least = tied.iter().map(|&w| load(w)).min()?;
@@ -219,6 +248,7 @@ mod tests {
     ) {
         let overlaps = Overlaps {
             scores: overlaps.to_vec(),
+            tiers: vec![],
         };
         let loads: Vec<(WorkerId, Load)> = loads
             .iter()
@@ -467,5 +497,119 @@ mod tests {
         assert!((1220..1420).contains(&warm), "{warm}");
         let hot = count(100.0);
         assert!((900..1100).contains(&hot), "{hot}");
+    }
+
+    /// Scores a fleet whose overlaps are given by tier (device, host, disk blocks).
+    fn check_tiers(
+        config: SelectorConfig,
+        isl: usize,
+        overlaps: &[(WorkerId, [u32; 3])],
+        loads: &[(WorkerId, u64, u64)],
+        expect: Expect,
+    ) {
+        let overlaps = Overlaps {
+            scores: overlaps.iter().map(|&(w, t)| (w, t.iter().sum())).collect(),
+            tiers: overlaps
+                .iter()
+                .map(|&(w, [device, host, disk])| (w, TierBlocks { device, host, disk }))
+                .collect(),
+        };
+        let loads: Vec<(WorkerId, Load)> = loads
+            .iter()
+            .map(|&(w, prefill, blocks)| {
+                let load = Load {
+                    active_prefill_tokens: prefill,
+                    active_blocks: blocks,
+                };
+                (w, load)
+            })
+            .collect();
+        let d = select(&config, isl, &overlaps, &loads, &mut StdRng::seed_from_u64(1)).expect("workers");
+        let mut out = String::new();
+        for c in &d.candidates {
+            let mark = if c.worker == d.worker { "  <- chosen" } else { "" };
+            let t = c.tiers;
+            out += &format!(
+                "worker {}: overlap {} (device {} host {} disk {}) credit {:.1} prefill {:.1} decode {:.1} cost {:.1}{mark}\n",
+                c.worker, c.overlap_blocks, t.device, t.host, t.disk, c.credit, c.prefill, c.decode, c.cost
+            );
+        }
+        expect.assert_eq(&out);
+    }
+
+    #[test]
+    fn a_prefix_in_host_memory_beats_none_and_loses_to_one_on_the_device() {
+        // Ten blocks, eight of them cached: on worker 2 in host memory, on worker 3 on the
+        // device, on worker 4 on disk; equal loads.
+        let loads = [(1, 0, 10), (2, 0, 10), (3, 0, 10), (4, 0, 10)];
+        check_tiers(
+            SelectorConfig::default(),
+            160,
+            &[(2, [0, 8, 0]), (3, [8, 0, 0]), (4, [0, 0, 8])],
+            &loads,
+            expect![[r#"
+                worker 1: overlap 0 (device 0 host 0 disk 0) credit 0.0 prefill 10.0 decode 20.0 cost 30.0
+                worker 2: overlap 8 (device 0 host 8 disk 0) credit 6.0 prefill 4.0 decode 20.0 cost 24.0
+                worker 3: overlap 8 (device 8 host 0 disk 0) credit 8.0 prefill 2.0 decode 12.0 cost 14.0  <- chosen
+                worker 4: overlap 8 (device 0 host 0 disk 8) credit 2.0 prefill 8.0 decode 20.0 cost 28.0
+            "#]],
+        );
+        check_tiers(
+            SelectorConfig::default(),
+            160,
+            &[(2, [0, 8, 0]), (4, [0, 0, 8])],
+            &[(1, 0, 10), (2, 0, 10), (4, 0, 10)],
+            expect![[r#"
+                worker 1: overlap 0 (device 0 host 0 disk 0) credit 0.0 prefill 10.0 decode 20.0 cost 30.0
+                worker 2: overlap 8 (device 0 host 8 disk 0) credit 6.0 prefill 4.0 decode 20.0 cost 24.0  <- chosen
+                worker 4: overlap 8 (device 0 host 0 disk 8) credit 2.0 prefill 8.0 decode 20.0 cost 28.0
+            "#]],
+        );
+    }
+
+    #[test]
+    fn tier_weights_decide_between_a_host_hit_and_a_lighter_load() {
+        // Worker 2 holds 8 of 10 blocks in host memory but runs 4 blocks of decode; worker 1
+        // holds nothing and is idle. A host block worth 0.75 of a device one wins worker 2
+        // the request; worth 0.25, it does not.
+        let (overlaps, loads) = (&[(2, [0, 8, 0])], &[(1, 0, 0), (2, 0, 4)]);
+        check_tiers(
+            SelectorConfig::default(),
+            160,
+            overlaps,
+            loads,
+            expect![[r#"
+                worker 1: overlap 0 (device 0 host 0 disk 0) credit 0.0 prefill 10.0 decode 10.0 cost 20.0
+                worker 2: overlap 8 (device 0 host 8 disk 0) credit 6.0 prefill 4.0 decode 14.0 cost 18.0  <- chosen
+            "#]],
+        );
+        check_tiers(
+            SelectorConfig {
+                host_hit_weight: 0.25,
+                ..Default::default()
+            },
+            160,
+            overlaps,
+            loads,
+            expect![[r#"
+                worker 1: overlap 0 (device 0 host 0 disk 0) credit 0.0 prefill 10.0 decode 10.0 cost 20.0  <- chosen
+                worker 2: overlap 8 (device 0 host 8 disk 0) credit 2.0 prefill 8.0 decode 14.0 cost 22.0
+            "#]],
+        );
+        // A mixed prefix: device blocks count whole whatever the weights.
+        check_tiers(
+            SelectorConfig {
+                host_hit_weight: 0.0,
+                disk_hit_weight: 1.0,
+                ..Default::default()
+            },
+            160,
+            &[(2, [4, 2, 2])],
+            loads,
+            expect![[r#"
+                worker 1: overlap 0 (device 0 host 0 disk 0) credit 0.0 prefill 10.0 decode 10.0 cost 20.0
+                worker 2: overlap 8 (device 4 host 2 disk 2) credit 6.0 prefill 4.0 decode 10.0 cost 14.0  <- chosen
+            "#]],
+        );
     }
 }

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
-use turbine_protocols::kv::{CachedBlock, KvEvent, KvEventData, KvSnapshot, StoredBlock};
+use turbine_protocols::kv::{CachedBlock, KvEvent, KvEventData, KvSnapshot, StorageTier, StoredBlock};
 use turbine_router::indexer::{Applied, KvIndexer};
 
 #[derive(Debug, Clone)]
@@ -62,6 +62,7 @@ impl Truth {
                     sequence_hash: h,
                     local_hash: h,
                 },
+                tier: StorageTier::Device,
             })
             .collect();
         KvSnapshot {
@@ -96,7 +97,7 @@ fn apply_all(ix: &mut KvIndexer, w: u64, events: &[KvEvent], model: &mut BTreeMa
 fn replay(held: &mut BTreeSet<u64>, e: &KvEvent) {
     match &e.data {
         KvEventData::Stored { blocks, .. } => held.extend(blocks.iter().map(|b| b.sequence_hash)),
-        KvEventData::Removed { sequence_hashes } => {
+        KvEventData::Removed { sequence_hashes, .. } => {
             for h in sequence_hashes {
                 held.remove(h);
             }
@@ -144,7 +145,7 @@ proptest! {
                     let t = truths.entry(w).or_default();
                     t.blocks.extend(&hashes);
                     let blocks = hashes.iter().map(|&h| StoredBlock { sequence_hash: h, local_hash: h }).collect();
-                    (w, KvEventData::Stored { parent_hash: None, blocks })
+                    (w, KvEventData::Stored { parent_hash: None, blocks, tier: StorageTier::Device })
                 }
                 Action::Remove(w, picks) => {
                     let t = truths.entry(w).or_default();
@@ -156,7 +157,7 @@ proptest! {
                     for h in &gone {
                         t.blocks.remove(h);
                     }
-                    (w, KvEventData::Removed { sequence_hashes: gone.into_iter().collect() })
+                    (w, KvEventData::Removed { sequence_hashes: gone.into_iter().collect(), tier: StorageTier::Device })
                 }
                 Action::Clear(w) => {
                     truths.entry(w).or_default().blocks.clear();

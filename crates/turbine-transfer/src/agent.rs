@@ -366,6 +366,22 @@ impl Agent {
         self.local_region(desc, bytes.len())?.write(desc.offset, bytes)
     }
 
+    /// Reads this agent's bytes from `offset` of `region` into `pieces`, in order: a tier's
+    /// block scattered into an engine's buffers, one system call for a file region.
+    pub fn read_local_pieces(
+        &self,
+        region: RegionId,
+        offset: u64,
+        pieces: &mut [&mut [u8]],
+    ) -> Result<(), TransferError> {
+        self.inner.region(region)?.read_pieces(offset, pieces)
+    }
+
+    /// Writes `pieces`, in order, from `offset` of `region`.
+    pub fn write_local_pieces(&self, region: RegionId, offset: u64, pieces: &[&[u8]]) -> Result<(), TransferError> {
+        self.inner.region(region)?.write_pieces(offset, pieces)
+    }
+
     /// The region of `desc`, checked to be `len` bytes long.
     fn local_region(&self, desc: Desc, len: usize) -> Result<Arc<Region>, TransferError> {
         if len as u64 != desc.len {

@@ -8,6 +8,7 @@
 
 pub mod disagg;
 mod kv;
+mod kvbm_metrics;
 pub mod metrics;
 
 use std::sync::Arc;
@@ -62,6 +63,7 @@ pub struct Worker {
     kv_state: Option<EndpointServer<KvStateRequest, KvStateResponse>>,
     disagg: Option<Arc<Disagg>>,
     load: Option<tokio::sync::watch::Receiver<turbine_protocols::kv::WorkerLoad>>,
+    kvbm: Option<Arc<turbine_kvbm::KvbmStats>>,
     _publishers: DropGuard,
 }
 
@@ -76,6 +78,7 @@ impl Worker {
         let stop_publishers = CancellationToken::new();
 
         let load = engine.load();
+        let kvbm = engine.kvbm_stats();
         let publish = kv::Publish {
             namespace: config.endpoint.namespace.clone(),
             model: config.model.name.clone(),
@@ -130,6 +133,7 @@ impl Worker {
             kv_state,
             disagg,
             load,
+            kvbm,
             _publishers: stop_publishers.drop_guard(),
         })
     }
@@ -154,6 +158,7 @@ impl Worker {
             label: self.instance().id.to_string(),
             load: self.load.clone(),
             disagg: self.disagg.clone(),
+            kvbm: self.kvbm.clone(),
         }
     }
 

@@ -1,5 +1,6 @@
 //! Prometheus metrics of workers: their KV cache's blocks and sequences, and their KV
-//! transfers, read from the engines' load and the agents' counters at each scrape. `turbine
+//! transfers and block manager tiers, read from the engines' load and the agents' counters at
+//! each scrape. `turbine
 //! serve` adds them to the frontend's `/metrics`; `turbine worker --metrics-port` serves them.
 
 use std::sync::atomic::Ordering;
@@ -21,6 +22,8 @@ pub struct MetricsSource {
     pub label: String,
     pub load: Option<watch::Receiver<WorkerLoad>>,
     pub disagg: Option<Arc<Disagg>>,
+    /// The block manager below the engine's KV cache, if it has tiers.
+    pub kvbm: Option<Arc<turbine_kvbm::KvbmStats>>,
 }
 
 /// The KV cache, transfer and staging metrics of some workers, labelled by worker.
@@ -36,6 +39,7 @@ pub struct WorkerMetrics {
     disagg: IntCounterVec,
     free_slots: IntGaugeVec,
     refused: IntCounterVec,
+    kvbm: crate::kvbm_metrics::KvbmMetrics,
 }
 
 fn counter(name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, prometheus::Error> {
@@ -44,7 +48,12 @@ fn counter(name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, pro
 
 impl WorkerMetrics {
     pub fn new(workers: Vec<MetricsSource>) -> Result<Self, prometheus::Error> {
+        let kvbm = workers
+            .iter()
+            .filter_map(|w| Some((w.label.clone(), w.kvbm.clone()?)))
+            .collect();
         Ok(WorkerMetrics {
+            kvbm: crate::kvbm_metrics::KvbmMetrics::new(kvbm)?,
             workers,
             kv_blocks: IntGaugeVec::new(
                 Opts::new(
@@ -172,8 +181,9 @@ impl WorkerMetrics {
 }
 
 impl WorkerMetrics {
-    fn parts(&self) -> [&dyn Collector; 10] {
+    fn parts(&self) -> [&dyn Collector; 11] {
         [
+            &self.kvbm,
             &self.kv_blocks,
             &self.sequences,
             &self.bytes,

@@ -11,7 +11,7 @@ use clap::{Args, ValueEnum};
 use tokio_util::sync::CancellationToken;
 use turbine_engine::{EchoConfig, EchoEngine, Engine, MockerConfig, MockerEngine};
 use turbine_frontend::FrontendConfig;
-use turbine_native::{NativeConfig, NativeEngine};
+use turbine_native::{KvDtype, NativeConfig, NativeEngine};
 use turbine_protocols::{ModelCard, TokenizerKind};
 
 /// Which engine a worker runs and the model it presents.
@@ -48,6 +48,8 @@ pub struct EngineArgs {
     kv_cache_mib: usize,
     #[command(flatten)]
     external: crate::external::ExternalArgs,
+    #[command(flatten)]
+    kvbm: crate::kvbm_args::KvbmArgs,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -103,6 +105,11 @@ struct MockerArgs {
     /// Reuse cached KV blocks of shared prompt prefixes.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     prefix_caching: bool,
+    /// How KV values are stored: f32, f16 (half the bytes) or q8 (int8 with a scale per row,
+    /// about a quarter) [default: f32 native; the mocker keeps --kv-bytes-per-token, a 16-bit
+    /// cache, and scales it to the dtype given].
+    #[arg(long)]
+    kv_cache_dtype: Option<KvDtype>,
     /// Mocker, disaggregated: KV bytes per token of the simulated model [default: Llama-3-8B
     /// in bf16, 131072].
     #[arg(long, default_value_t = 131_072)]
@@ -143,6 +150,9 @@ impl TryFrom<EngineArgs> for EngineSetup {
     type Error = anyhow::Error;
 
     fn try_from(a: EngineArgs) -> anyhow::Result<Self> {
+        // Flags first, before a model is fetched for them.
+        let kvbm = a.kvbm.config()?;
+        let onboard = a.kvbm.onboard_rates()?;
         let native = matches!(a.engine, EngineKind::Native);
         if a.model.is_some() && !native {
             bail!("--model is for --engine native; the other engines take --tokenizer");
@@ -230,12 +240,33 @@ impl TryFrom<EngineArgs> for EngineSetup {
             seed: m.seed,
             enable_prefix_caching: m.prefix_caching,
             vocab,
-            kv_bytes_per_token: m.kv_bytes_per_token,
+            kv_bytes_per_token: match m.kv_cache_dtype {
+                // q8 scales priced for rows of 128 values, the heads of the default (Llama-3-8B).
+                Some(dtype) => {
+                    m.kv_bytes_per_token.saturating_mul(dtype.row_bytes(128) as u64)
+                        / KvDtype::F16.row_bytes(128) as u64
+                }
+                None => m.kv_bytes_per_token,
+            },
             transfer_bytes_per_sec: m.transfer_gbps * 1e9,
+            kvbm: kvbm.clone(),
+            onboard_host_bytes_per_sec: onboard.0,
+            onboard_disk_bytes_per_sec: onboard.1,
         };
-        mocker
-            .validate()
-            .map_err(|e| anyhow::anyhow!("--{}", e.to_string().replace('_', "-")))?;
+        // The tiers are sized against the mocker's pool only when it is the engine; the
+        // native engine checks them against its own once the model says how large it is.
+        let checked = match a.engine {
+            EngineKind::Mocker => mocker.clone(),
+            _ => MockerConfig {
+                kvbm: turbine_kvbm::KvbmConfig::default(),
+                ..mocker.clone()
+            },
+        };
+        checked.validate().map_err(|e| match e {
+            // Already in the flags' words.
+            turbine_engine::MockerConfigError::Kvbm(m) => anyhow::anyhow!("{m}"),
+            e => anyhow::anyhow!("--{}", e.to_string().replace('_', "-")),
+        })?;
         let defaults = NativeConfig::default();
         let native_config = NativeConfig {
             block_size: m.block_size,
@@ -245,6 +276,8 @@ impl TryFrom<EngineArgs> for EngineSetup {
             enable_prefix_caching: m.prefix_caching,
             seed: m.seed,
             convert_slow_weights: true,
+            kv_cache_dtype: m.kv_cache_dtype.unwrap_or(defaults.kv_cache_dtype),
+            kvbm,
         };
         if native && a.kv_cache_mib == 0 {
             bail!("--kv-cache-mib must be at least 1, got 0");
@@ -362,6 +395,7 @@ impl EngineSetup {
             EngineKind::Mocker => {
                 let mocker = MockerConfig {
                     seed: self.mocker.seed.wrapping_add(i as u64),
+                    kvbm: crate::kvbm_args::for_worker(&self.mocker.kvbm, i),
                     ..self.mocker.clone()
                 };
                 Arc::new(MockerEngine::start(mocker).context("starting a mocker")?)
@@ -370,6 +404,7 @@ impl EngineSetup {
                 let path = self.model_path.as_deref().context("the native engine has no model")?;
                 let config = NativeConfig {
                     seed: self.native.seed.wrapping_add(i as u64),
+                    kvbm: crate::kvbm_args::for_worker(&self.native.kvbm, i),
                     ..self.native.clone()
                 };
                 let started = std::time::Instant::now();
@@ -405,6 +440,14 @@ pub struct FrontendArgs {
     /// `kv` router: 0 always picks the cheapest worker; higher spreads requests over near-cheapest ones.
     #[arg(long, default_value_t = 0.0)]
     kv_temperature: f64,
+    /// `kv` router: what a cached block in a worker's host memory (KV block manager tier G2)
+    /// counts for, 0 to 1, against one on its device.
+    #[arg(long, default_value_t = turbine_router::selector::DEFAULT_HOST_HIT_WEIGHT)]
+    kv_host_hit_weight: f64,
+    /// `kv` router: what a cached block on a worker's disk (tier G3) counts for, 0 to 1,
+    /// against one on its device.
+    #[arg(long, default_value_t = turbine_router::selector::DEFAULT_DISK_HIT_WEIGHT)]
+    kv_disk_hit_weight: f64,
     /// `kv` router: count costs in predicted time where workers publish their step times (the
     /// mocker does), or in KV blocks.
     #[arg(long, value_enum, default_value_t = KvCostArg::Time)]
@@ -469,6 +512,14 @@ impl FrontendArgs {
         if !(self.kv_temperature.is_finite() && self.kv_temperature >= 0.0) {
             bail!("--kv-temperature must be a number >= 0, got {}", self.kv_temperature);
         }
+        for (flag, weight) in [
+            ("--kv-host-hit-weight", self.kv_host_hit_weight),
+            ("--kv-disk-hit-weight", self.kv_disk_hit_weight),
+        ] {
+            if !(0.0..=1.0).contains(&weight) {
+                bail!("{flag} must be a number from 0 to 1, got {weight}");
+            }
+        }
         if !(self.kv_compute_weight.is_finite() && self.kv_compute_weight >= 0.0) {
             bail!(
                 "--kv-compute-weight must be a number >= 0, got {}",
@@ -498,6 +549,8 @@ impl FrontendArgs {
             max_body_bytes: self.max_body_bytes,
             kv_overlap_weight: self.kv_overlap_weight,
             kv_temperature: self.kv_temperature,
+            kv_host_hit_weight: self.kv_host_hit_weight,
+            kv_disk_hit_weight: self.kv_disk_hit_weight,
             kv_cost: match self.kv_cost {
                 KvCostArg::Time => turbine_frontend::KvCost::Time,
                 KvCostArg::Blocks => turbine_frontend::KvCost::Blocks,

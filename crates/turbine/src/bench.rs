@@ -186,6 +186,26 @@ enum TraceSub {
         /// Tokens per KV block of the workers.
         #[arg(long, default_value_t = 16)]
         block_size: usize,
+        /// Replay the trace through these eviction policies (lru, lfu, fifo, ttl, lineage,
+        /// arc, adaptive, or all; repeat or comma-separate), one prefix cache per --capacity,
+        /// beside Belady's offline optimum. All of them if only --capacity is given.
+        #[arg(long, value_name = "POLICY", value_delimiter = ',')]
+        policy: Vec<String>,
+        /// Cache sizes for --policy, in the trace's blocks (repeat or comma-separate).
+        #[arg(long, value_name = "BLOCKS", value_delimiter = ',')]
+        capacity: Vec<String>,
+        /// `ttl`: idle milliseconds before a block expires.
+        #[arg(long, default_value_t = turbine_bench::analyze::PolicyConfig::default().ttl_ms)]
+        ttl_ms: u64,
+        /// `lfu`: milliseconds over which counts halve, 0 for never.
+        #[arg(long, default_value_t = turbine_bench::analyze::PolicyConfig::default().lfu_half_life_ms)]
+        lfu_half_life_ms: u64,
+        /// `adaptive`: block lookups its shadows' hit rates average over.
+        #[arg(long, default_value_t = turbine_bench::analyze::PolicyConfig::default().adaptive_window)]
+        adaptive_window: u32,
+        /// `adaptive`: hit-rate points another candidate must lead by before it is followed.
+        #[arg(long, default_value_t = turbine_bench::analyze::PolicyConfig::default().adaptive_margin * 100.0)]
+        adaptive_margin_points: f64,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -270,8 +290,44 @@ pub async fn trace(cmd: TraceCmd) -> anyhow::Result<()> {
             workers,
             blocks_per_worker,
             block_size,
+            policy,
+            capacity,
+            ttl_ms,
+            lfu_half_life_ms,
+            adaptive_window,
+            adaptive_margin_points,
             json,
         } => {
+            use turbine_bench::analyze::{PolicyConfig, PolicyKind};
+            let mut kinds = turbine_bench::analyze::policies_named(&policy)
+                .map_err(|e| anyhow::anyhow!("--policy: {e}, or all"))?;
+            let capacities = capacity
+                .iter()
+                .map(|c| match c.trim().parse::<usize>() {
+                    Ok(n) if n > 0 => Ok(n),
+                    _ => Err(anyhow::anyhow!(
+                        "--capacity {c:?}: expected a number of blocks, at least 1"
+                    )),
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            if !kinds.is_empty() && capacities.is_empty() {
+                bail!("--policy needs --capacity: the cache sizes to replay, in the trace's blocks");
+            }
+            if kinds.is_empty() {
+                kinds = PolicyKind::ALL.to_vec();
+            }
+            if !(adaptive_margin_points.is_finite() && adaptive_margin_points >= 0.0) {
+                bail!("--adaptive-margin-points {adaptive_margin_points}: expected a number of points >= 0");
+            }
+            if adaptive_window == 0 {
+                bail!("--adaptive-window 0: expected at least 1 lookup");
+            }
+            let config = PolicyConfig {
+                ttl_ms,
+                lfu_half_life_ms,
+                adaptive_window,
+                adaptive_margin: adaptive_margin_points / 100.0,
+            };
             let trace = Trace::load(&file).with_context(|| format!("trace {}", file.display()))?;
             let lru_blocks = match (workers, blocks_per_worker) {
                 (Some(w), Some(b)) => {
@@ -283,7 +339,12 @@ pub async fn trace(cmd: TraceCmd) -> anyhow::Result<()> {
                 }
                 _ => lru_blocks,
             };
-            let a = turbine_bench::analyze::analyze(&trace, lru_blocks);
+            let mut a = turbine_bench::analyze::analyze(&trace, lru_blocks);
+            if !capacities.is_empty() {
+                let comparison = turbine_bench::analyze::compare_policies(&trace, &kinds, &capacities, &config);
+                let no_hashes = || anyhow::anyhow!("--policy: {} has no hash ids to replay", file.display());
+                a.policies = Some(comparison.ok_or_else(no_hashes)?);
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&a)?);
             } else {

@@ -6,6 +6,7 @@ mod bench;
 mod distributed;
 mod external;
 mod fetch;
+mod kvbm_args;
 mod metrics_http;
 mod serve;
 

@@ -125,7 +125,33 @@ fn bad_arguments_fail_with_one_line_naming_the_value() -> Result<()> {
         (&["serve", "--workers", "0"][..], "0"),
         (&["serve", "--port", "eighty"], "eighty"),
         (&["serve", "--engine", "gpt"], "gpt"),
+        (&["serve", "--kvbm-policy", "mru"], "mru"),
+        (
+            &["serve", "--kvbm-host-gib", "0"],
+            "--kvbm-host-gib must be a positive number",
+        ),
+        (&["serve", "--kvbm-disk-gib", "1"], "--kvbm-disk-dir"),
+        (
+            &[
+                "serve",
+                "--engine",
+                "mocker",
+                "--num-blocks",
+                "64",
+                "--kvbm-host-blocks",
+                "10",
+            ],
+            "smaller than the engine's pool of 64 blocks",
+        ),
         (&["serve", "--host", "not-an-ip"], "not-an-ip"),
+        (
+            &["serve", "--kv-host-hit-weight", "1.5"],
+            "--kv-host-hit-weight must be a number from 0 to 1, got 1.5",
+        ),
+        (
+            &["serve", "--kv-disk-hit-weight=-0.25"],
+            "--kv-disk-hit-weight must be a number from 0 to 1, got -0.25",
+        ),
         (&["serve", "--engine", "vllm"], "--engine-url"),
         (
             &["serve", "--engine", "llamacpp", "--engine-url", "localhost:8080"],
@@ -298,6 +324,53 @@ async fn mocker_serves_and_reports_cached_prompt_tokens() -> Result<()> {
     }
     // The 221-token prompt's 13 full blocks of 16 are cached after the first request.
     assert_eq!(cached, [Some(0), Some(208)]);
+    Ok(())
+}
+
+/// A prompt evicted from a small mocker's KV cache comes back from the host tier below it:
+/// reported as cached, and counted on `/metrics` under the block manager's names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mocker_serves_an_evicted_prompt_from_host_memory() -> Result<()> {
+    let server = Server::start(&[
+        "--engine",
+        "mocker",
+        "--workers",
+        "1",
+        "--speedup",
+        "100",
+        "--num-blocks",
+        "32",
+        "--kvbm-host-blocks",
+        "256",
+    ])?;
+    let http = reqwest::Client::new();
+    let ask = |content: String| {
+        let body = json!({"model": "mocker", "max_tokens": 4, "messages": [{"role": "user", "content": content}]});
+        let http = http.clone();
+        let url = format!("{}/v1/chat/completions", server.url);
+        async move {
+            let r: Value = http.post(url).json(&body).send().await?.json().await?;
+            anyhow::Ok(r["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64())
+        }
+    };
+    let returning = "a".repeat(200);
+    assert_eq!(ask(returning.clone()).await?, Some(0));
+    // Four prompts of most of the cache's 512 tokens push it out of the cache.
+    for c in ["b", "c", "d", "e"] {
+        ask(c.repeat(450)).await?;
+    }
+    assert_eq!(ask(returning).await?, Some(208), "13 blocks loaded from host memory");
+    let metrics = http.get(format!("{}/metrics", server.url)).send().await?.text().await?;
+    let sum = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(sum("kvbm_onboard_blocks_h2d"), 13.0, "{metrics}");
+    assert_eq!(sum("kvbm_matched_tokens"), 208.0);
+    assert!(sum("kvbm_offload_blocks_d2h") >= 13.0 + 4.0 * 28.0);
     Ok(())
 }
 

@@ -47,6 +47,11 @@ pub struct MockerConfig {
     /// that moves them between workers, which together give an import's simulated time.
     pub kv_bytes_per_token: u64,
     pub transfer_bytes_per_sec: f64,
+    /// Tiers below the pool (metadata only: blocks are sized by `kv_bytes_per_token`), and
+    /// how fast loads from them run, host memory over PCIe and disk over NVMe.
+    pub kvbm: turbine_kvbm::KvbmConfig,
+    pub onboard_host_bytes_per_sec: f64,
+    pub onboard_disk_bytes_per_sec: f64,
 }
 
 impl Default for MockerConfig {
@@ -63,6 +68,10 @@ impl Default for MockerConfig {
             // Llama-3-8B in bf16 (32 layers, 8 KV heads of 128), over a 200 Gb/s RDMA link.
             kv_bytes_per_token: 2 * 32 * 8 * 128 * 2,
             transfer_bytes_per_sec: 25e9,
+            kvbm: turbine_kvbm::KvbmConfig::default(),
+            // PCIe 5 x16 in practice, and one NVMe drive.
+            onboard_host_bytes_per_sec: 50e9,
+            onboard_disk_bytes_per_sec: 6e9,
         }
     }
 }
@@ -75,6 +84,8 @@ pub enum MockerConfigError {
     Speedup(f64),
     #[error("transfer bandwidth must be a positive number of bytes per second, got {0}")]
     Bandwidth(f64),
+    #[error("KV block manager: {0}")]
+    Kvbm(String),
 }
 
 impl MockerConfig {
@@ -91,13 +102,34 @@ impl MockerConfig {
                 return Err(MockerConfigError::Zero { name, value });
             }
         }
-        if !(self.transfer_bytes_per_sec.is_finite() && self.transfer_bytes_per_sec > 0.0) {
-            return Err(MockerConfigError::Bandwidth(self.transfer_bytes_per_sec));
+        for rate in [
+            self.transfer_bytes_per_sec,
+            self.onboard_host_bytes_per_sec,
+            self.onboard_disk_bytes_per_sec,
+        ] {
+            if !(rate.is_finite() && rate > 0.0) {
+                return Err(MockerConfigError::Bandwidth(rate));
+            }
         }
         if !(self.speedup.is_finite() && self.speedup > 0.0) {
             return Err(MockerConfigError::Speedup(self.speedup));
         }
+        if self.kvbm.enabled() {
+            self.kvbm
+                .sizes(&self.pool_shape())
+                .map_err(|e| MockerConfigError::Kvbm(e.to_string()))?;
+        }
         Ok(())
+    }
+
+    /// The pool as the tiers below it see it: blocks of simulated bytes.
+    fn pool_shape(&self) -> turbine_kvbm::PoolShape {
+        turbine_kvbm::PoolShape {
+            block_bytes: (self.kv_bytes_per_token as usize).saturating_mul(self.block_size),
+            blocks: self.num_blocks,
+            compat: 0,
+            simulated: true,
+        }
     }
 
     /// The most tokens one sequence can hold: the whole pool.
@@ -136,6 +168,7 @@ pub struct MockerEngine {
     /// Nanoseconds of simulated steps, by the timing model.
     simulated_ns: Arc<AtomicU64>,
     config: Arc<MockerConfig>,
+    kvbm_stats: Option<Arc<turbine_kvbm::KvbmStats>>,
 }
 
 impl MockerEngine {
@@ -143,12 +176,19 @@ impl MockerEngine {
     /// dropped.
     pub fn start(config: MockerConfig) -> Result<Self, MockerConfigError> {
         config.validate()?;
-        let scheduler = Scheduler::new(config.clone());
+        let mut scheduler = Scheduler::new(config.clone());
+        let mut tiers = crate::tiers::Tiers::new(&config.kvbm, config.pool_shape(), scheduler.pool_mut())
+            .map_err(|e| MockerConfigError::Kvbm(e.to_string()))?;
+        if let Some(t) = &mut tiers {
+            t.simulate_loads(config.onboard_host_bytes_per_sec, config.onboard_disk_bytes_per_sec);
+        }
+        let kvbm_stats = tiers.as_ref().map(|t| t.stats());
         let (handle, ends) = Handle::new(scheduler.load());
         let busy_ns = Arc::new(AtomicU64::new(0));
         let simulated_ns = Arc::new(AtomicU64::new(0));
         tokio::spawn(run(
             scheduler,
+            tiers,
             ends,
             config.block_size,
             busy_ns.clone(),
@@ -159,6 +199,7 @@ impl MockerEngine {
             busy_ns,
             simulated_ns,
             config: Arc::new(config),
+            kvbm_stats,
         })
     }
 }
@@ -198,6 +239,10 @@ impl Engine for MockerEngine {
         let id = self.handle.next_id();
         // The same tokens as the scheduler's for this sequence, which it only counts.
         self.handle.submit(id, spec, token_source(&self.config, id), (), cancel)
+    }
+
+    fn kvbm_stats(&self) -> Option<Arc<turbine_kvbm::KvbmStats>> {
+        self.kvbm_stats.clone()
     }
 
     fn kv_cache(&self) -> Option<KvCache> {
@@ -303,10 +348,20 @@ struct Loop {
     scheduler: Scheduler<Sink, Counted>,
     subscribers: Vec<mpsc::UnboundedSender<Vec<KvEvent>>>,
     block_size: usize,
+    tiers: Option<crate::tiers::Tiers>,
 }
 
 impl Loop {
     fn handle(&mut self, command: Command<TokenSource, (), Own>) {
+        let command = match (command, &self.tiers) {
+            (Command::Snapshot(reply), Some(tiers)) => {
+                let mut snapshot = self.scheduler.snapshot();
+                tiers.extend_snapshot(&mut snapshot);
+                let _ = reply.send(snapshot);
+                return;
+            }
+            (command, _) => command,
+        };
         let Some(own) = host::apply(command, &mut self.scheduler, &mut self.subscribers) else {
             return;
         };
@@ -375,6 +430,7 @@ const LOAD_UPDATE_INTERVAL: Duration = Duration::from_millis(5);
 
 async fn run(
     scheduler: Scheduler<Sink, Counted>,
+    tiers: Option<crate::tiers::Tiers>,
     ends: LoopEnds<TokenSource, (), Own>,
     block_size: usize,
     busy_ns: Arc<AtomicU64>,
@@ -386,6 +442,7 @@ async fn run(
         scheduler,
         subscribers: Vec::new(),
         block_size,
+        tiers,
     };
     // When the last step ended by the timing model. Steps are chained from it rather than
     // from the moment the timer fired: tokio timers round up to the millisecond, which at
@@ -402,7 +459,14 @@ async fn run(
         while let Ok(msg) = rx.try_recv() {
             l.handle(msg);
         }
-        let step = l.scheduler.schedule();
+        let step = match &mut l.tiers {
+            Some(tiers) => {
+                let step = l.scheduler.schedule_with(&mut tiers.lower(&mut turbine_kvbm::NoBytes));
+                tiers.after_schedule(l.scheduler.pool_mut(), &turbine_kvbm::NoBytes);
+                step
+            }
+            None => l.scheduler.schedule(),
+        };
         l.flush_events();
         let now = Instant::now();
         if step.is_empty() || now >= load_published + LOAD_UPDATE_INTERVAL {
@@ -423,7 +487,9 @@ async fn run(
             Some(c) if now.saturating_duration_since(c) < CATCH_UP => c,
             _ => now,
         };
-        let duration = l.scheduler.duration(&step);
+        // Loads from the tiers below the pool delay the step that reads them.
+        let loads = l.tiers.as_mut().map_or(Duration::ZERO, |t| t.take_load_time());
+        let duration = l.scheduler.duration(&step) + loads.div_f64(l.scheduler.speedup());
         simulated_ns.fetch_add(duration.as_nanos() as u64, Ordering::Relaxed);
         let deadline = start + duration;
         clock = Some(deadline);
@@ -447,6 +513,9 @@ async fn run(
         // A sink that refuses a token has lost its reader: the sequence is dropped.
         l.scheduler
             .complete(&step, |sink, p| sink.out.push(p.token, p.cached_tokens, p.finish));
+        if let Some(tiers) = &mut l.tiers {
+            tiers.after_step(l.scheduler.pool_mut(), &turbine_kvbm::NoBytes);
+        }
         busy_ns.fetch_add(work.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
 }

@@ -17,7 +17,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 
-use turbine_protocols::kv::{KvEvent, KvSnapshot, WorkerLoad};
+use turbine_protocols::kv::{CachedBlock, KvEvent, KvSnapshot, WorkerLoad};
 use turbine_protocols::FinishReason;
 use turbine_tokens::{chain_hash, local_hash, BlockHash};
 
@@ -223,6 +223,8 @@ pub struct Step {
     pub prefill_tokens: usize,
     pub decodes: usize,
     pub preempted: Vec<SeqId>,
+    /// Blocks loaded from the tiers below the pool for the sequences admitted.
+    pub onboarded: usize,
 }
 
 impl Step {
@@ -256,6 +258,37 @@ pub struct Produced {
     /// Set on the sequence's first token.
     pub cached_tokens: Option<u32>,
     pub finish: Option<FinishReason>,
+}
+
+/// The tiers below the pool, as admission sees them: blocks a prefix can load instead of
+/// computing. Implemented around the block manager by each engine, which owns the bytes.
+pub trait LowerTiers {
+    /// How many leading blocks of `hashes` (which follow the pool's cached prefix) the
+    /// tiers hold and would load. Changes nothing.
+    fn held(&mut self, hashes: &[BlockHash]) -> usize;
+    /// Copies the first `blocks.len()` blocks of `hashes` into the pool's `blocks` (fresh,
+    /// held by the sequence); returns how many leading ones were loaded.
+    fn load(&mut self, hashes: &[BlockHash], blocks: &[BlockId]) -> usize;
+    /// Blocks the pool evicted to make room, told before a load overwrites any of them
+    /// (write-back offload copies them out here).
+    fn evicted(&mut self, _blocks: Vec<(BlockId, CachedBlock)>) {}
+    /// An admitted request's blocks that neither the pool nor the tiers held (following
+    /// `parent`): the tiers' policies learn from misses as from hits.
+    fn missed(&mut self, _hashes: &[BlockHash], _parent: Option<turbine_tokens::SequenceHash>) {}
+}
+
+/// No tiers below the pool.
+#[derive(Debug, Default)]
+pub struct PoolOnly;
+
+impl LowerTiers for PoolOnly {
+    fn held(&mut self, _: &[BlockHash]) -> usize {
+        0
+    }
+
+    fn load(&mut self, _: &[BlockHash], _: &[BlockId]) -> usize {
+        0
+    }
 }
 
 /// The scheduler of sequences whose tokens go to sinks of type `T`, held as `K`.
@@ -359,6 +392,13 @@ impl<T, K: SeqTokens> Scheduler<T, K> {
     /// recently admitted one (possibly itself), whose blocks are freed and which waits
     /// again at the front of the queue.
     pub fn schedule(&mut self) -> Step {
+        self.schedule_with(&mut PoolOnly)
+    }
+
+    /// As [`Scheduler::schedule`], with prefixes that miss the pool loaded from `lower`
+    /// where it holds them: a loaded block is registered at once, so that requests sharing
+    /// it in this step use the same copy, and it is written before the step runs.
+    pub fn schedule_with(&mut self, lower: &mut dyn LowerTiers) -> Step {
         let bs = self.config.block_size;
         let mut budget = self.config.max_num_batched_tokens;
         // Sized once: grown entry by entry, its reallocations cost more than its entries.
@@ -403,33 +443,58 @@ impl<T, K: SeqTokens> Scheduler<T, K> {
         // the running sequences preempted each other down to nothing must admit, or the
         // engine would stall.
         if step.preempted.is_empty() || step.entries.is_empty() {
-            self.admit(&mut step, budget);
+            self.admit(&mut step, budget, lower);
         }
         step
     }
 
-    fn admit(&mut self, step: &mut Step, mut budget: usize) {
+    fn admit(&mut self, step: &mut Step, mut budget: usize, lower: &mut dyn LowerTiers) {
         let bs = self.config.block_size;
         while budget > 0 && self.running.len() < self.config.max_num_seqs {
             let Some(&slot) = self.waiting.front() else { break };
             let seq = self.seq(slot);
             // Reuse cached blocks, but always leave at least one token to compute: the
             // step that computes it produces the next token.
-            let matched = if self.config.enable_prefix_caching {
-                self.pool.match_prefix(&seq.hashes).min((seq.tokens.total() - 1) / bs)
+            let limit = (seq.tokens.total() - 1) / bs;
+            let (in_pool, below) = if self.config.enable_prefix_caching {
+                let in_pool = self.pool.match_prefix(&seq.hashes).min(limit);
+                (in_pool, lower.held(&seq.hashes[in_pool..limit]))
             } else {
-                0
+                (0, 0)
             };
-            let computed = matched * bs;
-            let n = (seq.tokens.total() - computed).min(budget);
-            let fresh_needed = (computed + n).div_ceil(bs) - matched;
-            let leaving_free_list = self.pool.free_among_prefix(&seq.hashes, matched);
+            let matched = in_pool + below;
+            let n = (seq.tokens.total() - matched * bs).min(budget);
+            let fresh_needed = (matched * bs + n).div_ceil(bs) - in_pool;
+            let leaving_free_list = self.pool.free_among_prefix(&seq.hashes, in_pool);
             if self.pool.num_free() < fresh_needed + leaving_free_list {
                 break;
             }
             let seq = self.slots[slot].as_mut().expect("queued slots hold a sequence");
-            let mut blocks = self.pool.acquire_prefix(&seq.hashes[..matched]);
+            let mut blocks = self.pool.acquire_prefix(&seq.hashes[..in_pool]);
             blocks.extend(self.pool.allocate(fresh_needed).unwrap_or_default());
+            let loaded = if below > 0 {
+                let evicted = self.pool.take_evicted();
+                if !evicted.is_empty() {
+                    lower.evicted(evicted);
+                }
+                lower.load(&seq.hashes[in_pool..matched], &blocks[in_pool..matched])
+            } else {
+                0
+            };
+            let matched = in_pool + loaded;
+            if self.config.enable_prefix_caching && matched < seq.hashes.len() {
+                let parent = matched.checked_sub(1).map(|i| seq.hashes[i].sequence);
+                lower.missed(&seq.hashes[matched..], parent);
+            }
+            if loaded > 0 {
+                let parent = in_pool.checked_sub(1).map(|i| seq.hashes[i].sequence);
+                self.pool
+                    .register(&blocks[in_pool..matched], &seq.hashes[in_pool..matched], parent);
+            }
+            // Fewer loaded than held leaves more to compute, within the same blocks: the
+            // step's end only moves back.
+            let computed = matched * bs;
+            let n = (seq.tokens.total() - computed).min(budget);
             seq.blocks = blocks;
             seq.computed = computed;
             seq.registered = matched;
@@ -439,6 +504,7 @@ impl<T, K: SeqTokens> Scheduler<T, K> {
             self.running.push(slot);
             step.entries.push((slot, id, n));
             step.prefill_tokens += n;
+            step.onboarded += loaded;
             budget -= n;
         }
     }
@@ -455,6 +521,10 @@ impl<T, K: SeqTokens> Scheduler<T, K> {
     pub fn duration(&self, step: &Step) -> std::time::Duration {
         let usage = self.pool.num_in_use() as f64 / self.pool.num_blocks() as f64;
         timing::step_duration(step.prefill_tokens, step.decodes, usage, self.config.speedup)
+    }
+
+    pub fn speedup(&self) -> f64 {
+        self.config.speedup
     }
 
     /// Hands `touch` the sink of every sequence in `step`, before it is completed. The

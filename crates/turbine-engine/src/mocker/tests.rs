@@ -536,3 +536,91 @@ fn bad_settings_are_rejected_naming_the_value() {
     };
     assert!(bad.validate().is_err());
 }
+
+/// Tiers below the pool holding some blocks, recording what admission loads.
+#[derive(Default)]
+struct FakeTiers {
+    held: std::collections::HashSet<u64>,
+    loads: Vec<usize>,
+    /// Loads fail after this many blocks, as a bad disk read would.
+    fail_after: Option<usize>,
+}
+
+impl super::scheduler::LowerTiers for FakeTiers {
+    fn held(&mut self, hashes: &[turbine_tokens::BlockHash]) -> usize {
+        hashes.iter().take_while(|h| self.held.contains(&h.sequence)).count()
+    }
+
+    fn load(&mut self, hashes: &[turbine_tokens::BlockHash], blocks: &[crate::pool::BlockId]) -> usize {
+        assert_eq!(hashes.len(), blocks.len());
+        let n = self.fail_after.map_or(blocks.len(), |f| f.min(blocks.len()));
+        self.loads.push(n);
+        n
+    }
+}
+
+#[test]
+fn a_prefix_held_below_is_loaded_once_and_shared_by_requests_admitted_with_it() {
+    let mut s: Scheduler<(), Counted> = Scheduler::new(config(64, 256, 8));
+    let prompt = vec![7; 40];
+    let mut tiers = FakeTiers::default();
+    tiers
+        .held
+        .extend(turbine_tokens::block_hashes(&prompt, 4).iter().map(|h| h.sequence));
+    for id in 0..2 {
+        s.add(
+            id,
+            SeqSpec {
+                prompt: prompt.clone(),
+                max_tokens: 2,
+                stop_token_ids: vec![],
+            },
+            (),
+        );
+    }
+    let step = s.schedule_with(&mut tiers);
+    // Nine of the ten blocks load (the last token is always computed): the first request
+    // loads them, and the second finds them in the pool.
+    assert_eq!(tiers.loads, [9]);
+    assert_eq!(step.onboarded, 9);
+    assert_eq!(step.entries.iter().map(|e| e.2).collect::<Vec<_>>(), [4, 4]);
+    assert_eq!(s.pool().num_cached(), 9);
+    s.pool().check_invariants();
+}
+
+#[test]
+fn a_failed_load_leaves_the_rest_to_compute() {
+    let mut s: Scheduler<(), Counted> = Scheduler::new(config(64, 256, 8));
+    let prompt = vec![3; 40];
+    let mut tiers = FakeTiers {
+        fail_after: Some(5),
+        ..FakeTiers::default()
+    };
+    tiers
+        .held
+        .extend(turbine_tokens::block_hashes(&prompt, 4).iter().map(|h| h.sequence));
+    s.add(
+        0,
+        SeqSpec {
+            prompt,
+            max_tokens: 2,
+            stop_token_ids: vec![],
+        },
+        (),
+    );
+    let step = s.schedule_with(&mut tiers);
+    assert_eq!(step.onboarded, 5);
+    assert_eq!(step.entries[0].2, 20, "blocks 5 to 9 computed");
+    assert_eq!(s.pool().num_cached(), 5);
+    let mut produced = Vec::new();
+    while !s.is_idle() {
+        let step = s.schedule_with(&mut tiers);
+        s.complete(&step, |_, p| {
+            produced.push(p);
+            true
+        });
+    }
+    assert_eq!(produced.len(), 2);
+    assert_eq!(produced[0].cached_tokens, Some(20));
+    s.pool().check_invariants();
+}

@@ -3,6 +3,7 @@
 
 use rmpv::decode::read_value_ref_with_max_depth;
 use rmpv::ValueRef;
+use turbine_protocols::kv::StorageTier;
 use xxhash_rust::xxh3::xxh3_64;
 
 /// What an engine said about its cache in one event, before translation.
@@ -25,9 +26,11 @@ pub(crate) struct Scope {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Medium {
-    /// `"GPU"`, or no medium at all: the engine's own cache.
-    Gpu,
-    /// Anything else, such as vLLM's CPU offloading tier.
+    /// A tier the router knows: `"GPU"`, or no medium at all, is the engine's own cache;
+    /// `"CPU"` vLLM's CPU offloading (host memory); `"STORAGE"` (vLLM) or `"DISK"` its
+    /// offloading to storage. Case is ignored.
+    Tier(StorageTier),
+    /// Anything else.
     Other,
 }
 
@@ -235,9 +238,13 @@ fn scope(
     medium: Option<usize>,
 ) -> Result<Scope, EventProblem> {
     let medium = match fields.get(medium, "medium") {
-        None | Some(ValueRef::Nil) => Medium::Gpu,
+        None | Some(ValueRef::Nil) => Medium::Tier(StorageTier::Device),
         Some(v) => match text(v) {
-            Some("GPU") => Medium::Gpu,
+            Some(m) if m.eq_ignore_ascii_case("GPU") => Medium::Tier(StorageTier::Device),
+            Some(m) if m.eq_ignore_ascii_case("CPU") => Medium::Tier(StorageTier::Host),
+            Some(m) if m.eq_ignore_ascii_case("STORAGE") || m.eq_ignore_ascii_case("DISK") => {
+                Medium::Tier(StorageTier::Disk)
+            }
             Some(_) => Medium::Other,
             None => return Err(invalid(tag, "medium", "a string")),
         },
@@ -288,7 +295,7 @@ pub(crate) mod tests {
     }
 
     const GPU: Scope = Scope {
-        medium: Medium::Gpu,
+        medium: Medium::Tier(StorageTier::Device),
         lora: false,
         group_idx: 0,
     };
@@ -361,7 +368,7 @@ pub(crate) mod tests {
                     token_ids: vec![1, 2],
                     block_size: 2,
                     scope: Scope {
-                        medium: Medium::Other,
+                        medium: Medium::Tier(StorageTier::Host),
                         lora: true,
                         group_idx: 0,
                     },
@@ -418,7 +425,7 @@ pub(crate) mod tests {
                     token_ids: vec![1, 2],
                     block_size: 2,
                     scope: Scope {
-                        medium: Medium::Gpu,
+                        medium: Medium::Tier(StorageTier::Device),
                         lora: true,
                         group_idx: 1,
                     },
@@ -569,5 +576,26 @@ pub(crate) mod tests {
             value = Value::Array(vec![value]);
         }
         assert_eq!(error_of(&value), "not msgpack");
+    }
+
+    #[test]
+    fn media_name_tiers_whatever_their_case() {
+        let medium_of = |medium: Value| {
+            let batch = Value::Array(vec![
+                Value::F64(0.0),
+                Value::Array(vec![Value::Array(vec![s("BlockRemoved"), ints(&[1u64]), medium])]),
+            ]);
+            match decode_batch(&encode(&batch)).expect("a valid batch").as_slice() {
+                [EngineEvent::Removed(r)] => r.scope.medium,
+                other => panic!("{other:?}"),
+            }
+        };
+        let tier = Medium::Tier;
+        assert_eq!(medium_of(Value::Nil), tier(StorageTier::Device));
+        assert_eq!(medium_of(s("gpu")), tier(StorageTier::Device));
+        assert_eq!(medium_of(s("CPU")), tier(StorageTier::Host));
+        assert_eq!(medium_of(s("STORAGE")), tier(StorageTier::Disk));
+        assert_eq!(medium_of(s("disk")), tier(StorageTier::Disk));
+        assert_eq!(medium_of(s("REMOTE")), Medium::Other);
     }
 }

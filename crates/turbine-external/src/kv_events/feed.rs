@@ -148,7 +148,7 @@ impl State {
 
     fn reset(&mut self) {
         let cleared = self.translator.reset();
-        broadcast_events(&mut self.subscribers, vec![cleared]);
+        broadcast_events(&mut self.subscribers, cleared);
     }
 
     fn report_mismatch(&mut self) {

@@ -8,20 +8,29 @@
 //! Layout, little-endian throughout:
 //!
 //! ```text
-//! message   = version:u8 (= 1) worker:u64 count:u32 event{count}
+//! message   = version:u8 (= 2) worker:u64 count:u32 event{count}
 //! event     = event_id:u64 kind:u8 body
-//! stored    = kind 0: has_parent:u8 (0 or 1) [parent_hash:u64] n:u32 (sequence_hash:u64 local_hash:u64){n}
-//! removed   = kind 1: n:u32 sequence_hash:u64{n}
+//! stored    = kind 0: tier:u8 has_parent:u8 (0 or 1) [parent_hash:u64] n:u32 (sequence_hash:u64 local_hash:u64){n}
+//! removed   = kind 1: tier:u8 n:u32 sequence_hash:u64{n}
 //! cleared   = kind 2: nothing
+//! tier      = 0 device, 1 host, 2 disk
 //! ```
 //!
-//! A message that does not follow it exactly (short, too long, unknown version or kind)
-//! is refused whole; nothing is allocated for counts the bytes cannot hold.
+//! Version 1, from before storage tiers, is the same without the tier bytes; it is still
+//! read, as device-tier events, so that routers read workers not yet upgraded. Writers
+//! write version 2 only, which a version-1 reader refuses by its first byte: routers are
+//! upgraded before workers.
+//!
+//! A message that does not follow it exactly (short, too long, unknown version, kind or
+//! tier) is refused whole; nothing is allocated for counts the bytes cannot hold.
 
-use super::{KvEvent, KvEventData, KvEventMessage, StoredBlock};
+use super::{KvEvent, KvEventData, KvEventMessage, StorageTier, StoredBlock};
 
-/// The layout's version, its first byte; a reader refuses any other.
-pub const KV_WIRE_VERSION: u8 = 1;
+/// The layout's version, its first byte; a reader refuses any other but version 1.
+pub const KV_WIRE_VERSION: u8 = 2;
+
+/// The layout before storage tiers, still read.
+const UNTIERED: u8 = 1;
 
 const STORED: u8 = 0;
 const REMOVED: u8 = 1;
@@ -30,7 +39,7 @@ const CLEARED: u8 = 2;
 /// Why bytes are not a [`KvEventMessage`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KvWireError {
-    #[error("KV event message version {0} is not {KV_WIRE_VERSION}")]
+    #[error("KV event message version {0} is neither {UNTIERED} nor {KV_WIRE_VERSION}")]
     Version(u8),
     #[error("KV event message ends at byte {at}, inside {what}")]
     Truncated { at: usize, what: &'static str },
@@ -38,6 +47,8 @@ pub enum KvWireError {
     Kind { kind: u8, at: usize },
     #[error("parent flag {flag} at byte {at} is neither 0 nor 1")]
     ParentFlag { flag: u8, at: usize },
+    #[error("unknown storage tier {tier} at byte {at}")]
+    Tier { tier: u8, at: usize },
     #[error("{extra} bytes after the last of {count} KV events")]
     Trailing { extra: usize, count: u32 },
 }
@@ -52,8 +63,13 @@ impl KvEventMessage {
         for event in &self.events {
             out.extend_from_slice(&event.event_id.to_le_bytes());
             match &event.data {
-                KvEventData::Stored { parent_hash, blocks } => {
+                KvEventData::Stored {
+                    parent_hash,
+                    blocks,
+                    tier,
+                } => {
                     out.push(STORED);
+                    out.push(tier_byte(*tier));
                     match parent_hash {
                         Some(p) => {
                             out.push(1);
@@ -67,8 +83,9 @@ impl KvEventMessage {
                         out.extend_from_slice(&b.local_hash.to_le_bytes());
                     }
                 }
-                KvEventData::Removed { sequence_hashes } => {
+                KvEventData::Removed { sequence_hashes, tier } => {
                     out.push(REMOVED);
+                    out.push(tier_byte(*tier));
                     out.extend_from_slice(&len_u32(sequence_hashes.len()).to_le_bytes());
                     for h in sequence_hashes {
                         out.extend_from_slice(&h.to_le_bytes());
@@ -93,10 +110,10 @@ impl KvEventMessage {
             .iter()
             .map(|e| {
                 9 + match &e.data {
-                    KvEventData::Stored { parent_hash, blocks } => {
-                        1 + 8 * usize::from(parent_hash.is_some()) + 4 + 16 * blocks.len()
-                    }
-                    KvEventData::Removed { sequence_hashes } => 4 + 8 * sequence_hashes.len(),
+                    KvEventData::Stored {
+                        parent_hash, blocks, ..
+                    } => 2 + 8 * usize::from(parent_hash.is_some()) + 4 + 16 * blocks.len(),
+                    KvEventData::Removed { sequence_hashes, .. } => 5 + 8 * sequence_hashes.len(),
                     KvEventData::Cleared => 0,
                 }
             })
@@ -104,13 +121,27 @@ impl KvEventMessage {
         13 + events
     }
 
-    /// Reads a message written by [`Self::encode`].
+    /// Reads a message written by [`Self::encode`], or by a writer of version 1.
     pub fn decode(bytes: &[u8]) -> Result<Self, KvWireError> {
         let mut r = Reader { bytes, at: 0 };
         let version = r.u8("the version")?;
-        if version != KV_WIRE_VERSION {
-            return Err(KvWireError::Version(version));
-        }
+        let tiered = match version {
+            KV_WIRE_VERSION => true,
+            UNTIERED => false,
+            v => return Err(KvWireError::Version(v)),
+        };
+        let tier = |r: &mut Reader<'_>| {
+            if !tiered {
+                return Ok(StorageTier::Device);
+            }
+            let at = r.at;
+            match r.u8("a storage tier")? {
+                0 => Ok(StorageTier::Device),
+                1 => Ok(StorageTier::Host),
+                2 => Ok(StorageTier::Disk),
+                tier => Err(KvWireError::Tier { tier, at }),
+            }
+        };
         let worker = r.u64("the worker id")?;
         let count = r.u32("the event count")?;
         // Every event takes at least 9 bytes: a count the rest cannot hold is refused
@@ -121,6 +152,7 @@ impl KvEventMessage {
             let at = r.at;
             let data = match r.u8("an event kind")? {
                 STORED => {
+                    let tier = tier(&mut r)?;
                     let at = r.at;
                     let parent_hash = match r.u8("a parent flag")? {
                         0 => None,
@@ -135,15 +167,20 @@ impl KvEventMessage {
                             local_hash: r.u64("a stored block")?,
                         });
                     }
-                    KvEventData::Stored { parent_hash, blocks }
+                    KvEventData::Stored {
+                        parent_hash,
+                        blocks,
+                        tier,
+                    }
                 }
                 REMOVED => {
+                    let tier = tier(&mut r)?;
                     let n = r.u32("a hash count")? as usize;
                     let mut sequence_hashes = Vec::with_capacity(n.min(r.remaining() / 8));
                     for _ in 0..n {
                         sequence_hashes.push(r.u64("a removed hash")?);
                     }
-                    KvEventData::Removed { sequence_hashes }
+                    KvEventData::Removed { sequence_hashes, tier }
                 }
                 CLEARED => KvEventData::Cleared,
                 kind => return Err(KvWireError::Kind { kind, at }),
@@ -157,6 +194,14 @@ impl KvEventMessage {
             });
         }
         Ok(Self { worker, events })
+    }
+}
+
+fn tier_byte(tier: StorageTier) -> u8 {
+    match tier {
+        StorageTier::Device => 0,
+        StorageTier::Host => 1,
+        StorageTier::Disk => 2,
     }
 }
 
@@ -220,6 +265,7 @@ mod tests {
                             sequence_hash: 0xB1,
                             local_hash: 0xC1,
                         }],
+                        tier: StorageTier::Device,
                     },
                 },
                 KvEvent {
@@ -227,12 +273,14 @@ mod tests {
                     data: KvEventData::Stored {
                         parent_hash: None,
                         blocks: vec![],
+                        tier: StorageTier::Host,
                     },
                 },
                 KvEvent {
                     event_id: 9,
                     data: KvEventData::Removed {
                         sequence_hashes: vec![0xB1, 0xD2],
+                        tier: StorageTier::Disk,
                     },
                 },
                 KvEvent {
@@ -243,7 +291,7 @@ mod tests {
         }
     }
 
-    /// The layout, byte for byte: a change here breaks every reader of version 1.
+    /// The layout, byte for byte: a change here breaks every reader of version 2.
     #[test]
     fn the_layout_is_as_documented() {
         let bytes = message().to_bytes();
@@ -254,16 +302,41 @@ mod tests {
             .collect();
         expect_test::expect![[r#"
             [
-                "01080706050403020104000000070000",
-                "00000000000001aa0000000000000001",
-                "000000b100000000000000c100000000",
-                "00000008000000000000000000000000",
-                "0009000000000000000102000000b100",
-                "000000000000d2000000000000000a00",
-                "00000000000002",
+                "02080706050403020104000000070000",
+                "0000000000000001aa00000000000000",
+                "01000000b100000000000000c1000000",
+                "00000000080000000000000000010000",
+                "00000009000000000000000102020000",
+                "00b100000000000000d2000000000000",
+                "000a0000000000000002",
             ]
         "#]]
         .assert_debug_eq(&hex);
+    }
+
+    /// A message as version 1 wrote it, without tiers: read as the device tier's.
+    #[test]
+    fn version_1_reads_as_the_device_tier() {
+        let hex = concat!(
+            "01080706050403020104000000070000",
+            "00000000000001aa0000000000000001",
+            "000000b100000000000000c100000000",
+            "00000008000000000000000000000000",
+            "0009000000000000000102000000b100",
+            "000000000000d2000000000000000a00",
+            "00000000000002",
+        );
+        let bytes: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+            .collect();
+        let mut device = message();
+        for e in &mut device.events {
+            if let KvEventData::Stored { tier, .. } | KvEventData::Removed { tier, .. } = &mut e.data {
+                *tier = StorageTier::Device;
+            }
+        }
+        assert_eq!(KvEventMessage::decode(&bytes), Ok(device));
     }
 
     #[test]
@@ -292,11 +365,12 @@ mod tests {
             b[at] = value;
             KvEventMessage::decode(&b).expect_err("refused")
         };
-        assert_eq!(with(0, 2), KvWireError::Version(2));
-        // The first event's kind follows the header (13 bytes) and its id (8).
+        assert_eq!(with(0, 3), KvWireError::Version(3));
+        // The first event's kind follows the header (13 bytes) and its id (8), then its tier.
         assert_eq!(with(21, 9), KvWireError::Kind { kind: 9, at: 21 });
-        assert_eq!(with(22, 5), KvWireError::ParentFlag { flag: 5, at: 22 });
-        assert_eq!(with(0, 2).to_string(), "KV event message version 2 is not 1");
+        assert_eq!(with(22, 3), KvWireError::Tier { tier: 3, at: 22 });
+        assert_eq!(with(23, 5), KvWireError::ParentFlag { flag: 5, at: 23 });
+        assert_eq!(with(0, 3).to_string(), "KV event message version 3 is neither 1 nor 2");
     }
 
     #[test]
@@ -314,12 +388,14 @@ mod tests {
     }
 
     fn event() -> impl Strategy<Value = KvEvent> {
+        let tier = || proptest::sample::select(StorageTier::ALL.to_vec());
         let data = prop_oneof![
             (
                 proptest::option::of(any::<u64>()),
-                proptest::collection::vec((any::<u64>(), any::<u64>()), 0..5)
+                proptest::collection::vec((any::<u64>(), any::<u64>()), 0..5),
+                tier(),
             )
-                .prop_map(|(parent_hash, blocks)| KvEventData::Stored {
+                .prop_map(|(parent_hash, blocks, tier)| KvEventData::Stored {
                     parent_hash,
                     blocks: blocks
                         .into_iter()
@@ -328,9 +404,10 @@ mod tests {
                             local_hash
                         })
                         .collect(),
+                    tier,
                 }),
-            proptest::collection::vec(any::<u64>(), 0..5)
-                .prop_map(|sequence_hashes| KvEventData::Removed { sequence_hashes }),
+            (proptest::collection::vec(any::<u64>(), 0..5), tier())
+                .prop_map(|(sequence_hashes, tier)| KvEventData::Removed { sequence_hashes, tier }),
             Just(KvEventData::Cleared),
         ];
         (any::<u64>(), data).prop_map(|(event_id, data)| KvEvent { event_id, data })

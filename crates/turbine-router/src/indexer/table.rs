@@ -9,7 +9,7 @@
 //! lookup and the insert after it; places are one word, written and read whole. The table
 //! doubles at 3/4 full, where linear probes start to lengthen, and halves at 1/8.
 
-use super::Loc;
+use super::segment::Loc;
 
 /// The smallest table, in bits of slot count.
 const MIN_BITS: u32 = 4;
