@@ -68,6 +68,9 @@ pub struct Kvbm {
     disk_bucket: Option<TokenBucket>,
     /// Sightings of blocks offered straight to disk before they reach it.
     seen: HashMapOfHashes<u32>,
+    /// Blocks loaded since the last drain: the pool registers them again, and their offer
+    /// back down is the same use as the load, not a second sighting.
+    loaded: HashMapOfHashes<()>,
     events: Vec<TierEvent>,
     scratch: Vec<u8>,
     stats: Arc<KvbmStats>,
@@ -166,6 +169,7 @@ impl Kvbm {
             queue: VecDeque::new(),
             to_disk: VecDeque::new(),
             seen: HashMapOfHashes::default(),
+            loaded: HashMapOfHashes::default(),
             events,
             scratch: Vec::new(),
             stats,
@@ -281,6 +285,7 @@ impl Kvbm {
             let secs = elapsed.as_secs_f64();
             self.load_secs[i] = Some(self.load_secs[i].map_or(secs, |s| 0.9 * s + 0.1 * secs));
             self.sighted(kind, key, now);
+            self.loaded.insert(key, ());
             loaded += 1;
         }
         KvbmStats::add(&self.stats.matched_tokens, (loaded * self.block_tokens) as u64);
@@ -396,10 +401,12 @@ impl Kvbm {
             }
             if self.present_below(key) {
                 self.queue.pop_front();
-                let ms = now.as_millis() as Millis;
-                match self.host.is_some() {
-                    true => self.sighted(TierKind::Host, key, ms),
-                    false => self.sighted(TierKind::Disk, key, ms),
+                if self.loaded.remove(&key).is_none() {
+                    let ms = now.as_millis() as Millis;
+                    match self.host.is_some() {
+                        true => self.sighted(TierKind::Host, key, ms),
+                        false => self.sighted(TierKind::Disk, key, ms),
+                    }
                 }
                 self.stats.skipped(Skip::Present);
                 continue;
@@ -421,6 +428,9 @@ impl Kvbm {
         self.stats
             .queue_depth
             .store(self.queue.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        if self.queue.is_empty() {
+            self.loaded.clear();
+        }
         let mut copies = 0;
         while copies < self.config.max_in_flight {
             let Some(&key) = self.to_disk.front() else { break };

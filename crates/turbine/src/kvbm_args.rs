@@ -20,10 +20,10 @@ pub struct KvbmArgs {
     kvbm_host_blocks: Option<usize>,
     /// Local disk for KV blocks, in GiB (G3): a preallocated file per worker in
     /// --kvbm-disk-dir, reopened with its blocks after a restart.
-    #[arg(long, requires = "kvbm_disk_dir")]
+    #[arg(long)]
     kvbm_disk_gib: Option<f64>,
     /// The disk tier in blocks instead (wins over --kvbm-disk-gib).
-    #[arg(long, requires = "kvbm_disk_dir")]
+    #[arg(long)]
     kvbm_disk_blocks: Option<usize>,
     /// Directory of the disk tier's files: worker i's in worker-i/ below it.
     #[arg(long)]
@@ -99,7 +99,11 @@ impl KvbmArgs {
                 bail!("{flag} must be at least 1, got 0");
             }
         }
-        if self.kvbm_disk_dir.is_some() && self.kvbm_disk_gib.is_none() && self.kvbm_disk_blocks.is_none() {
+        let disk_sized = self.kvbm_disk_gib.is_some() || self.kvbm_disk_blocks.is_some();
+        if disk_sized && self.kvbm_disk_dir.is_none() {
+            bail!("--kvbm-disk-gib and --kvbm-disk-blocks need --kvbm-disk-dir, the directory of the disk tier's file");
+        }
+        if self.kvbm_disk_dir.is_some() && !disk_sized {
             bail!("--kvbm-disk-dir needs a size: --kvbm-disk-gib or --kvbm-disk-blocks");
         }
         if self.kvbm_disk_after == 0 {
