@@ -172,12 +172,13 @@ where
     }
 }
 
-/// Applies the messages every engine answers alike to its scheduler and KV event
-/// subscribers; hands back the engine's own.
+/// Applies the messages every engine answers alike to its scheduler, KV event subscribers
+/// and the tiers below its pool, if it has them; hands back the engine's own.
 pub fn apply<K, A, X, S>(
     command: Command<K, A, X>,
     scheduler: &mut Scheduler<Sink<K, A>, S>,
     subscribers: &mut Vec<mpsc::UnboundedSender<Vec<KvEvent>>>,
+    tiers: Option<&crate::tiers::Tiers>,
 ) -> Option<X>
 where
     K: TokenValues,
@@ -191,8 +192,12 @@ where
         Command::Subscribe(tx) => subscribers.push(tx),
         Command::Snapshot(reply) => {
             // Events are flushed after every change, so the snapshot and the events already
-            // sent agree on `last_event_id`.
-            let _ = reply.send(scheduler.snapshot());
+            // sent agree on `last_event_id`; the tiers' changes are numbered in the same stream.
+            let mut snapshot = scheduler.snapshot();
+            if let Some(tiers) = tiers {
+                tiers.extend_snapshot(&mut snapshot);
+            }
+            let _ = reply.send(snapshot);
         }
         Command::Other(x) => return Some(x),
     }

@@ -121,10 +121,11 @@ pub struct KvbmStats {
     /// The policy each tier runs, for the label of its evictions.
     pub host_policy: parking_lot::Mutex<&'static str>,
     pub disk_policy: parking_lot::Mutex<&'static str>,
-    blocks: [AtomicU64; 5],
-    bytes: [AtomicU64; 5],
-    nanos: [AtomicU64; 5],
-    skips: [AtomicU64; 7],
+    blocks: [AtomicU64; Path::ALL.len()],
+    bytes: [AtomicU64; Path::ALL.len()],
+    nanos: [AtomicU64; Path::ALL.len()],
+    /// By `Skip`, in declaration order (`Skip::ALL`).
+    skips: [AtomicU64; Skip::ALL.len()],
 }
 
 impl KvbmStats {
@@ -136,7 +137,7 @@ impl KvbmStats {
     }
 
     pub(crate) fn skipped(&self, why: Skip) {
-        self.skips[Skip::ALL.iter().position(|&s| s == why).unwrap_or(0)].fetch_add(1, Ordering::Relaxed);
+        self.skips[why as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn blocks(&self, path: Path) -> u64 {
@@ -153,7 +154,7 @@ impl KvbmStats {
     }
 
     pub fn skips(&self, why: Skip) -> u64 {
-        self.skips[Skip::ALL.iter().position(|&s| s == why).unwrap_or(0)].load(Ordering::Relaxed)
+        self.skips[why as usize].load(Ordering::Relaxed)
     }
 
     pub fn evictions(&self, tier: TierKind) -> u64 {

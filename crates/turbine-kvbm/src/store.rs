@@ -47,6 +47,16 @@ impl Store {
         Ok(Store::Host { agent, region })
     }
 
+    /// The agent, region and offset of `slot`'s bytes; `None` for a tier of metadata.
+    fn place(&self, slot: u32, block_bytes: usize) -> Option<(&Agent, RegionId, u64)> {
+        let (agent, region, base) = match self {
+            Store::Metadata => return None,
+            Store::Host { agent, region } => (agent, *region, 0),
+            Store::Disk(d) => (&d.agent, d.region, d.data_start),
+        };
+        Some((agent, region, base + u64::from(slot) * block_bytes as u64))
+    }
+
     /// Writes `pieces` (one block, in order) into `slot`, and for a disk its entry after.
     pub(crate) fn write(
         &self,
@@ -55,13 +65,11 @@ impl Store {
         meta: &BlockMeta,
         pieces: &[&[u8]],
     ) -> Result<(), KvbmError> {
-        let (agent, region, base) = match self {
-            Store::Metadata => return Ok(()),
-            Store::Host { agent, region } => (agent, *region, 0),
-            Store::Disk(d) => (&d.agent, d.region, d.data_start),
+        let Some((agent, region, offset)) = self.place(slot, block_bytes) else {
+            return Ok(());
         };
         check_len(pieces.iter().map(|p| p.len()).sum(), block_bytes)?;
-        agent.write_local_pieces(region, base + u64::from(slot) * block_bytes as u64, pieces)?;
+        agent.write_local_pieces(region, offset, pieces)?;
         if let Store::Disk(d) = self {
             d.write_entry(slot, Some(meta))?;
         }
@@ -70,13 +78,11 @@ impl Store {
 
     /// Reads `slot` into `pieces` (one block, in order).
     pub(crate) fn read(&self, slot: u32, block_bytes: usize, pieces: &mut [&mut [u8]]) -> Result<(), KvbmError> {
-        let (agent, region, base) = match self {
-            Store::Metadata => return Ok(()),
-            Store::Host { agent, region } => (agent, *region, 0),
-            Store::Disk(d) => (&d.agent, d.region, d.data_start),
+        let Some((agent, region, offset)) = self.place(slot, block_bytes) else {
+            return Ok(());
         };
         check_len(pieces.iter().map(|p| p.len()).sum(), block_bytes)?;
-        agent.read_local_pieces(region, base + u64::from(slot) * block_bytes as u64, pieces)?;
+        agent.read_local_pieces(region, offset, pieces)?;
         Ok(())
     }
 

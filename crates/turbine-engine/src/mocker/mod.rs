@@ -353,16 +353,7 @@ struct Loop {
 
 impl Loop {
     fn handle(&mut self, command: Command<TokenSource, (), Own>) {
-        let command = match (command, &self.tiers) {
-            (Command::Snapshot(reply), Some(tiers)) => {
-                let mut snapshot = self.scheduler.snapshot();
-                tiers.extend_snapshot(&mut snapshot);
-                let _ = reply.send(snapshot);
-                return;
-            }
-            (command, _) => command,
-        };
-        let Some(own) = host::apply(command, &mut self.scheduler, &mut self.subscribers) else {
+        let Some(own) = host::apply(command, &mut self.scheduler, &mut self.subscribers, self.tiers.as_ref()) else {
             return;
         };
         let block_size = self.block_size;
