@@ -160,8 +160,12 @@ async fn two_thousand_requests_with_cancels_and_kills_leak_nothing() -> Result<(
         // Prompts share a few prefixes, so that cached blocks come and go as well.
         let prefix = format!("conversation {} ", rng.next() % 16).repeat(1 + (rng.next() % 20) as usize);
         let prompt = format!("{prefix}turn {i}");
-        let max_tokens = 1 + rng.next() % 40;
-        let cut = (rng.next() % 10 == 0).then(|| Duration::from_millis(1 + rng.next() % 200));
+        // The requests sent just before the decode worker is killed run long and are never
+        // cut, so that it is killed with sequences that must move (short ones may all have
+        // ended between the sample that saw one running and the kill).
+        let long = (2 * REQUESTS / 3 - 64..2 * REQUESTS / 3).contains(&i);
+        let max_tokens = if long { 200 } else { 0 } + 1 + rng.next() % 40;
+        let cut = (!long && rng.next() % 10 == 0).then(|| Duration::from_millis(1 + rng.next() % 200));
         let body = json!({"model": "mocker", "prompt": prompt, "max_tokens": max_tokens});
         let (client, url, started) = (http.clone(), url.clone(), started.clone());
         let permit = semaphore.clone().acquire_owned().await?;
