@@ -97,6 +97,20 @@ where
         )
     }
 
+    /// Wakes the loop with `Command::Other(make())`, from any thread, without keeping it
+    /// alive: the loop still ends when every handle is gone.
+    pub fn waker(&self, make: impl Fn() -> X + Send + Sync + 'static) -> Arc<dyn Fn() + Send + Sync>
+    where
+        Command<K, A, X>: Send,
+    {
+        let weak = self.tx.downgrade();
+        Arc::new(move || {
+            if let Some(tx) = weak.upgrade() {
+                let _ = tx.send(Command::Other(make()));
+            }
+        })
+    }
+
     /// The id the next sequence will have, for engines whose tokens depend on it.
     pub fn next_id(&self) -> SeqId {
         self.next_id.fetch_add(1, Ordering::Relaxed)

@@ -2,15 +2,21 @@
 //! drive it: admission loads prefixes that miss the pool from host memory or disk, blocks
 //! the pool registers (or evicts) are offered down after each step, and the tiers' changes
 //! join the pool's KV events, numbered in one stream, so that routers see every tier.
+//! Loads that outlast admission (from disk, or any load of an engine that simulates its
+//! KV) finish between later steps; the engine's loop waits for them when nothing else
+//! runs.
 
 use std::time::Duration;
 
-use turbine_kvbm::{BlockBytes, BlockMeta, Kvbm, KvbmConfig, KvbmError, KvbmStats, PoolShape, TierEvent, TierKind};
+use tokio::time::Instant;
+use turbine_kvbm::{
+    BlockBytes, BlockMeta, Kvbm, KvbmConfig, KvbmError, KvbmStats, Loading, PoolShape, TierEvent, TierKind, Waker,
+};
 use turbine_protocols::kv::{CachedBlock, KvEventData, KvSnapshot, StorageTier, StoredBlock};
 use turbine_tokens::BlockHash;
 
 use crate::pool::{BlockId, BlockPool};
-use crate::scheduler::LowerTiers;
+use crate::scheduler::{LowerTiers, SeqId};
 
 /// An engine's block manager, with what it has learnt of the engine's prefill speed.
 #[derive(Debug)]
@@ -19,18 +25,8 @@ pub struct Tiers {
     /// Seconds to compute one block's prefill, as measured; what a load must beat.
     recompute_secs_per_block: Option<f64>,
     block_size: usize,
-    /// For an engine that simulates its KV: the bandwidth of loads from host memory and
-    /// from disk, and the simulated time of the loads since the last step.
-    simulated: Option<SimulatedLoads>,
-    block_bytes: usize,
-}
-
-/// How fast a simulated engine's loads are, in bytes per second.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct SimulatedLoads {
-    pub host_bytes_per_sec: f64,
-    pub disk_bytes_per_sec: f64,
-    pub pending: Duration,
+    /// The copies' clock: tokio's, so that simulated copies keep a paused test's time.
+    epoch: Instant,
 }
 
 impl Tiers {
@@ -40,34 +36,43 @@ impl Tiers {
         if !config.enabled() {
             return Ok(None);
         }
-        let kvbm = Kvbm::new(config.clone(), shape, pool.block_size())?;
+        let mut kvbm = Kvbm::new(config.clone(), shape, pool.block_size())?;
+        let pinned: Vec<u64> = config
+            .pinned
+            .iter()
+            .flat_map(|tokens| turbine_tokens::block_hashes(tokens, pool.block_size()))
+            .map(|h| h.sequence)
+            .collect();
+        kvbm.pin(&pinned)?;
         pool.track_changes();
         let mut tiers = Self {
             kvbm,
             recompute_secs_per_block: None,
             block_size: pool.block_size(),
-            simulated: None,
-            block_bytes: shape.block_bytes,
+            epoch: Instant::now(),
         };
         // A disk tier reopened with blocks announces them before anything else.
         tiers.publish(pool);
         Ok(Some(tiers))
     }
 
-    /// Loads take simulated time at these rates, collected by [`Tiers::take_load_time`].
+    /// Copies take simulated time at these rates (bytes per second), beside the steps.
     pub fn simulate_loads(&mut self, host_bytes_per_sec: f64, disk_bytes_per_sec: f64) {
-        self.simulated = Some(SimulatedLoads {
-            host_bytes_per_sec,
-            disk_bytes_per_sec,
-            pending: Duration::ZERO,
-        });
+        self.kvbm.simulate_copies(host_bytes_per_sec, disk_bytes_per_sec);
     }
 
-    /// The simulated time of the loads since the last call: what the step waits for.
-    pub fn take_load_time(&mut self) -> Duration {
-        self.simulated
-            .as_mut()
-            .map_or(Duration::ZERO, |s| std::mem::take(&mut s.pending))
+    /// When the next simulated copy finishes, if one runs: an idle loop sleeps until then.
+    pub fn next_ready(&self) -> Option<Instant> {
+        self.kvbm.next_ready().map(|d| self.epoch + d)
+    }
+
+    /// Called from the copier's thread whenever a copy finishes, to wake an idle loop.
+    pub fn set_waker(&mut self, waker: Waker) {
+        self.kvbm.set_waker(waker);
+    }
+
+    fn now(&self) -> Duration {
+        self.epoch.elapsed()
     }
 
     pub fn stats(&self) -> std::sync::Arc<KvbmStats> {
@@ -193,22 +198,31 @@ impl LowerTiers for Lower<'_> {
             .evicted(blocks.into_iter().map(|(id, c)| (id, meta(&c))), &*self.bytes);
     }
 
-    fn load(&mut self, hashes: &[BlockHash], blocks: &[BlockId]) -> usize {
-        let tiers: Vec<Option<TierKind>> = match self.tiers.simulated {
-            Some(_) => hashes.iter().map(|h| self.tiers.kvbm.tier_of(h.sequence)).collect(),
-            None => Vec::new(),
-        };
-        let loaded = self.tiers.kvbm.load(hashes, blocks, self.bytes);
-        let bytes = self.tiers.block_bytes as f64;
-        if let Some(sim) = &mut self.tiers.simulated {
-            for tier in tiers.iter().take(loaded).flatten() {
-                let rate = match tier {
-                    TierKind::Host => sim.host_bytes_per_sec,
-                    TierKind::Disk => sim.disk_bytes_per_sec,
-                };
-                sim.pending += Duration::from_secs_f64(bytes / rate);
-            }
-        }
-        loaded
+    fn load(&mut self, seq: SeqId, hashes: &[BlockHash], blocks: &[BlockId]) -> Loading {
+        let now = self.tiers.now();
+        self.tiers.kvbm.start_load(seq, hashes, blocks, self.bytes, now)
+    }
+
+    fn finished(&mut self) -> Vec<(SeqId, usize)> {
+        let now = self.tiers.now();
+        self.tiers.kvbm.finish(self.bytes, now)
+    }
+
+    fn prefetches(&self) -> bool {
+        self.tiers.kvbm.prefetches()
+    }
+
+    fn arrived(&mut self, seq: SeqId, hashes: &[BlockHash]) {
+        let now = self.tiers.now();
+        self.tiers.kvbm.prefetch(seq, hashes, now);
+    }
+
+    fn admissible(&mut self, seq: SeqId, hashes: &[BlockHash]) -> bool {
+        let now = self.tiers.now();
+        self.tiers.kvbm.admissible(seq, hashes, now)
+    }
+
+    fn forget(&mut self, seq: SeqId) {
+        self.tiers.kvbm.forget(seq);
     }
 }

@@ -53,6 +53,39 @@ impl std::str::FromStr for OffloadMode {
     }
 }
 
+/// Whether a request's blocks on disk are brought up to host memory while it waits to be
+/// admitted, and whether admission waits for them; HiCache's names. With prefetching on,
+/// disk blocks reach the pool only through host memory: whatever is still on disk when the
+/// request is admitted is recomputed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PrefetchPolicy {
+    /// No prefetch: admission loads disk blocks straight into the pool, off the engine's
+    /// thread.
+    #[default]
+    Off,
+    /// Prefetch, and admit as soon as there is room, with what has arrived.
+    BestEffort,
+    /// Admit only once the request's prefetch has finished.
+    WaitComplete,
+    /// Wait for the prefetch at most this long after the request arrived.
+    Timeout(std::time::Duration),
+}
+
+impl PrefetchPolicy {
+    /// `off`, `best-effort`, `wait-complete` or `timeout` (with `timeout`, the wait to use).
+    pub fn parse(name: &str, timeout: std::time::Duration) -> Result<Self, String> {
+        match name {
+            "off" => Ok(PrefetchPolicy::Off),
+            "best-effort" => Ok(PrefetchPolicy::BestEffort),
+            "wait-complete" => Ok(PrefetchPolicy::WaitComplete),
+            "timeout" => Ok(PrefetchPolicy::Timeout(timeout)),
+            other => Err(format!(
+                "unknown prefetch policy {other:?}: off, best-effort, wait-complete or timeout"
+            )),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct KvbmConfig {
     /// G2: host memory. Unset, blocks offload straight to disk, if there is one.
@@ -74,6 +107,9 @@ pub struct KvbmConfig {
     pub queue_blocks: usize,
     /// Copies run per drain, at most: the cap on transfers in flight.
     pub max_in_flight: usize,
+    pub prefetch: PrefetchPolicy,
+    /// Token prefixes (an operator's system prompts) whose full blocks no tier evicts.
+    pub pinned: Vec<Vec<u32>>,
 }
 
 impl Default for KvbmConfig {
@@ -91,6 +127,8 @@ impl Default for KvbmConfig {
             disk_bytes_per_sec: None,
             queue_blocks: 4096,
             max_in_flight: 64,
+            prefetch: PrefetchPolicy::Off,
+            pinned: Vec::new(),
         }
     }
 }
@@ -145,6 +183,11 @@ impl KvbmConfig {
                     "a disk tier needs a directory (--kvbm-disk-dir)".into(),
                 ));
             }
+        }
+        if self.prefetch != PrefetchPolicy::Off && !(self.host.is_set() && self.disk.is_set()) {
+            return Err(KvbmError::Config(
+                "prefetching brings disk blocks up to host memory: it needs both a host and a disk tier".into(),
+            ));
         }
         if self.disk_after_sightings == 0 {
             return Err(KvbmError::Config("--kvbm-disk-after must be at least 1".into()));

@@ -6,6 +6,7 @@
 
 mod bucket;
 mod config;
+mod copier;
 mod error;
 mod manager;
 pub mod policy;
@@ -15,9 +16,10 @@ mod store;
 mod tier;
 
 pub use bucket::TokenBucket;
-pub use config::{KvbmConfig, OffloadMode, PoolShape, Sizes, TierSize};
+pub use config::{KvbmConfig, OffloadMode, PoolShape, PrefetchPolicy, Sizes, TierSize};
+pub use copier::Waker;
 pub use error::KvbmError;
-pub use manager::{BlockBytes, Kvbm, NoBytes, TierEvent};
+pub use manager::{BlockBytes, Kvbm, Loading, NoBytes, TierEvent};
 pub use remote::RemoteTier;
 pub use stats::{KvbmStats, Path, Skip, TierKind};
 pub use store::BlockMeta;

@@ -2,12 +2,16 @@
 //! evicts) to host memory, promotes blocks seen often enough from host memory to disk, and
 //! loads a request's blocks back into the pool when its prefix misses there but hits below.
 //!
-//! Copies run on the engine's thread between steps: the loop calls [`Kvbm::load`] while it
-//! admits a request and [`Kvbm::drain`] after each step, so a block never changes under a
-//! copy, and a pool block is written only by its own copy until the step that first reads
-//! it. On a GPU the same calls would enqueue copies on a stream and fence the step on them.
-//! Every copy holds a lease on its tier slot, so that nothing evicts a block while it is
-//! read.
+//! Offloads run on the engine's thread between steps ([`Kvbm::drain`] after each step), so
+//! a pool block never changes under its copy. Loads from host memory run there too, as the
+//! request is admitted (on a CPU a copy on another thread would only move the same memcpy);
+//! loads from disk and prefetches run on the copier's thread ([`onboard`]), beside the
+//! steps. On a GPU every copy would be enqueued on a copy stream and fenced before the step
+//! that reads it. Every copy holds a lease on its tier slot, so that nothing evicts a block
+//! while it is read.
+
+mod onboard;
+pub use onboard::Loading;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -17,7 +21,8 @@ use turbine_tokens::{BlockHash, HashMapOfHashes};
 use turbine_transfer::{Agent, AgentOptions, Compat};
 
 use crate::bucket::TokenBucket;
-use crate::config::{KvbmConfig, OffloadMode, PoolShape, Sizes};
+use crate::config::{KvbmConfig, OffloadMode, PoolShape, PrefetchPolicy, Sizes};
+use crate::copier::Copier;
 use crate::policy::{self, Key, Millis};
 use crate::stats::{KvbmStats, Path, Skip, TierKind};
 use crate::store::{BlockMeta, DiskFile, Store};
@@ -76,6 +81,7 @@ pub struct Kvbm {
     stats: Arc<KvbmStats>,
     /// Seconds per block loaded, host and disk, as measured (an exponential average).
     load_secs: [Option<f64>; 2],
+    copies: onboard::Copies,
     _agent: Option<Arc<Agent>>,
 }
 
@@ -157,7 +163,17 @@ impl Kvbm {
                 .disk_blocks
                 .store(t.len() as u64, std::sync::atomic::Ordering::Relaxed);
         }
+        // Reads from disk run on a thread of their own; host memory is read in place.
+        let copier = match &disk_tier {
+            Some(_) if agent.is_some() => Some(Copier::start().map_err(|source| KvbmError::Io {
+                path: config.disk_dir.clone().unwrap_or_default(),
+                what: "starting the copier thread",
+                source,
+            })?),
+            _ => None,
+        };
         Ok(Self {
+            copies: onboard::Copies::new(copier),
             host_bucket: bucket(config.host_bytes_per_sec),
             disk_bucket: bucket(config.disk_bytes_per_sec),
             host: host_tier,
@@ -214,6 +230,13 @@ impl Kvbm {
         self.now().as_millis() as Millis
     }
 
+    fn tier_mut(&mut self, kind: TierKind) -> Option<&mut Tier> {
+        match kind {
+            TierKind::Host => self.host.as_mut(),
+            TierKind::Disk => self.disk.as_mut(),
+        }
+    }
+
     /// The tier holding `key`, host first.
     pub fn tier_of(&self, key: Key) -> Option<TierKind> {
         if self.host.as_ref().is_some_and(|t| t.get(key).is_some()) {
@@ -227,12 +250,18 @@ impl Kvbm {
 
     /// How many leading blocks of `hashes` the tiers hold, and are worth loading: none if
     /// loading them is estimated to take longer than recomputing, at
-    /// `recompute_secs_per_block` (unknown: loading is assumed to win). Changes nothing.
+    /// `recompute_secs_per_block` (unknown: loading is assumed to win). With prefetching
+    /// on, only blocks in host memory count: disk blocks come up through it. Changes
+    /// nothing.
     pub fn held(&self, hashes: &[BlockHash], recompute_secs_per_block: Option<f64>) -> usize {
         let mut n = 0;
         let mut copy_secs = 0.0;
+        let prefetching = self.config.prefetch != PrefetchPolicy::Off;
         for h in hashes {
             let Some(tier) = self.tier_of(h.sequence) else { break };
+            if prefetching && tier == TierKind::Disk {
+                break;
+            }
             copy_secs += self.load_secs[(tier == TierKind::Disk) as usize].unwrap_or(0.0);
             n += 1;
         }
@@ -243,53 +272,6 @@ impl Kvbm {
             }
         }
         n
-    }
-
-    /// Copies the blocks of `hashes` (as [`Kvbm::held`] found them) into the pool's
-    /// `blocks`, in order; returns how many leading ones were loaded: fewer if a block has
-    /// gone or a copy failed (that block is dropped from its tier, as it cannot be trusted).
-    pub fn load(&mut self, hashes: &[BlockHash], blocks: &[u32], pool: &mut dyn BlockBytes) -> usize {
-        let now = self.now_ms();
-        let bb = self.block_bytes;
-        let mut loaded = 0;
-        for (h, &block) in hashes.iter().zip(blocks) {
-            let key = h.sequence;
-            let (kind, tier) = match (&mut self.host, &mut self.disk) {
-                (Some(t), _) if t.get(key).is_some() => (TierKind::Host, t),
-                (_, Some(t)) if t.get(key).is_some() => (TierKind::Disk, t),
-                _ => break,
-            };
-            let Some(slot) = tier.get(key) else { break };
-            let Some(mut pieces) = pool.pieces_mut(block) else {
-                break;
-            };
-            let started = Instant::now();
-            tier.lease(slot);
-            let read = tier.store.read(slot, bb, &mut pieces);
-            tier.unlease(slot);
-            if let Err(e) = read {
-                tracing::warn!(tier = kind.label(), error = %e, "loading a KV block failed; it is recomputed");
-                KvbmStats::add(&self.stats.onboard_failed, 1);
-                if tier.remove(key).unwrap_or(false) {
-                    self.events.push(TierEvent::Removed { tier: kind, key });
-                }
-                break;
-            }
-            let elapsed = started.elapsed();
-            let (path, i, hits) = match kind {
-                TierKind::Host => (Path::OnboardH2d, 0, &self.stats.host_hits),
-                TierKind::Disk => (Path::OnboardD2d, 1, &self.stats.disk_hits),
-            };
-            KvbmStats::add(hits, 1);
-            self.stats.copied(path, 1, bb as u64, elapsed);
-            let secs = elapsed.as_secs_f64();
-            self.load_secs[i] = Some(self.load_secs[i].map_or(secs, |s| 0.9 * s + 0.1 * secs));
-            self.sighted(kind, key, now);
-            self.loaded.insert(key, ());
-            loaded += 1;
-        }
-        KvbmStats::add(&self.stats.matched_tokens, (loaded * self.block_tokens) as u64);
-        loaded
     }
 
     /// A request was admitted that looked up the blocks of `hashes` (after `parent`) below
@@ -579,13 +561,26 @@ impl Kvbm {
         }
     }
 
-    /// Marks blocks an operator wants kept (a system prompt's): never evicted from any tier.
-    pub fn pin(&mut self, keys: &[Key]) {
+    /// Marks blocks an operator wants kept (a system prompt's), present or to come: never
+    /// evicted from any tier. Refused if they would fill more than half a tier, which
+    /// would leave too little room for everything else.
+    pub fn pin(&mut self, keys: &[Key]) -> Result<(), KvbmError> {
+        for t in [&self.host, &self.disk].into_iter().flatten() {
+            let pinned = keys.iter().filter(|&&k| !t.is_pinned(k)).count() + t.pinned();
+            if pinned > t.capacity() / 2 {
+                return Err(KvbmError::Config(format!(
+                    "{pinned} pinned blocks are more than half of the {} tier's {} blocks",
+                    t.name(),
+                    t.capacity()
+                )));
+            }
+        }
         for t in [&mut self.host, &mut self.disk].into_iter().flatten() {
             for &k in keys {
                 t.pin(k);
             }
         }
+        Ok(())
     }
 
     pub fn unpin(&mut self, keys: &[Key]) {
@@ -617,13 +612,19 @@ impl Kvbm {
         self.queue.len() + self.to_disk.len()
     }
 
-    /// Checks every tier's invariants, and that no slot is leased (no copy runs between
-    /// calls): what a leak would break.
+    /// Checks every tier's invariants, and that the only leased slots are those of copies
+    /// in flight: what a leak would break.
     pub fn audit(&self) -> Result<(), String> {
-        for t in [&self.host, &self.disk].into_iter().flatten() {
+        for (kind, t) in [(TierKind::Host, &self.host), (TierKind::Disk, &self.disk)] {
+            let Some(t) = t else { continue };
             t.audit()?;
-            if t.leased() > 0 {
-                return Err(format!("{}: {} slots still leased", t.name(), t.leased()));
+            let expected = self.copies.leases(kind);
+            if t.leased() != expected {
+                return Err(format!(
+                    "{}: {} slots leased, {expected} by copies in flight",
+                    t.name(),
+                    t.leased()
+                ));
             }
         }
         Ok(())

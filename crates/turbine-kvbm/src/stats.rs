@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A copy path between tiers, as Dynamo labels them: offloads device to host (`d2h`), host
 /// to disk (`h2d`) and device to disk (`d2d`); onboards host to device (`h2d`) and disk to
-/// device (`d2d`).
+/// device (`d2d`); prefetches disk to host (`disk2host`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Path {
     OffloadD2h,
@@ -13,15 +13,17 @@ pub enum Path {
     OffloadD2d,
     OnboardH2d,
     OnboardD2d,
+    Prefetch,
 }
 
 impl Path {
-    pub const ALL: [Path; 5] = [
+    pub const ALL: [Path; 6] = [
         Path::OffloadD2h,
         Path::OffloadH2d,
         Path::OffloadD2d,
         Path::OnboardH2d,
         Path::OnboardD2d,
+        Path::Prefetch,
     ];
 
     /// (direction, path) as metric names and labels spell them.
@@ -32,6 +34,7 @@ impl Path {
             Path::OffloadD2d => ("offload", "d2d"),
             Path::OnboardH2d => ("onboard", "h2d"),
             Path::OnboardD2d => ("onboard", "d2d"),
+            Path::Prefetch => ("prefetch", "disk2host"),
         }
     }
 
@@ -110,6 +113,10 @@ pub struct KvbmStats {
     /// Onboards skipped because recomputing was estimated faster than the copy.
     pub onboard_skipped_slower: AtomicU64,
     pub onboard_failed: AtomicU64,
+    /// Loads and prefetches running now.
+    pub in_flight: AtomicU64,
+    /// Requests admitted before their prefetch finished (best effort, or a timeout).
+    pub prefetch_abandoned: AtomicU64,
     pub host_evictions: AtomicU64,
     pub disk_evictions: AtomicU64,
     pub queue_depth: AtomicU64,

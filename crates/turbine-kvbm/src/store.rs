@@ -31,6 +31,13 @@ pub struct BlockMeta {
     pub parent: Option<u64>,
 }
 
+/// One block's bytes in a tier's region.
+pub(crate) struct Source {
+    pub(crate) agent: Arc<Agent>,
+    pub(crate) region: RegionId,
+    pub(crate) offset: u64,
+}
+
 pub(crate) enum Store {
     /// No bytes: the tier only tracks which blocks it would hold.
     Metadata,
@@ -48,13 +55,23 @@ impl Store {
     }
 
     /// The agent, region and offset of `slot`'s bytes; `None` for a tier of metadata.
-    fn place(&self, slot: u32, block_bytes: usize) -> Option<(&Agent, RegionId, u64)> {
+    fn place(&self, slot: u32, block_bytes: usize) -> Option<(&Arc<Agent>, RegionId, u64)> {
         let (agent, region, base) = match self {
             Store::Metadata => return None,
             Store::Host { agent, region } => (agent, *region, 0),
             Store::Disk(d) => (&d.agent, d.region, d.data_start),
         };
         Some((agent, region, base + u64::from(slot) * block_bytes as u64))
+    }
+
+    /// Where `slot`'s bytes are, for a copy that runs on another thread; `None` for a tier
+    /// of metadata.
+    pub(crate) fn source(&self, slot: u32, block_bytes: usize) -> Option<Source> {
+        self.place(slot, block_bytes).map(|(agent, region, offset)| Source {
+            agent: agent.clone(),
+            region,
+            offset,
+        })
     }
 
     /// Writes `pieces` (one block, in order) into `slot`, and for a disk its entry after.

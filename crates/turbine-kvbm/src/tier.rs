@@ -145,6 +145,14 @@ impl Tier {
         self.pinned.insert(key);
     }
 
+    pub(crate) fn is_pinned(&self, key: Key) -> bool {
+        self.pinned.contains(&key)
+    }
+
+    pub(crate) fn pinned(&self) -> usize {
+        self.pinned.len()
+    }
+
     pub(crate) fn unpin(&mut self, key: Key) {
         self.pinned.remove(&key);
     }
@@ -163,7 +171,8 @@ impl Tier {
         let slot = match self.free.pop() {
             Some(slot) => slot,
             None => {
-                if !self.policy.admit(key, now) {
+                // An operator's pin outranks the policy's admission control.
+                if !self.pinned.contains(&key) && !self.policy.admit(key, now) {
                     return Ok(Err(Refused::NotAdmitted));
                 }
                 let (slots, index, pinned) = (&self.slots, &self.index, &self.pinned);
@@ -230,9 +239,9 @@ impl Tier {
         Ok(true)
     }
 
-    /// Slots with a lease now: zero whenever no copy is running.
+    /// Leases held now, over all slots: one per block of each copy running.
     pub(crate) fn leased(&self) -> usize {
-        self.slots.iter().filter(|s| s.leases > 0).count()
+        self.slots.iter().map(|s| s.leases as usize).sum()
     }
 
     /// Every block held, for snapshots.

@@ -3,8 +3,11 @@
 //! restart and refuses a file of another model, and each skip rule is counted.
 
 use anyhow::{Context, Result};
+use std::time::Duration;
+
 use turbine_kvbm::{
-    BlockBytes, BlockMeta, Kvbm, KvbmConfig, OffloadMode, Path, PoolShape, Skip, TierEvent, TierKind, TierSize,
+    BlockBytes, BlockMeta, Kvbm, KvbmConfig, Loading, OffloadMode, Path, PoolShape, PrefetchPolicy, Skip, TierEvent,
+    TierKind, TierSize,
 };
 use turbine_tokens::{block_hashes, BlockHash};
 
@@ -405,4 +408,161 @@ fn a_host_tier_smaller_than_the_pool_is_refused() {
     let err = Kvbm::new(config, shape(4), BLOCK).err().context("accepted");
     let msg = err.map(|e| e.to_string()).unwrap_or_default();
     assert!(msg.contains("churn"), "{msg}");
+}
+
+/// Finishes copies until `tag`'s load is reported, or gives up after a few seconds.
+fn finish_load(kvbm: &mut Kvbm, pool: &mut Pool, tag: u64) -> Option<usize> {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::time::Instant::now() < until {
+        if let Some(&(_, n)) = kvbm.finish(pool, Duration::ZERO).iter().find(|(t, _)| *t == tag) {
+            return Some(n);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    None
+}
+
+/// Waits for every copy in flight to end.
+fn settle(kvbm: &mut Kvbm, pool: &mut Pool) {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while kvbm.in_flight() > 0 && std::time::Instant::now() < until {
+        let _ = kvbm.finish(pool, Duration::ZERO);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// A tier of 4 host blocks and a disk: a sequence of 8 blocks ends up on disk with only
+/// its last 4 in host memory.
+fn on_disk(prefetch: PrefetchPolicy) -> Result<(Kvbm, Pool, Vec<BlockHash>, tempfile::TempDir)> {
+    let dir = tempfile::tempdir()?;
+    let config = KvbmConfig {
+        host: blocks(4),
+        disk: blocks(16),
+        disk_dir: Some(dir.path().to_owned()),
+        disk_after_sightings: 1,
+        prefetch,
+        ..KvbmConfig::default()
+    };
+    let mut kvbm = Kvbm::new(config, shape(4), BLOCK)?;
+    let mut pool = Pool::new(8, BYTES);
+    let seq = sequence(5, 8);
+    for b in 0..8 {
+        pool.fill(b, b as u8 + 7);
+    }
+    // Two at a time, as steps would register them: each reaches disk before host memory
+    // evicts it.
+    for i in (0..8).step_by(2) {
+        offload(&mut kvbm, &pool, &seq[i..i + 2], i as u32);
+    }
+    Ok((kvbm, pool, seq, dir))
+}
+
+#[test]
+fn a_load_from_disk_runs_on_the_copier_and_lands_byte_for_byte() -> Result<()> {
+    let (mut kvbm, pool, seq, _dir) = on_disk(PrefetchPolicy::Off)?;
+    assert_eq!(kvbm.tier_of(seq[0].sequence), Some(TierKind::Disk));
+    let mut other = Pool::new(8, BYTES);
+    assert_eq!(kvbm.held(&seq, None), 8);
+    let dest: Vec<u32> = (0..8).rev().collect();
+    assert_eq!(
+        kvbm.start_load(1, &seq, &dest, &mut other, Duration::ZERO),
+        Loading::Pending
+    );
+    // The source slots are leased while the copy runs, and that is no leak.
+    kvbm.audit().map_err(anyhow::Error::msg)?;
+    assert_eq!(finish_load(&mut kvbm, &mut other, 1), Some(8));
+    for (i, &d) in dest.iter().enumerate() {
+        assert_eq!(other.bytes(d), pool.bytes(i as u32), "block {i}");
+    }
+    // The first four from disk; the last four, still in host memory, came with them.
+    assert_eq!(kvbm.stats().blocks(Path::OnboardD2d), 4);
+    assert_eq!(kvbm.stats().blocks(Path::OnboardH2d), 4);
+    assert_eq!(kvbm.in_flight(), 0);
+    kvbm.check();
+    Ok(())
+}
+
+#[test]
+fn prefetch_brings_disk_blocks_up_and_admission_waits_as_its_policy_says() -> Result<()> {
+    for policy in [
+        PrefetchPolicy::WaitComplete,
+        PrefetchPolicy::BestEffort,
+        PrefetchPolicy::Timeout(Duration::from_millis(50)),
+    ] {
+        let (mut kvbm, mut pool, seq, _dir) = on_disk(policy)?;
+        let original: Vec<Vec<u8>> = (0..2).map(|b| pool.bytes(b)).collect();
+        // Only host blocks count with prefetching on: the first block is on disk.
+        assert_eq!(kvbm.held(&seq, None), 0, "{policy:?}");
+        // Three asked for; half the host tier (2) come up, so that a prefetch never
+        // evicts its own first blocks.
+        let want = &seq[..3];
+        kvbm.prefetch(7, want, Duration::ZERO);
+        assert!(kvbm.in_flight() > 0);
+        let admissible = kvbm.admissible(7, want, Duration::from_millis(10));
+        match policy {
+            PrefetchPolicy::WaitComplete | PrefetchPolicy::Timeout(_) => assert!(!admissible, "{policy:?}"),
+            _ => assert!(admissible, "{policy:?}"),
+        }
+        if let PrefetchPolicy::Timeout(t) = policy {
+            assert!(kvbm.admissible(7, want, t), "the timeout lets it in");
+        }
+        settle(&mut kvbm, &mut pool);
+        assert!(kvbm.admissible(7, want, Duration::ZERO));
+        // Held for the waiting request: traffic through host memory does not evict them.
+        for b in 0..4 {
+            pool.fill(b, b as u8 + 50);
+        }
+        offload(&mut kvbm, &pool, &sequence(6, 4), 0);
+        assert_eq!(kvbm.held(&seq, None), 2, "{policy:?}: held through churn");
+        kvbm.check();
+        kvbm.forget(7);
+        assert_eq!(kvbm.stats().blocks(Path::Prefetch), 2, "{policy:?}");
+        assert_eq!(kvbm.held(&seq, None), 2, "{policy:?}: now in host memory");
+        let mut other = Pool::new(8, BYTES);
+        assert_eq!(kvbm.load(want, &[5, 6, 7], &mut other), 2);
+        for i in 0..2 {
+            assert_eq!(other.bytes(5 + i), original[i as usize]);
+        }
+        assert_eq!(kvbm.stats().blocks(Path::OnboardD2d), 0);
+        kvbm.check();
+    }
+    Ok(())
+}
+
+#[test]
+fn a_disk_read_that_fails_loads_the_blocks_before_it_and_drops_the_bad_one() -> Result<()> {
+    let (mut kvbm, pool, seq, dir) = on_disk(PrefetchPolicy::Off)?;
+    // Cut the file short: slots past the cut read nothing.
+    let file = std::fs::read_dir(dir.path())?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "blocks"))
+        .context("the disk tier's file")?;
+    let len = std::fs::metadata(&file)?.len();
+    let data_start = len - 16 * BYTES as u64;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)?
+        .set_len(data_start + 2 * BYTES as u64)?;
+    let mut other = Pool::new(8, BYTES);
+    let dest: Vec<u32> = (0..8).collect();
+    assert_eq!(
+        kvbm.start_load(3, &seq[..4], &dest[..4], &mut other, Duration::ZERO),
+        Loading::Pending
+    );
+    let loaded = finish_load(&mut kvbm, &mut other, 3).context("the load ends")?;
+    assert!(loaded < 4, "a read past the end fails");
+    for i in 0..loaded {
+        assert_eq!(other.bytes(i as u32), pool.bytes(i as u32));
+    }
+    assert_eq!(
+        kvbm.tier_of(seq[loaded].sequence),
+        None,
+        "the unreadable block is dropped"
+    );
+    assert_eq!(
+        kvbm.stats().onboard_failed.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    kvbm.check();
+    Ok(())
 }

@@ -81,6 +81,8 @@ enum Own {
     },
     /// Checks the tiers below the cache: no slot leaked or left leased.
     AuditTiers { reply: oneshot::Sender<Result<(), String>> },
+    /// A copy from the tiers below has finished: the loop collects it when it schedules.
+    CopyDone,
 }
 
 type Handle = EngineHandle<Buffered, Sampler, Own>;
@@ -147,14 +149,15 @@ impl NativeEngine {
             compat: model.fingerprint()? ^ xxhash_rust::xxh3::xxh3_64(format!("{layout:?}").as_bytes()),
             simulated: false,
         };
-        let tiers =
+        let mut tiers =
             Tiers::new(&config.kvbm, shape, scheduler.pool_mut()).map_err(|e| NativeError::Config(e.to_string()))?;
-        if let Some(t) = &tiers {
+        let (handle, ends) = Handle::new(scheduler.load());
+        if let Some(t) = &mut tiers {
             for (tier, blocks, capacity) in t.kvbm().usage() {
                 tracing::info!(tier = tier.label(), blocks, capacity, "KV block manager tier");
             }
+            t.set_waker(handle.waker(|| Own::CopyDone));
         }
-        let (handle, ends) = Handle::new(scheduler.load());
         tracing::info!(
             blocks = num_blocks,
             block_size = config.block_size,
@@ -338,6 +341,7 @@ impl Loop {
             Own::AuditTiers { reply } => {
                 let _ = reply.send(self.tiers.as_ref().map_or(Ok(()), |t| t.kvbm().audit()));
             }
+            Own::CopyDone => {}
         }
     }
 

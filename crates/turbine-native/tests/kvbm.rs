@@ -15,7 +15,7 @@ use rand::{Rng, SeedableRng};
 use tokio_util::sync::CancellationToken;
 use turbine_engine::pool::EventReplica;
 use turbine_engine::Engine;
-use turbine_kvbm::{KvbmConfig, Path, TierSize};
+use turbine_kvbm::{KvbmConfig, Path, PrefetchPolicy, TierSize};
 use turbine_native::tiny::{write_tiny_model, TinySpec};
 use turbine_native::{NativeConfig, NativeEngine, PagedKv};
 use turbine_protocols::llm::{SamplingOptions, StopConditions};
@@ -224,6 +224,54 @@ async fn conversations_loaded_from_disk_match_and_survive_a_restart() -> Result<
         stats.blocks(Path::OffloadD2d)
     );
     second.audit_tiers().await?;
+    Ok(())
+}
+
+/// A host tier too small for the conversations sends most of them to disk: run twice, the
+/// second run's requests arrive with their histories on disk. With prefetching, those come
+/// back through host memory while the requests wait, and with none, straight from disk on
+/// the copier's thread; every way gives the same tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_blocks_prefetched_or_loaded_beside_steps_match_recomputed_ones() -> Result<()> {
+    let model = Model::new()?;
+    let seed = 9;
+    let plain = model.engine(config(KvbmConfig::default())).await?;
+    let expected = fleet(&plain, seed, false).await?;
+    for prefetch in [
+        PrefetchPolicy::Off,
+        PrefetchPolicy::WaitComplete,
+        PrefetchPolicy::BestEffort,
+        PrefetchPolicy::Timeout(Duration::from_millis(2)),
+    ] {
+        let disk = tempfile::tempdir()?;
+        let kvbm = KvbmConfig {
+            host: blocks(24),
+            disk: blocks(512),
+            disk_dir: Some(disk.path().to_owned()),
+            disk_after_sightings: 1,
+            prefetch,
+            ..KvbmConfig::default()
+        };
+        let engine = model.engine(config(kvbm)).await?;
+        assert_eq!(fleet(&engine, seed, false).await?, expected, "{prefetch:?}");
+        assert_eq!(fleet(&engine, seed, false).await?, expected, "{prefetch:?}, again");
+        let stats = engine.kvbm_stats().context("tiers configured")?;
+        if prefetch == PrefetchPolicy::Off {
+            assert!(stats.blocks(Path::OnboardD2d) > 0, "nothing loaded from disk");
+            assert_eq!(stats.blocks(Path::Prefetch), 0);
+        } else {
+            assert!(stats.blocks(Path::Prefetch) > 0, "{prefetch:?}: nothing prefetched");
+            assert_eq!(
+                stats.blocks(Path::OnboardD2d),
+                0,
+                "disk blocks come up through host memory"
+            );
+        }
+        if prefetch == PrefetchPolicy::WaitComplete {
+            assert_eq!(stats.prefetch_abandoned.load(Ordering::Relaxed), 0);
+        }
+        engine.audit_tiers().await?;
+    }
     Ok(())
 }
 

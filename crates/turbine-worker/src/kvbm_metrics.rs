@@ -22,6 +22,8 @@ pub(crate) struct KvbmMetrics {
     skipped: IntCounterVec,
     onboard_skipped: IntCounterVec,
     queue: IntGaugeVec,
+    in_flight: IntGaugeVec,
+    prefetch_abandoned: IntCounterVec,
     tier_blocks: IntGaugeVec,
 }
 
@@ -35,7 +37,10 @@ impl KvbmMetrics {
                 path,
                 counter(
                     &format!("kvbm_{direction}_blocks_{p}"),
-                    &format!("KV blocks copied by {direction} on path {p} (d: device, h: host, d2d: device and disk)."),
+                    &format!(
+                        "KV blocks copied by {direction} on path {p} (d: device, h: host, d2d: device and disk; \
+                         disk2host: a prefetch)."
+                    ),
                     &["worker"],
                 )?,
             ));
@@ -84,6 +89,18 @@ impl KvbmMetrics {
                 Opts::new("kvbm_offload_queue_blocks", "Offloads waiting for their copy."),
                 &["worker"],
             )?,
+            in_flight: IntGaugeVec::new(
+                Opts::new(
+                    "kvbm_copies_in_flight",
+                    "Loads and prefetches running beside the engine's steps.",
+                ),
+                &["worker"],
+            )?,
+            prefetch_abandoned: counter(
+                "kvbm_prefetch_abandoned_total",
+                "Requests admitted before their prefetch finished (best effort, or its timeout).",
+                &["worker"],
+            )?,
             tier_blocks: IntGaugeVec::new(
                 Opts::new(
                     "kvbm_tier_blocks",
@@ -104,6 +121,8 @@ impl KvbmMetrics {
             &self.skipped,
             &self.onboard_skipped,
             &self.queue,
+            &self.in_flight,
+            &self.prefetch_abandoned,
             &self.tier_blocks,
         ];
         parts.extend(self.blocks.iter().map(|(_, c)| c as &dyn Collector));
@@ -118,6 +137,7 @@ impl KvbmMetrics {
             &self.evictions,
             &self.skipped,
             &self.onboard_skipped,
+            &self.prefetch_abandoned,
         ] {
             c.reset();
         }
@@ -170,6 +190,12 @@ impl KvbmMetrics {
             self.queue
                 .with_label_values(&[w])
                 .set(s.queue_depth.load(Ordering::Relaxed) as i64);
+            self.in_flight
+                .with_label_values(&[w])
+                .set(s.in_flight.load(Ordering::Relaxed) as i64);
+            self.prefetch_abandoned
+                .with_label_values(&[w])
+                .inc_by(s.prefetch_abandoned.load(Ordering::Relaxed));
         }
     }
 }

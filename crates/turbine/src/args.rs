@@ -151,7 +151,7 @@ impl TryFrom<EngineArgs> for EngineSetup {
 
     fn try_from(a: EngineArgs) -> anyhow::Result<Self> {
         // Flags first, before a model is fetched for them.
-        let kvbm = a.kvbm.config()?;
+        let mut kvbm = a.kvbm.config()?;
         let onboard = a.kvbm.onboard_rates()?;
         let native = matches!(a.engine, EngineKind::Native);
         if a.model.is_some() && !native {
@@ -225,6 +225,12 @@ impl TryFrom<EngineArgs> for EngineSetup {
         if context_length < 2 {
             bail!("--context-length must be at least 2, got {context_length}");
         }
+        kvbm.pinned = match &loaded {
+            Some(pre) => a.kvbm.pinned(pre, a.mocker.block_size)?,
+            None => a
+                .kvbm
+                .pinned(&turbine_preprocess::Preprocessor::bytes(), a.mocker.block_size)?,
+        };
         let vocab = match &loaded {
             Some(l) => 0..u32::try_from(l.tokenizer().vocab_size()).unwrap_or(u32::MAX),
             // The byte-level stand-in tokenizer decodes these as printable ASCII.

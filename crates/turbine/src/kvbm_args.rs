@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use anyhow::bail;
 use clap::Args;
 use turbine_kvbm::policy::{PolicyConfig, PolicyKind};
-use turbine_kvbm::{KvbmConfig, OffloadMode, TierSize};
+use turbine_kvbm::{KvbmConfig, OffloadMode, PrefetchPolicy, TierSize};
+use turbine_preprocess::Preprocessor;
 
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "KV block manager: host and disk tiers (native and mocker engines)")]
@@ -59,6 +60,20 @@ pub struct KvbmArgs {
     /// Copies run per step at most.
     #[arg(long, default_value_t = 64)]
     kvbm_max_in_flight: usize,
+    /// Bring a request's blocks from disk up to host memory as it arrives: off,
+    /// best-effort (admit it as soon as there is room, with what has arrived),
+    /// wait-complete, or timeout (wait at most --kvbm-prefetch-timeout-ms). With
+    /// prefetching on, disk blocks reach the KV cache only through host memory; off, they
+    /// are read straight into it, beside the engine's steps.
+    #[arg(long, default_value = "off")]
+    kvbm_prefetch: String,
+    #[arg(long, default_value_t = 200)]
+    kvbm_prefetch_timeout_ms: u64,
+    /// Prompts whose blocks no tier evicts (system prompts), as JSON lines: {"system":
+    /// "..."} for a chat's system message as the model's chat template renders it, or
+    /// {"prompt": "..."} for the start of a completion prompt.
+    #[arg(long)]
+    kvbm_pin_prompts: Option<PathBuf>,
     /// Mocker: simulated GB/s of loads from host memory and from disk.
     #[arg(long, default_value_t = 50.0)]
     kvbm_onboard_host_gbps: f64,
@@ -112,6 +127,21 @@ impl KvbmArgs {
         if self.kvbm_queue_blocks == 0 || self.kvbm_max_in_flight == 0 {
             bail!("--kvbm-queue-blocks and --kvbm-max-in-flight must be at least 1");
         }
+        let prefetch = PrefetchPolicy::parse(
+            &self.kvbm_prefetch,
+            std::time::Duration::from_millis(self.kvbm_prefetch_timeout_ms),
+        )
+        .map_err(|e| anyhow::anyhow!("--kvbm-prefetch: {e}"))?;
+        let host_sized = self.kvbm_host_gib.is_some() || self.kvbm_host_blocks.is_some();
+        if prefetch != PrefetchPolicy::Off && !(host_sized && disk_sized) {
+            bail!(
+                "--kvbm-prefetch {} brings disk blocks up to host memory: it needs both a host and a disk tier",
+                self.kvbm_prefetch
+            );
+        }
+        if self.kvbm_pin_prompts.is_some() && !(host_sized || disk_sized) {
+            bail!("--kvbm-pin-prompts pins blocks in the tiers below the KV cache: give a host or a disk tier");
+        }
         Ok(KvbmConfig {
             host: TierSize {
                 bytes: gib("--kvbm-host-gib", self.kvbm_host_gib)?,
@@ -135,7 +165,39 @@ impl KvbmArgs {
             disk_bytes_per_sec: rate("--kvbm-disk-gbps", self.kvbm_disk_gbps)?,
             queue_blocks: self.kvbm_queue_blocks,
             max_in_flight: self.kvbm_max_in_flight,
+            prefetch,
+            pinned: Vec::new(),
         })
+    }
+
+    /// The token prefixes of --kvbm-pin-prompts, as `pre` tokenizes requests; each must
+    /// fill at least one block of `block_size` tokens.
+    pub fn pinned(&self, pre: &Preprocessor, block_size: usize) -> anyhow::Result<Vec<Vec<u32>>> {
+        let Some(path) = &self.kvbm_pin_prompts else {
+            return Ok(Vec::new());
+        };
+        let text =
+            std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("--kvbm-pin-prompts {}: {e}", path.display()))?;
+        let mut out = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let at = || format!("--kvbm-pin-prompts {} line {}", path.display(), i + 1);
+            let tokens = pin_tokens(pre, line).map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
+            if tokens.len() < block_size {
+                bail!(
+                    "{}: fewer tokens ({}) than one block ({block_size}): nothing to pin",
+                    at(),
+                    tokens.len()
+                );
+            }
+            out.push(tokens);
+        }
+        if out.is_empty() {
+            bail!("--kvbm-pin-prompts {}: no prompt in the file", path.display());
+        }
+        Ok(out)
     }
 
     /// The mocker's simulated load bandwidths, bytes per second.
@@ -143,6 +205,34 @@ impl KvbmArgs {
         let host = rate("--kvbm-onboard-host-gbps", Some(self.kvbm_onboard_host_gbps))?.unwrap_or_default();
         let disk = rate("--kvbm-onboard-disk-gbps", Some(self.kvbm_onboard_disk_gbps))?.unwrap_or_default();
         Ok((host, disk))
+    }
+}
+
+/// The tokens a request that starts with the pinned prompt `line` starts with.
+fn pin_tokens(pre: &Preprocessor, line: &str) -> anyhow::Result<Vec<u32>> {
+    let value: serde_json::Value = serde_json::from_str(line).map_err(|e| anyhow::anyhow!("not a JSON object: {e}"))?;
+    let field = |name: &str| value.get(name).and_then(serde_json::Value::as_str);
+    match (field("system"), field("prompt")) {
+        (Some(system), None) => {
+            // What every conversation with this system message starts with: the common
+            // prefix of two that differ from their first user message on.
+            let render = |user: &str| -> anyhow::Result<Vec<u32>> {
+                let messages = [
+                    serde_json::json!({"role": "system", "content": system}),
+                    serde_json::json!({"role": "user", "content": user}),
+                ];
+                Ok(pre.encode_chat(&messages, None)?.1)
+            };
+            let (a, b) = (render("a")?, render("b")?);
+            Ok(a.iter().zip(&b).take_while(|(x, y)| x == y).map(|(x, _)| *x).collect())
+        }
+        (None, Some(prompt)) => {
+            let mut tokens = pre.tokenizer().encode(prompt, true)?;
+            // The text that follows in a request may merge with the last token.
+            tokens.pop();
+            Ok(tokens)
+        }
+        _ => bail!("expected {{\"system\": \"...\"}} or {{\"prompt\": \"...\"}}"),
     }
 }
 

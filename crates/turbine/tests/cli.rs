@@ -120,6 +120,43 @@ fn fails_with_first_line_naming(args: &[&str], needle: &str) -> Result<()> {
 }
 
 #[test]
+fn a_bad_pin_file_fails_with_one_line_naming_the_line() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("pins.jsonl");
+    let base = [
+        "serve",
+        "--engine",
+        "mocker",
+        "--kvbm-host-blocks",
+        "8192",
+        "--kvbm-pin-prompts",
+    ];
+    let path = file.to_str().context("a UTF-8 path")?;
+    let args: Vec<&str> = base.iter().copied().chain([path]).collect();
+    std::fs::write(
+        &file,
+        "{\"system\": \"You are a helpful assistant who answers briefly.\"}\n\n{\"sys\": 1}\n",
+    )?;
+    fails_with_first_line_naming(&args, "line 3: expected {\"system\"")?;
+    std::fs::write(&file, "{\"prompt\": \"Hi\"}\n")?;
+    fails_with_first_line_naming(&args, "line 1: fewer tokens (1) than one block (16)")?;
+    std::fs::write(&file, "")?;
+    fails_with_first_line_naming(&args, "no prompt in the file")?;
+    let missing = dir.path().join("none.jsonl");
+    let args: Vec<&str> = base
+        .iter()
+        .copied()
+        .chain([missing.to_str().context("a UTF-8 path")?])
+        .collect();
+    fails_with_first_line_naming(&args, "none.jsonl")?;
+    fails_with_first_line_naming(
+        &["serve", "--engine", "mocker", "--kvbm-pin-prompts", path],
+        "give a host or a disk tier",
+    )?;
+    Ok(())
+}
+
+#[test]
 fn bad_arguments_fail_with_one_line_naming_the_value() -> Result<()> {
     for (args, needle) in [
         (&["serve", "--workers", "0"][..], "0"),
@@ -142,6 +179,22 @@ fn bad_arguments_fail_with_one_line_naming_the_value() -> Result<()> {
                 "10",
             ],
             "smaller than the engine's pool of 64 blocks",
+        ),
+        (
+            &["serve", "--engine", "mocker", "--kvbm-prefetch", "sometimes"],
+            "--kvbm-prefetch: unknown prefetch policy \"sometimes\"",
+        ),
+        (
+            &[
+                "serve",
+                "--engine",
+                "mocker",
+                "--kvbm-host-blocks",
+                "8192",
+                "--kvbm-prefetch",
+                "wait-complete",
+            ],
+            "needs both a host and a disk tier",
         ),
         (&["serve", "--host", "not-an-ip"], "not-an-ip"),
         (
@@ -344,15 +397,7 @@ async fn mocker_serves_an_evicted_prompt_from_host_memory() -> Result<()> {
         "256",
     ])?;
     let http = reqwest::Client::new();
-    let ask = |content: String| {
-        let body = json!({"model": "mocker", "max_tokens": 4, "messages": [{"role": "user", "content": content}]});
-        let http = http.clone();
-        let url = format!("{}/v1/chat/completions", server.url);
-        async move {
-            let r: Value = http.post(url).json(&body).send().await?.json().await?;
-            anyhow::Ok(r["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64())
-        }
-    };
+    let ask = |content: String| cached_tokens(&http, &server.url, json!([{"role": "user", "content": content}]));
     let returning = "a".repeat(200);
     assert_eq!(ask(returning.clone()).await?, Some(0));
     // Four prompts of most of the cache's 512 tokens push it out of the cache.
@@ -372,6 +417,54 @@ async fn mocker_serves_an_evicted_prompt_from_host_memory() -> Result<()> {
     assert_eq!(sum("kvbm_matched_tokens"), 208.0);
     assert!(sum("kvbm_offload_blocks_d2h") >= 13.0 + 4.0 * 28.0);
     Ok(())
+}
+
+/// A system prompt pinned with --kvbm-pin-prompts stays in the host tier through traffic
+/// that churns it: a new conversation with it finds it cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_system_prompt_is_served_from_host_memory_after_churn() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pins = dir.path().join("pins.jsonl");
+    let system = "You are the support assistant of a small bakery. ".repeat(6);
+    std::fs::write(&pins, format!("{}\n", json!({ "system": system })))?;
+    let server = Server::start(&[
+        "--engine",
+        "mocker",
+        "--workers",
+        "1",
+        "--speedup",
+        "100",
+        "--num-blocks",
+        "32",
+        "--kvbm-host-blocks",
+        "64",
+        "--kvbm-pin-prompts",
+        pins.to_str().context("a UTF-8 path")?,
+    ])?;
+    let http = reqwest::Client::new();
+    let ask = |messages: Value| cached_tokens(&http, &server.url, messages);
+    let with_system = |user: &str| json!([{"role": "system", "content": system}, {"role": "user", "content": user}]);
+    assert_eq!(ask(with_system("Are you open on Sunday?")).await?, Some(0));
+    // Six prompts of 28 blocks each go through the host tier's 64 slots.
+    for c in ["b", "c", "d", "e", "f", "g"] {
+        ask(json!([{"role": "user", "content": c.repeat(450)}])).await?;
+    }
+    // "system: " and the prompt, 308 bytes: 19 full blocks of 16.
+    assert_eq!(ask(with_system("Do you sell rye bread?")).await?, Some(19 * 16));
+    Ok(())
+}
+
+/// Asks the mocker for 4 tokens after `messages`; the prompt tokens it reports cached.
+async fn cached_tokens(http: &reqwest::Client, url: &str, messages: Value) -> Result<Option<u64>> {
+    let body = json!({"model": "mocker", "max_tokens": 4, "messages": messages});
+    let r: Value = http
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await?
+        .json()
+        .await?;
+    Ok(r["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64())
 }
 
 const SMOLLM2: &str = concat!(

@@ -180,7 +180,11 @@ impl MockerEngine {
         let mut tiers = crate::tiers::Tiers::new(&config.kvbm, config.pool_shape(), scheduler.pool_mut())
             .map_err(|e| MockerConfigError::Kvbm(e.to_string()))?;
         if let Some(t) = &mut tiers {
-            t.simulate_loads(config.onboard_host_bytes_per_sec, config.onboard_disk_bytes_per_sec);
+            // The copies keep the engine's time: at a speedup, they run as much faster.
+            t.simulate_loads(
+                config.onboard_host_bytes_per_sec * config.speedup,
+                config.onboard_disk_bytes_per_sec * config.speedup,
+            );
         }
         let kvbm_stats = tiers.as_ref().map(|t| t.stats());
         let (handle, ends) = Handle::new(scheduler.load());
@@ -466,11 +470,16 @@ async fn run(
         }
         busy_ns.fetch_add(work.elapsed().as_nanos() as u64, Ordering::Relaxed);
         if step.is_empty() {
-            // Idle (a prompt that fits the pool can always be admitted once nothing runs).
+            // Idle (a prompt that fits the pool can always be admitted once nothing runs),
+            // or waiting for a copy from the tiers below.
             clock = None;
-            match rx.recv().await {
-                Some(msg) => l.handle(msg),
-                None => return,
+            let copy = l.tiers.as_ref().and_then(|t| t.next_ready());
+            tokio::select! {
+                msg = rx.recv() => match msg {
+                    Some(msg) => l.handle(msg),
+                    None => return,
+                },
+                _ = sleep_until_some(copy) => {}
             }
             continue;
         }
@@ -478,9 +487,7 @@ async fn run(
             Some(c) if now.saturating_duration_since(c) < CATCH_UP => c,
             _ => now,
         };
-        // Loads from the tiers below the pool delay the step that reads them.
-        let loads = l.tiers.as_mut().map_or(Duration::ZERO, |t| t.take_load_time());
-        let duration = l.scheduler.duration(&step) + loads.div_f64(l.scheduler.speedup());
+        let duration = l.scheduler.duration(&step);
         simulated_ns.fetch_add(duration.as_nanos() as u64, Ordering::Relaxed);
         let deadline = start + duration;
         clock = Some(deadline);
@@ -508,6 +515,14 @@ async fn run(
             tiers.after_step(l.scheduler.pool_mut(), &turbine_kvbm::NoBytes);
         }
         busy_ns.fetch_add(work.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Sleeps until `at`, or forever.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

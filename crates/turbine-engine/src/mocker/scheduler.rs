@@ -17,9 +17,13 @@
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 
+use turbine_kvbm::Loading;
 use turbine_protocols::kv::{CachedBlock, KvEvent, KvSnapshot, WorkerLoad};
 use turbine_protocols::FinishReason;
-use turbine_tokens::{chain_hash, local_hash, BlockHash};
+use turbine_tokens::{chain_hash, local_hash, BlockHash, HashMapOfHashes};
+
+mod onboarding;
+use onboarding::Onboarding;
 
 use super::timing;
 use super::MockerConfig;
@@ -266,15 +270,35 @@ pub trait LowerTiers {
     /// How many leading blocks of `hashes` (which follow the pool's cached prefix) the
     /// tiers hold and would load. Changes nothing.
     fn held(&mut self, hashes: &[BlockHash]) -> usize;
-    /// Copies the first `blocks.len()` blocks of `hashes` into the pool's `blocks` (fresh,
-    /// held by the sequence); returns how many leading ones were loaded.
-    fn load(&mut self, hashes: &[BlockHash], blocks: &[BlockId]) -> usize;
+    /// Starts copying the first `blocks.len()` blocks of `hashes` into the pool's `blocks`
+    /// (fresh, held by sequence `seq`): finished at once with how many leading ones were
+    /// loaded, or pending until [`LowerTiers::finished`] reports it.
+    fn load(&mut self, seq: SeqId, hashes: &[BlockHash], blocks: &[BlockId]) -> Loading;
+    /// Pending loads finished since the last call: (sequence, leading blocks loaded).
+    fn finished(&mut self) -> Vec<(SeqId, usize)> {
+        Vec::new()
+    }
     /// Blocks the pool evicted to make room, told before a load overwrites any of them
     /// (write-back offload copies them out here).
     fn evicted(&mut self, _blocks: Vec<(BlockId, CachedBlock)>) {}
     /// An admitted request's blocks that neither the pool nor the tiers held (following
     /// `parent`): the tiers' policies learn from misses as from hits.
     fn missed(&mut self, _hashes: &[BlockHash], _parent: Option<turbine_tokens::SequenceHash>) {}
+    /// Whether the tiers want to hear of arrivals (they prefetch).
+    fn prefetches(&self) -> bool {
+        false
+    }
+    /// Sequence `seq` arrived, its blocks after the pool's prefix being `hashes`: the
+    /// tiers may start bringing them closer (prefetch).
+    fn arrived(&mut self, _seq: SeqId, _hashes: &[BlockHash]) {}
+    /// Whether `seq`, its blocks after the pool's prefix being `hashes` now, may be
+    /// admitted, as far as the tiers go: its prefetch may be waited for (and started, for
+    /// blocks that have left the pool since it arrived).
+    fn admissible(&mut self, _seq: SeqId, _hashes: &[BlockHash]) -> bool {
+        true
+    }
+    /// `seq` was admitted or has ended: nothing waits on its prefetch.
+    fn forget(&mut self, _seq: SeqId) {}
 }
 
 /// No tiers below the pool.
@@ -286,8 +310,8 @@ impl LowerTiers for PoolOnly {
         0
     }
 
-    fn load(&mut self, _: &[BlockHash], _: &[BlockId]) -> usize {
-        0
+    fn load(&mut self, _: SeqId, _: &[BlockHash], _: &[BlockId]) -> Loading {
+        Loading::Done(0)
     }
 }
 
@@ -304,6 +328,14 @@ pub struct Scheduler<T, K> {
     running: Vec<usize>,
     /// A block's tokens while they are hashed.
     scratch: Vec<u32>,
+    /// Sequences whose blocks are being loaded from the tiers below, and loads whose
+    /// sequence has gone (the blocks stay held until the copy ends).
+    loading: HashMap<SeqId, Onboarding>,
+    /// Blocks being loaded, and the sequence loading them: others that need them wait.
+    in_flight: HashMapOfHashes<SeqId>,
+    /// Sequences added, and ended, since the last schedule: the tiers hear of them then.
+    arrived: Vec<(usize, SeqId)>,
+    ended: Vec<SeqId>,
 }
 
 impl<T, K: SeqTokens> Scheduler<T, K> {
@@ -318,6 +350,10 @@ impl<T, K: SeqTokens> Scheduler<T, K> {
             waiting: VecDeque::new(),
             running: Vec::new(),
             scratch: Vec::new(),
+            loading: HashMap::new(),
+            in_flight: HashMapOfHashes::default(),
+            arrived: Vec::new(),
+            ended: Vec::new(),
         }
     }
 
@@ -353,6 +389,7 @@ impl<T, K: SeqTokens> Scheduler<T, K> {
         };
         self.index.insert(id, slot);
         self.waiting.push_back(slot);
+        self.arrived.push((slot, id));
     }
 
     /// Drops a sequence wherever it is, freeing its blocks at once. False if unknown.
@@ -362,6 +399,13 @@ impl<T, K: SeqTokens> Scheduler<T, K> {
         };
         self.running.retain(|&s| s != slot);
         self.waiting.retain(|&s| s != slot);
+        if let Some(load) = self.loading.get_mut(&id) {
+            // The copy still writes its blocks: they are freed when it ends.
+            if let Some(seq) = self.slots[slot].as_mut() {
+                load.orphan(std::mem::take(&mut seq.blocks));
+            }
+        }
+        self.ended.push(id);
         self.free(slot);
         true
     }
@@ -407,6 +451,7 @@ impl<T, K: SeqTokens> Scheduler<T, K> {
             entries: Vec::with_capacity(entries),
             ..Step::default()
         };
+        self.tell_tiers(&mut step, lower);
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let slot = self.running[i];
@@ -450,14 +495,25 @@ impl<T, K: SeqTokens> Scheduler<T, K> {
 
     fn admit(&mut self, step: &mut Step, mut budget: usize, lower: &mut dyn LowerTiers) {
         let bs = self.config.block_size;
-        while budget > 0 && self.running.len() < self.config.max_num_seqs {
-            let Some(&slot) = self.waiting.front() else { break };
+        let caching = self.config.enable_prefix_caching;
+        let mut i = 0;
+        while budget > 0 && self.running.len() + self.loads_of_live() < self.config.max_num_seqs {
+            let Some(&slot) = self.waiting.get(i) else { break };
             let seq = self.seq(slot);
+            let id = seq.id;
             // Reuse cached blocks, but always leave at least one token to compute: the
             // step that computes it produces the next token.
             let limit = (seq.tokens.total() - 1) / bs;
-            let (in_pool, below) = if self.config.enable_prefix_caching {
+            let (in_pool, below) = if caching {
                 let in_pool = self.pool.match_prefix(&seq.hashes).min(limit);
+                // Blocks another sequence is loading are waited for, not loaded twice;
+                // a sequence whose prefetch admission waits for stays too. Those behind
+                // go on.
+                let loading_next = in_pool < limit && self.in_flight.contains_key(&seq.hashes[in_pool].sequence);
+                if loading_next || !lower.admissible(id, &seq.hashes[in_pool..limit]) {
+                    i += 1;
+                    continue;
+                }
                 (in_pool, lower.held(&seq.hashes[in_pool..limit]))
             } else {
                 (0, 0)
@@ -469,20 +525,41 @@ impl<T, K: SeqTokens> Scheduler<T, K> {
             if self.pool.num_free() < fresh_needed + leaving_free_list {
                 break;
             }
+            self.waiting.remove(i);
+            lower.forget(id);
             let seq = self.slots[slot].as_mut().expect("queued slots hold a sequence");
             let mut blocks = self.pool.acquire_prefix(&seq.hashes[..in_pool]);
             blocks.extend(self.pool.allocate(fresh_needed).unwrap_or_default());
-            let loaded = if below > 0 {
+            let loading = if below > 0 {
                 let evicted = self.pool.take_evicted();
                 if !evicted.is_empty() {
                     lower.evicted(evicted);
                 }
-                lower.load(&seq.hashes[in_pool..matched], &blocks[in_pool..matched])
+                lower.load(id, &seq.hashes[in_pool..matched], &blocks[in_pool..matched])
             } else {
-                0
+                Loading::Done(0)
+            };
+            let loaded = match loading {
+                Loading::Done(n) => n,
+                Loading::Pending => {
+                    // Ready when the copy is: the sequence holds its blocks meanwhile, and
+                    // is scheduled once `tell_tiers` hears the load has finished.
+                    if matched < seq.hashes.len() {
+                        lower.missed(&seq.hashes[matched..], Some(seq.hashes[matched - 1].sequence));
+                    }
+                    seq.blocks = blocks;
+                    seq.computed = in_pool * bs;
+                    seq.registered = in_pool;
+                    let load = Onboarding::new(slot, in_pool, &seq.hashes[in_pool..matched], &seq.hashes[..in_pool]);
+                    for h in &seq.hashes[in_pool..matched] {
+                        self.in_flight.insert(h.sequence, id);
+                    }
+                    self.loading.insert(id, load);
+                    continue;
+                }
             };
             let matched = in_pool + loaded;
-            if self.config.enable_prefix_caching && matched < seq.hashes.len() {
+            if caching && matched < seq.hashes.len() {
                 let parent = matched.checked_sub(1).map(|i| seq.hashes[i].sequence);
                 lower.missed(&seq.hashes[matched..], parent);
             }
@@ -499,8 +576,6 @@ impl<T, K: SeqTokens> Scheduler<T, K> {
             seq.computed = computed;
             seq.registered = matched;
             seq.cached_tokens.get_or_insert(computed as u32);
-            let id = seq.id;
-            self.waiting.pop_front();
             self.running.push(slot);
             step.entries.push((slot, id, n));
             step.prefill_tokens += n;
@@ -598,7 +673,7 @@ impl<T, K: SeqTokens> Scheduler<T, K> {
     pub fn load(&self) -> WorkerLoad {
         let prefill = |s: &Seq<T, K>| if s.is_decoding() { 0 } else { s.pending() as u64 };
         WorkerLoad {
-            active_seqs: self.running.len() as u32,
+            active_seqs: (self.running.len() + self.loads_of_live()) as u32,
             waiting_seqs: self.waiting.len() as u32,
             blocks_in_use: self.pool.num_in_use() as u32,
             blocks_total: self.pool.num_blocks() as u32,

@@ -544,6 +544,13 @@ struct FakeTiers {
     loads: Vec<usize>,
     /// Loads fail after this many blocks, as a bad disk read would.
     fail_after: Option<usize>,
+    /// Loads stay pending until `finish` lets them go, as a disk read would.
+    pending: bool,
+    started: Vec<(u64, usize)>,
+    finish: Vec<(u64, usize)>,
+    /// Sequences whose prefetch admission waits for.
+    waiting_prefetch: std::collections::HashSet<u64>,
+    arrivals: Vec<u64>,
 }
 
 impl super::scheduler::LowerTiers for FakeTiers {
@@ -551,12 +558,145 @@ impl super::scheduler::LowerTiers for FakeTiers {
         hashes.iter().take_while(|h| self.held.contains(&h.sequence)).count()
     }
 
-    fn load(&mut self, hashes: &[turbine_tokens::BlockHash], blocks: &[crate::pool::BlockId]) -> usize {
+    fn load(
+        &mut self,
+        seq: u64,
+        hashes: &[turbine_tokens::BlockHash],
+        blocks: &[crate::pool::BlockId],
+    ) -> turbine_kvbm::Loading {
         assert_eq!(hashes.len(), blocks.len());
         let n = self.fail_after.map_or(blocks.len(), |f| f.min(blocks.len()));
         self.loads.push(n);
-        n
+        if self.pending {
+            self.started.push((seq, n));
+            turbine_kvbm::Loading::Pending
+        } else {
+            turbine_kvbm::Loading::Done(n)
+        }
     }
+
+    fn finished(&mut self) -> Vec<(u64, usize)> {
+        std::mem::take(&mut self.finish)
+    }
+
+    fn prefetches(&self) -> bool {
+        true
+    }
+
+    fn arrived(&mut self, seq: u64, _: &[turbine_tokens::BlockHash]) {
+        self.arrivals.push(seq);
+    }
+
+    fn admissible(&mut self, seq: u64, _: &[turbine_tokens::BlockHash]) -> bool {
+        !self.waiting_prefetch.contains(&seq)
+    }
+}
+
+fn prompt_spec(prompt: &[u32]) -> SeqSpec {
+    SeqSpec {
+        prompt: prompt.to_vec(),
+        max_tokens: 2,
+        stop_token_ids: vec![],
+    }
+}
+
+/// A scheduler of 64 blocks of 4 tokens, a 40-token prompt of `token`s, and tiers that hold
+/// all of its blocks and load them only when told to.
+fn loading_from_tiers(token: u32) -> (Scheduler<(), Counted>, Vec<u32>, FakeTiers) {
+    let s = Scheduler::new(config(64, 256, 8));
+    let prompt = vec![token; 40];
+    let mut tiers = FakeTiers {
+        pending: true,
+        ..FakeTiers::default()
+    };
+    tiers
+        .held
+        .extend(turbine_tokens::block_hashes(&prompt, 4).iter().map(|h| h.sequence));
+    (s, prompt, tiers)
+}
+
+#[test]
+fn a_pending_load_holds_its_sequence_out_of_steps_until_it_finishes() {
+    let (mut s, prompt, mut tiers) = loading_from_tiers(7);
+    s.add(0, prompt_spec(&prompt), ());
+    s.add(1, prompt_spec(&[1, 2, 3]), ());
+    let step = s.schedule_with(&mut tiers);
+    assert_eq!(tiers.started, [(0, 9)]);
+    // Only the other request runs while the copy does; the loading one holds its blocks.
+    assert_eq!(step.entries.iter().map(|e| e.1).collect::<Vec<_>>(), [1]);
+    assert_eq!(s.pool().num_in_use(), 10 + 1);
+    assert_eq!(s.pool().num_cached(), 0, "nothing is readable before the copy ends");
+    assert_eq!(s.loads_in_flight(), 1);
+    s.complete(&step, |_, _| true);
+    tiers.finish.push((0, 9));
+    let step = s.schedule_with(&mut tiers);
+    assert_eq!(step.onboarded, 9);
+    assert!(step.entries.contains(&(0, 0, 4)), "{:?}", step.entries);
+    assert_eq!(s.pool().num_cached(), 9);
+    assert_eq!(s.loads_in_flight(), 0);
+    s.pool().check_invariants();
+}
+
+#[test]
+fn a_request_sharing_blocks_being_loaded_waits_for_that_load_and_others_go_ahead() {
+    let (mut s, prompt, mut tiers) = loading_from_tiers(7);
+    s.add(0, prompt_spec(&prompt), ());
+    s.add(1, prompt_spec(&prompt), ());
+    s.add(2, prompt_spec(&[5; 6]), ());
+    let step = s.schedule_with(&mut tiers);
+    assert_eq!(tiers.loads, [9], "one load for both");
+    assert_eq!(step.entries.iter().map(|e| e.1).collect::<Vec<_>>(), [2]);
+    s.complete(&step, |_, _| true);
+    let step = s.schedule_with(&mut tiers);
+    assert!(
+        step.entries.iter().all(|e| e.1 == 2),
+        "the copy has not ended: {:?}",
+        step.entries
+    );
+    s.complete(&step, |_, _| true);
+    tiers.finish.push((0, 9));
+    let step = s.schedule_with(&mut tiers);
+    // The first runs with its loaded blocks; the second finds them in the pool.
+    let ids: Vec<u64> = step.entries.iter().map(|e| e.1).collect();
+    assert!(ids.contains(&0) && ids.contains(&1), "{ids:?}");
+    assert_eq!(tiers.loads, [9]);
+    assert!(step.entries.iter().filter(|e| e.1 < 2).all(|e| e.2 == 4));
+    s.pool().check_invariants();
+}
+
+#[test]
+fn a_request_cancelled_while_loading_frees_its_blocks_when_the_copy_ends_and_keeps_them_cached() {
+    let (mut s, prompt, mut tiers) = loading_from_tiers(9);
+    s.add(0, prompt_spec(&prompt), ());
+    let _ = s.schedule_with(&mut tiers);
+    assert!(s.cancel(0));
+    assert_eq!(s.pool().num_in_use(), 10, "the copy still writes them");
+    let _ = s.schedule_with(&mut tiers);
+    assert_eq!(s.pool().num_in_use(), 10);
+    tiers.finish.push((0, 6));
+    let step = s.schedule_with(&mut tiers);
+    assert!(step.is_empty());
+    assert_eq!(s.pool().num_in_use(), 0);
+    assert_eq!(s.pool().num_cached(), 6, "what was loaded stays cached");
+    assert!(s.is_idle() && s.loads_in_flight() == 0);
+    s.pool().check_invariants();
+}
+
+#[test]
+fn a_request_waiting_for_its_prefetch_lets_those_behind_it_in() {
+    let mut s: Scheduler<(), Counted> = Scheduler::new(config(64, 256, 8));
+    let mut tiers = FakeTiers::default();
+    tiers.waiting_prefetch.insert(0);
+    s.add(0, prompt_spec(&[4; 20]), ());
+    s.add(1, prompt_spec(&[6; 20]), ());
+    let step = s.schedule_with(&mut tiers);
+    assert_eq!(tiers.arrivals, [0, 1], "the tiers hear of every arrival once");
+    assert_eq!(step.entries.iter().map(|e| e.1).collect::<Vec<_>>(), [1]);
+    s.complete(&step, |_, _| true);
+    tiers.waiting_prefetch.clear();
+    let step = s.schedule_with(&mut tiers);
+    assert!(step.entries.iter().any(|e| e.1 == 0));
+    assert_eq!(tiers.arrivals, [0, 1]);
 }
 
 #[test]

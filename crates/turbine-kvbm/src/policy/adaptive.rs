@@ -1,32 +1,137 @@
-//! The adaptive policy: shadow caches of the fixed policies, with and without admission
-//! control, fed the tier's access stream; the live tier evicts (and admits) as whichever
-//! shadow has led its recent hit rate.
+//! The adaptive policy: shadow caches of the fixed policies and of LFU-DA, with and without
+//! admission control, fed the tier's access stream; the live tier evicts (and admits) as
+//! whichever shadow has led its recent hit rate, with hysteresis.
 //!
 //! Shadows are metadata only: each is a simulated cache as large as the tier, so its hit
 //! rate is the one that policy would have had here, lately. Beside them, every candidate
 //! policy also keeps a state over the tier's real contents, so that following another one
 //! needs no rebuild: its next victim is ready at once.
 
-use super::list::LinkedMap;
+use super::lfuda::{LfuDa, Sightings};
 use super::{build, Key, KeyMap, KeySet, Millis, Policy, PolicyConfig, PolicyKind};
 
-/// The fixed policies the adaptive one chooses among. TTL is left out: as a shadow of a
-/// full cache it is LRU that also drops idle blocks, which can only lose hits.
-const CANDIDATES: [PolicyKind; 5] = [
-    PolicyKind::Lru,
-    PolicyKind::Lfu,
-    PolicyKind::Fifo,
-    PolicyKind::Lineage,
-    PolicyKind::Arc,
+/// A policy the adaptive one can follow: a fixed one, or LFU-DA (leaves first, see
+/// [`super::lfuda`]), which has no `PolicyKind` of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Candidate {
+    Fixed(PolicyKind),
+    LfuDa,
+}
+
+impl Candidate {
+    fn name(self) -> &'static str {
+        match self {
+            Candidate::Fixed(k) => k.name(),
+            Candidate::LfuDa => "lfu-da",
+        }
+    }
+
+    fn build(self, capacity: usize, config: &PolicyConfig) -> Order {
+        match self {
+            Candidate::Fixed(k) => Order::Fixed(build(k, capacity, config)),
+            Candidate::LfuDa => Order::LfuDa(LfuDa::default()),
+        }
+    }
+}
+
+/// The policies the adaptive one chooses among. TTL is left out: as a shadow of a full cache
+/// it is LRU that also drops idle blocks, which can only lose hits.
+const CANDIDATES: [Candidate; 6] = [
+    Candidate::Fixed(PolicyKind::Lru),
+    Candidate::Fixed(PolicyKind::Lfu),
+    Candidate::Fixed(PolicyKind::Fifo),
+    Candidate::Fixed(PolicyKind::Lineage),
+    Candidate::Fixed(PolicyKind::Arc),
+    Candidate::LfuDa,
 ];
 
-/// The doorkeeper remembers this many cache-fulls of recently looked-up keys (metadata of
-/// eight keys per block of capacity): a block is admitted under pressure only if it was
-/// looked up before within that reach. A block that missed comes back from beyond a
-/// cache-full, that is why it missed: on the Mooncake trace, with admission, LRU and
-/// leaves-first hit 0.8 to 2 points more with 8 than with 2, and no more with 16 or 32.
-const DOORKEEPER_REACH: usize = 8;
+/// The doorkeeper remembers this many cache-fulls of recently looked-up keys, each with a
+/// count (metadata of sixteen keys per block of capacity): a block is admitted under
+/// pressure only if it was looked up before within that reach, and LFU-DA's counts reach as
+/// far. A block that missed comes back from beyond a cache-full, that is why it missed: on
+/// the Mooncake trace, with admission, LRU and leaves-first hit 0.8 to 2 points more with 8
+/// than with 2, and no more with 16 or 32; on the synthetic trace LFU-DA with admission hits
+/// 0.2 to 0.6 points more with 16 than with 8 (at 6% and 3% of its distinct blocks), and no
+/// more with 32.
+const DOORKEEPER_REACH: usize = 16;
 
+/// A challenger must also lead the followed shadow over a window this many times as long as
+/// the one rates are compared over. With a dozen candidates one is nearly always ahead
+/// lately by luck, and following it costs hits; a lead that has lasted is less often luck.
+/// On the synthetic trace at 6% of its distinct blocks the tier hits 0.2 points more with
+/// 8 than with none, and the same with 16.
+const SUSTAINED_WINDOWS: f64 = 8.0;
+
+/// A candidate's state: a fixed policy, or LFU-DA's order, which takes its counts from the
+/// doorkeeper's.
+#[derive(Debug)]
+enum Order {
+    Fixed(Box<dyn Policy>),
+    LfuDa(LfuDa),
+}
+
+impl Order {
+    fn admit(&mut self, key: Key, now: Millis) -> bool {
+        match self {
+            Order::Fixed(p) => p.admit(key, now),
+            Order::LfuDa(_) => true,
+        }
+    }
+
+    fn insert(&mut self, key: Key, parent: Option<Key>, count: u32, now: Millis) {
+        match self {
+            Order::Fixed(p) => p.insert(key, parent, now),
+            Order::LfuDa(o) => o.insert(key, parent, count),
+        }
+    }
+
+    fn touch(&mut self, key: Key, count: u32, now: Millis) {
+        match self {
+            Order::Fixed(p) => p.touch(key, now),
+            Order::LfuDa(o) => o.touch(key, count),
+        }
+    }
+
+    fn miss(&mut self, key: Key, parent: Option<Key>, now: Millis) {
+        if let Order::Fixed(p) = self {
+            p.miss(key, parent, now);
+        }
+    }
+
+    fn remove(&mut self, key: Key) {
+        match self {
+            Order::Fixed(p) => p.remove(key),
+            Order::LfuDa(o) => o.remove(key),
+        }
+    }
+
+    fn evicted(&mut self, key: Key) {
+        match self {
+            Order::Fixed(p) => p.evicted(key),
+            Order::LfuDa(o) => o.evicted(key),
+        }
+    }
+
+    fn victim(&mut self, now: Millis, evictable: &mut dyn FnMut(Key) -> bool) -> Option<Key> {
+        match self {
+            Order::Fixed(p) => p.victim(now, evictable),
+            Order::LfuDa(o) => o.victim(evictable),
+        }
+    }
+
+    /// Blocks tracked: for tests, which check every state keeps the tier's contents.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        match self {
+            Order::Fixed(p) => p.len(),
+            Order::LfuDa(o) => o.len(),
+        }
+    }
+}
+
+/// Metadata per block of capacity: the doorkeeper's sixteen keys with a count each, and per
+/// candidate two shadow states (with and without admission) with their sets of present keys,
+/// and one live state.
 #[derive(Debug)]
 pub struct Adaptive {
     capacity: usize,
@@ -37,16 +142,21 @@ pub struct Adaptive {
     /// an eighth of the window.
     hold: u64,
     /// One state per candidate over the tier's real contents, indexed like `CANDIDATES`.
-    live: Vec<Box<dyn Policy>>,
+    live: Vec<Order>,
     /// Present blocks and their parents: shadows need a touched block's parent.
     present: KeyMap<Option<Key>>,
     shadows: Vec<Shadow>,
-    doorkeeper: Doorkeeper,
+    /// The doorkeeper (a count above one is a second sighting), and LFU-DA's counts.
+    sightings: Sightings,
     /// The shadow followed.
     leader: usize,
     /// When some shadow began to lead the followed one by the margin, in lookups.
     leading_since: Option<u64>,
     lookups: u64,
+    /// What the moving rates would read had every lookup hit: `1 - (1 - alpha)^lookups`.
+    /// Rates start at zero, which is no measurement; dividing a lead by this undoes that
+    /// start, so that early on a lead is judged at its size rather than shrunk towards zero.
+    warmth: f64,
     switches: u64,
 }
 
@@ -55,13 +165,14 @@ impl Adaptive {
         let window = f64::from(config.adaptive_window.max(1));
         let mut shadows = Vec::new();
         for admission in [false, true] {
-            for (candidate, &kind) in CANDIDATES.iter().enumerate() {
+            for (candidate, &c) in CANDIDATES.iter().enumerate() {
                 shadows.push(Shadow {
                     candidate,
                     admission,
-                    policy: build(kind, capacity, config),
+                    order: c.build(capacity, config),
                     present: KeySet::default(),
                     rate: 0.0,
+                    sustained: 0.0,
                     last: None,
                 });
             }
@@ -71,14 +182,15 @@ impl Adaptive {
             alpha: 1.0 / window,
             margin: config.adaptive_margin,
             hold: u64::from(config.adaptive_window / 8).max(1),
-            live: CANDIDATES.iter().map(|&k| build(k, capacity, config)).collect(),
+            live: CANDIDATES.iter().map(|&c| c.build(capacity, config)).collect(),
             present: KeyMap::default(),
             shadows,
-            doorkeeper: Doorkeeper::new(capacity.saturating_mul(DOORKEEPER_REACH)),
+            sightings: Sightings::new(capacity.saturating_mul(DOORKEEPER_REACH)),
             // LRU without admission until the shadows know better.
             leader: 0,
             leading_since: None,
             lookups: 0,
+            warmth: 0.0,
             switches: 0,
         }
     }
@@ -96,34 +208,39 @@ impl Adaptive {
 
     /// Every shadow's name, admission, and moving hit rate: for diagnostics.
     pub fn scores(&self) -> Vec<(&'static str, bool, f64)> {
+        let warmth = self.warmth.max(self.alpha);
         self.shadows
             .iter()
-            .map(|s| (CANDIDATES[s.candidate].name(), s.admission, s.rate))
+            .map(|s| (CANDIDATES[s.candidate].name(), s.admission, s.rate / warmth))
             .collect()
     }
 
-    /// One lookup of `key`: the doorkeeper sees it, every shadow serves it, the leader may
-    /// change.
-    fn lookup(&mut self, key: Key, parent: Option<Key>, now: Millis) {
+    /// One lookup of `key`: the doorkeeper counts it, every shadow serves it, the leader may
+    /// change. Returns its count.
+    fn lookup(&mut self, key: Key, parent: Option<Key>, now: Millis) -> u32 {
         self.lookups += 1;
-        let repeat = self.doorkeeper.sight(key);
+        self.warmth += self.alpha * (1.0 - self.warmth);
+        let count = self.sightings.sight(key);
+        let weights = (self.alpha, self.alpha / SUSTAINED_WINDOWS);
         for s in &mut self.shadows {
-            s.lookup(key, parent, now, repeat, self.capacity, self.alpha);
+            s.lookup(key, parent, count, now, self.capacity, weights);
         }
         self.elect();
+        count
     }
 
     /// Follows the best shadow once it has led the followed one by the margin for `hold`
-    /// lookups in a row: a shadow ahead by a hair, or briefly, is noise.
+    /// lookups in a row, and over the longer window too: a shadow ahead by a hair, briefly,
+    /// or only lately, is noise.
     fn elect(&mut self) {
-        let lead = self.shadows[self.leader].rate;
+        let followed = &self.shadows[self.leader];
         let mut best = self.leader;
         for (i, s) in self.shadows.iter().enumerate() {
-            if s.rate > self.shadows[best].rate {
+            if s.rate > self.shadows[best].rate && s.sustained > followed.sustained {
                 best = i;
             }
         }
-        if best == self.leader || self.shadows[best].rate - lead <= self.margin {
+        if best == self.leader || (self.shadows[best].rate - followed.rate) / self.warmth <= self.margin {
             self.leading_since = None;
             return;
         }
@@ -147,13 +264,15 @@ impl Policy for Adaptive {
         for p in &mut self.live {
             p.admit(key, now);
         }
-        !self.shadows[self.leader].admission || self.present.len() < self.capacity || self.doorkeeper.seen_again(key)
+        !self.shadows[self.leader].admission || self.present.len() < self.capacity || self.sightings.count(key) > 1
     }
 
     fn insert(&mut self, key: Key, parent: Option<Key>, now: Millis) {
         self.present.insert(key, parent);
+        // Stored without a lookup first (a block the engine offloads): one use.
+        let count = self.sightings.count(key).max(1);
         for p in &mut self.live {
-            p.insert(key, parent, now);
+            p.insert(key, parent, count, now);
         }
     }
 
@@ -161,14 +280,17 @@ impl Policy for Adaptive {
         let Some(&parent) = self.present.get(&key) else {
             return;
         };
-        self.lookup(key, parent, now);
+        let count = self.lookup(key, parent, now);
         for p in &mut self.live {
-            p.touch(key, now);
+            p.touch(key, count, now);
         }
     }
 
     fn miss(&mut self, key: Key, parent: Option<Key>, now: Millis) {
         self.lookup(key, parent, now);
+        for p in &mut self.live {
+            p.miss(key, parent, now);
+        }
     }
 
     fn remove(&mut self, key: Key) {
@@ -201,17 +323,21 @@ impl Policy for Adaptive {
 struct Shadow {
     candidate: usize,
     admission: bool,
-    policy: Box<dyn Policy>,
+    order: Order,
     present: KeySet,
     /// Moving share of lookups that were prefix hits here.
     rate: f64,
+    /// The same over `SUSTAINED_WINDOWS` windows.
+    sustained: f64,
     /// The previous lookup, and whether it was a prefix hit here: a block counts as a hit
     /// only if its parent did, as the tier's own prefix matching would have it.
     last: Option<(Key, bool)>,
 }
 
 impl Shadow {
-    fn lookup(&mut self, key: Key, parent: Option<Key>, now: Millis, repeat: bool, capacity: usize, alpha: f64) {
+    /// A lookup of `key`, its `count`-th within the doorkeeper's reach; `weights` are one
+    /// lookup's in `rate` and in `sustained`.
+    fn lookup(&mut self, key: Key, parent: Option<Key>, count: u32, now: Millis, capacity: usize, weights: (f64, f64)) {
         let present = self.present.contains(&key);
         let chain = match (parent, self.last) {
             (None, _) => true,
@@ -219,56 +345,27 @@ impl Shadow {
             // Lookups of several requests interleaved: the parent's presence is the guess.
             (Some(p), _) => self.present.contains(&p),
         };
-        let hit = present && chain;
-        self.rate += alpha * (f64::from(u8::from(hit)) - self.rate);
-        self.last = Some((key, hit));
+        let hit = f64::from(u8::from(present && chain));
+        self.rate += weights.0 * (hit - self.rate);
+        self.sustained += weights.1 * (hit - self.sustained);
+        self.last = Some((key, present && chain));
         if present {
-            self.policy.touch(key, now);
+            self.order.touch(key, count, now);
             return;
         }
-        self.policy.miss(key, parent, now);
+        self.order.miss(key, parent, now);
         let full = self.present.len() >= capacity;
-        if capacity == 0 || !self.policy.admit(key, now) || (self.admission && full && !repeat) {
+        if capacity == 0 || !self.order.admit(key, now) || (self.admission && full && count < 2) {
             return;
         }
         while self.present.len() >= capacity {
-            let Some(v) = self.policy.victim(now, &mut |_| true) else {
+            let Some(v) = self.order.victim(now, &mut |_| true) else {
                 return;
             };
             self.present.remove(&v);
         }
-        self.policy.insert(key, parent, now);
+        self.order.insert(key, parent, count, now);
         self.present.insert(key);
-    }
-}
-
-/// Keys looked up lately, each with whether it was looked up more than once: admission's
-/// "second sighting". One for the tier and every shadow, since it follows lookups alone.
-#[derive(Debug)]
-struct Doorkeeper {
-    reach: usize,
-    /// Least recently looked up at the front; true once sighted twice.
-    seen: LinkedMap<bool>,
-}
-
-impl Doorkeeper {
-    fn new(reach: usize) -> Self {
-        Self {
-            reach,
-            seen: LinkedMap::default(),
-        }
-    }
-
-    /// Records a lookup of `key`; whether it had been looked up before.
-    fn sight(&mut self, key: Key) -> bool {
-        let before = self.seen.contains(key);
-        self.seen.push_back(key, before);
-        while self.seen.len() > self.reach && self.seen.pop_front().is_some() {}
-        before
-    }
-
-    fn seen_again(&self, key: Key) -> bool {
-        self.seen.get(key).copied().unwrap_or(false)
     }
 }
 
@@ -283,6 +380,13 @@ mod tests {
             adaptive_margin: margin,
             ..PolicyConfig::default()
         }
+    }
+
+    fn shadow(a: &Adaptive, name: &str, admission: bool) -> usize {
+        a.shadows
+            .iter()
+            .position(|s| CANDIDATES[s.candidate].name() == name && s.admission == admission)
+            .expect("a shadow of every candidate, with and without admission")
     }
 
     /// A hot set of three single-block requests between scans of new blocks: recency
@@ -331,17 +435,39 @@ mod tests {
     }
 
     #[test]
+    fn a_lead_only_lately_is_not_followed() {
+        let mut a = Adaptive::new(4, &config(8, 0.0));
+        let lineage = shadow(&a, "lineage", false);
+        a.warmth = 1.0;
+        // Lineage leads lately, but LRU has led longer: hold (one lookup) passes, no switch.
+        a.shadows[0].sustained = 0.3;
+        a.shadows[lineage].rate = 0.5;
+        a.shadows[lineage].sustained = 0.2;
+        for _ in 0..3 {
+            a.lookups += 1;
+            a.elect();
+        }
+        assert_eq!(a.following(), ("lru", false));
+        a.shadows[lineage].sustained = 0.31;
+        for _ in 0..2 {
+            a.lookups += 1;
+            a.elect();
+        }
+        assert_eq!((a.following(), a.switches()), (("lineage", false), 1));
+    }
+
+    #[test]
     fn admission_refuses_first_sightings_only_when_full_and_following_it() {
         let mut a = Adaptive::new(2, &config(32, 0.0));
         // Force the follow of LRU with admission.
-        a.leader = a.shadows.iter().position(|s| s.admission && s.candidate == 0).unwrap();
+        a.leader = shadow(&a, "lru", true);
         a.miss(1, None, 0);
         assert!(a.admit(1, 0), "room to spare");
         a.insert(1, None, 0);
         a.miss(2, None, 0);
         a.admit(2, 0);
         a.insert(2, None, 0);
-        a.leader = a.shadows.iter().position(|s| s.admission && s.candidate == 0).unwrap();
+        a.leader = shadow(&a, "lru", true);
         a.miss(3, None, 0);
         assert!(!a.admit(3, 0), "full, and 3 is new");
         a.miss(3, None, 0);
@@ -349,6 +475,24 @@ mod tests {
         assert_eq!(a.victim(0, &mut |_| true), Some(1));
         a.insert(3, None, 0);
         assert_eq!(a.len(), 2);
+    }
+
+    #[test]
+    fn followed_lfu_da_evicts_leaves_first_by_count() {
+        let mut a = Adaptive::new(3, &config(8, 1.0));
+        a.leader = shadow(&a, "lfu-da", false);
+        for (k, parent) in [(1, None), (2, Some(1)), (3, None)] {
+            a.miss(k, parent, 0);
+            a.insert(k, parent, 0);
+        }
+        a.touch(3, 1);
+        a.touch(1, 1);
+        // 1 holds 2 in place; of the leaves 2 counts least. Then 1 and 3 count two each,
+        // and 3 was used longer ago.
+        assert_eq!(a.victim(2, &mut |_| true), Some(2));
+        assert_eq!(a.victim(2, &mut |_| true), Some(3));
+        assert_eq!(a.victim(2, &mut |_| true), Some(1));
+        assert_eq!(a.len(), 0);
     }
 
     #[test]
@@ -365,5 +509,15 @@ mod tests {
         assert!(a.live.iter().all(|p| p.len() == 2), "{v}");
         a.remove(1);
         assert!(a.live.iter().all(|p| p.len() == a.len()));
+    }
+
+    #[test]
+    fn early_leads_are_judged_at_their_size() {
+        let mut a = Adaptive::new(2, &config(4, 0.0));
+        for k in 1..=3 {
+            a.miss(k, None, 0);
+        }
+        // 1 - (3/4)^3: what three lookups of a rate averaged over four make of a sure hit.
+        assert!((a.warmth - 0.578_125).abs() < 1e-12);
     }
 }

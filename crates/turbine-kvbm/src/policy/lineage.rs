@@ -6,39 +6,80 @@ use std::collections::BTreeMap;
 
 use super::{Key, KeyMap, Millis, Policy};
 
+/// Where a leaf stands in the order of eviction: the least goes first. Lineage ranks by last
+/// use alone (`(0, seq)`); LFU-DA puts its priority first.
+pub(crate) type Rank = (u64, u64);
+
 #[derive(Debug, Clone, Copy)]
 struct Node {
     parent: Option<Key>,
-    /// Last use, in the order of this policy's calls.
-    seq: u64,
+    rank: Rank,
 }
 
+/// Present blocks as a forest: which of them are leaves, in rank order. Shared by the
+/// policies that evict leaves first and differ only in how they rank them.
 #[derive(Debug, Default)]
-pub struct Lineage {
-    seq: u64,
+pub(crate) struct Forest {
     nodes: KeyMap<Node>,
     /// Present blocks naming each key as their parent, whether that key is present or not:
     /// a parent the tier dropped on its own and stores again is interior at once.
     children: KeyMap<u32>,
-    /// Present blocks without present children, by last use.
-    leaves: BTreeMap<u64, Key>,
+    /// Present blocks without present children, by rank.
+    leaves: BTreeMap<Rank, Key>,
 }
 
-impl Lineage {
-    pub fn new() -> Self {
-        Self::default()
+impl Forest {
+    pub(crate) fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub(crate) fn contains(&self, key: Key) -> bool {
+        self.nodes.contains_key(&key)
     }
 
     fn is_leaf(&self, key: Key) -> bool {
         !self.children.contains_key(&key)
     }
 
-    fn unlink(&mut self, key: Key) -> bool {
-        let Some(node) = self.nodes.remove(&key) else {
-            return false;
-        };
+    /// Stores `key` below `parent` at `rank`, replacing any earlier entry of it. Ranks must
+    /// be distinct: the caller's sequence number breaks ties.
+    pub(crate) fn insert(&mut self, key: Key, parent: Option<Key>, rank: Rank) {
+        self.unlink(key);
+        // A block cannot hold itself in place.
+        let parent = parent.filter(|&p| p != key);
+        self.nodes.insert(key, Node { parent, rank });
+        if let Some(p) = parent {
+            let c = self.children.entry(p).or_insert(0);
+            *c += 1;
+            if *c == 1 {
+                if let Some(pn) = self.nodes.get(&p) {
+                    self.leaves.remove(&pn.rank);
+                }
+            }
+        }
         if self.is_leaf(key) {
-            self.leaves.remove(&node.seq);
+            self.leaves.insert(rank, key);
+        }
+    }
+
+    /// Gives `key` a new rank, if present.
+    pub(crate) fn rerank(&mut self, key: Key, rank: Rank) {
+        let leaf = self.is_leaf(key);
+        let Some(node) = self.nodes.get_mut(&key) else {
+            return;
+        };
+        let old = std::mem::replace(&mut node.rank, rank);
+        if leaf {
+            self.leaves.remove(&old);
+            self.leaves.insert(rank, key);
+        }
+    }
+
+    /// Removes `key`; its rank if it was present.
+    pub(crate) fn unlink(&mut self, key: Key) -> Option<Rank> {
+        let node = self.nodes.remove(&key)?;
+        if self.is_leaf(key) {
+            self.leaves.remove(&node.rank);
         }
         if let Some(p) = node.parent {
             if let Some(c) = self.children.get_mut(&p) {
@@ -46,12 +87,39 @@ impl Lineage {
                 if *c == 0 {
                     self.children.remove(&p);
                     if let Some(pn) = self.nodes.get(&p) {
-                        self.leaves.insert(pn.seq, p);
+                        self.leaves.insert(pn.rank, p);
                     }
                 }
             }
         }
-        true
+        Some(node.rank)
+    }
+
+    /// The least-ranked leaf that `evictable` accepts, removed, with its rank. `None` when no
+    /// leaf is evictable, even if interior blocks are: evicting one would strand its
+    /// descendants. (Parents that form a cycle, which chained hashes cannot, would never
+    /// become leaves.)
+    pub(crate) fn pop_leaf(&mut self, evictable: &mut dyn FnMut(Key) -> bool) -> Option<(Key, Rank)> {
+        let key = self.leaves.values().copied().find(|&k| evictable(k))?;
+        self.unlink(key).map(|rank| (key, rank))
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Lineage {
+    /// Last use, in the order of this policy's calls.
+    seq: u64,
+    forest: Forest,
+}
+
+impl Lineage {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn next(&mut self) -> Rank {
+        self.seq += 1;
+        (0, self.seq)
     }
 }
 
@@ -61,53 +129,27 @@ impl Policy for Lineage {
     }
 
     fn insert(&mut self, key: Key, parent: Option<Key>, _now: Millis) {
-        self.unlink(key);
-        // A block cannot hold itself in place.
-        let parent = parent.filter(|&p| p != key);
-        self.seq += 1;
-        self.nodes.insert(key, Node { parent, seq: self.seq });
-        if let Some(p) = parent {
-            let c = self.children.entry(p).or_insert(0);
-            *c += 1;
-            if *c == 1 {
-                if let Some(pn) = self.nodes.get(&p) {
-                    self.leaves.remove(&pn.seq);
-                }
-            }
-        }
-        if self.is_leaf(key) {
-            self.leaves.insert(self.seq, key);
-        }
+        let rank = self.next();
+        self.forest.insert(key, parent, rank);
     }
 
     fn touch(&mut self, key: Key, _now: Millis) {
-        let leaf = self.is_leaf(key);
-        let Some(node) = self.nodes.get_mut(&key) else {
-            return;
-        };
-        self.seq += 1;
-        let old = std::mem::replace(&mut node.seq, self.seq);
-        if leaf {
-            self.leaves.remove(&old);
-            self.leaves.insert(self.seq, key);
+        if self.forest.contains(key) {
+            let rank = self.next();
+            self.forest.rerank(key, rank);
         }
     }
 
     fn remove(&mut self, key: Key) {
-        self.unlink(key);
+        self.forest.unlink(key);
     }
 
-    /// `None` when no leaf is evictable, even if interior blocks are: evicting one would
-    /// strand its descendants. (Parents that form a cycle, which chained hashes cannot,
-    /// would never become leaves.)
     fn victim(&mut self, _now: Millis, evictable: &mut dyn FnMut(Key) -> bool) -> Option<Key> {
-        let key = self.leaves.values().copied().find(|&k| evictable(k))?;
-        self.unlink(key);
-        Some(key)
+        self.forest.pop_leaf(evictable).map(|(k, _)| k)
     }
 
     fn len(&self) -> usize {
-        self.nodes.len()
+        self.forest.len()
     }
 }
 

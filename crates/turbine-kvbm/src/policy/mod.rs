@@ -7,6 +7,7 @@ mod arc;
 mod belady;
 mod fifo;
 mod lfu;
+mod lfuda;
 mod lineage;
 mod list;
 mod lru;
