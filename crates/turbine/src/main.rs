@@ -8,6 +8,7 @@ mod external;
 mod fetch;
 mod kvbm_args;
 mod metrics_http;
+mod planner;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -41,6 +42,10 @@ enum Command {
     Bench(bench::BenchCmd),
     /// Inspect request traces.
     Trace(bench::TraceCmd),
+    /// Autoscaling: simulate the planner against static fleets on a trace.
+    Planner(planner::PlannerCmd),
+    /// Measure an engine's TTFT and ITL tables (the planner's capacity model).
+    Profile(planner::ProfileArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -60,6 +65,8 @@ fn main() -> std::process::ExitCode {
             Command::Worker(args) => distributed::worker(args).await,
             Command::Bench(args) => bench::bench(args).await,
             Command::Trace(args) => bench::trace(args).await,
+            Command::Planner(args) => planner::run(args),
+            Command::Profile(args) => planner::profile_cmd(args),
         }
     });
     match result {
