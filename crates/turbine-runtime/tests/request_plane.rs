@@ -298,8 +298,10 @@ async fn shutdown_drains_in_flight_and_deregisters() -> Result<()> {
     Ok(())
 }
 
+/// What is left at the end of the grace period is cancelled on the server, and its callers
+/// are told to carry on elsewhere: a frontend migrates it instead of failing the client.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grace_period_cancels_what_is_left() -> Result<()> {
+async fn grace_period_cancels_what_is_left_and_sends_it_elsewhere() -> Result<()> {
     let d = MemoryDiscovery::new();
     let rt = runtime(&d);
     let options = ServeOptions {
@@ -313,7 +315,7 @@ async fn grace_period_cancels_what_is_left() -> Result<()> {
     server.run(async {}).await;
     let items = collecting.await?;
     assert!(
-        matches!(items.last(), Some(Err(RequestError::Handler(e))) if e.kind == ErrorKind::Cancelled),
+        matches!(items.last(), Some(Err(e @ RequestError::Handler(h))) if h.kind == ErrorKind::Unavailable && e.is_retryable_elsewhere()),
         "{:?}",
         items.last()
     );

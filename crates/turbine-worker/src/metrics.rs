@@ -31,6 +31,7 @@ pub struct WorkerMetrics {
     workers: Vec<MetricsSource>,
     kv_blocks: IntGaugeVec,
     sequences: IntGaugeVec,
+    prefill_tokens: IntGaugeVec,
     bytes: IntCounterVec,
     seconds: prometheus::CounterVec,
     completed: IntCounterVec,
@@ -65,6 +66,13 @@ impl WorkerMetrics {
             sequences: IntGaugeVec::new(
                 Opts::new("turbine_worker_sequences", "Sequences on the engine: running, or waiting for admission."),
                 &["worker", "state"],
+            )?,
+            prefill_tokens: IntGaugeVec::new(
+                Opts::new(
+                    "turbine_worker_queued_prefill_tokens",
+                    "Prompt tokens admitted or waiting but not yet computed: the prefill queued on the engine.",
+                ),
+                &["worker"],
             )?,
             bytes: counter(
                 "turbine_transfer_bytes_total",
@@ -135,6 +143,9 @@ impl WorkerMetrics {
                 self.sequences
                     .with_label_values(&[worker, "waiting"])
                     .set(i64::from(l.waiting_seqs));
+                self.prefill_tokens
+                    .with_label_values(&[worker])
+                    .set(i64::try_from(l.active_prefill_tokens).unwrap_or(i64::MAX));
             }
             let Some(d) = &source.disagg else {
                 continue;
@@ -181,11 +192,12 @@ impl WorkerMetrics {
 }
 
 impl WorkerMetrics {
-    fn parts(&self) -> [&dyn Collector; 11] {
+    fn parts(&self) -> [&dyn Collector; 12] {
         [
             &self.kvbm,
             &self.kv_blocks,
             &self.sequences,
+            &self.prefill_tokens,
             &self.bytes,
             &self.seconds,
             &self.completed,

@@ -65,7 +65,7 @@ fn main() -> std::process::ExitCode {
             Command::Worker(args) => distributed::worker(args).await,
             Command::Bench(args) => bench::bench(args).await,
             Command::Trace(args) => bench::trace(args).await,
-            Command::Planner(args) => planner::run(args),
+            Command::Planner(args) => planner::run(args).await,
             Command::Profile(args) => planner::profile_cmd(args),
         }
     });

@@ -2,7 +2,10 @@
 //! simulated time, on a trace or a synthetic load) and `turbine profile` (the capacity
 //! tables the planner sizes replicas by).
 
+mod local;
 mod replica;
+mod run;
+mod scrape;
 #[cfg(test)]
 mod tests;
 
@@ -29,6 +32,9 @@ enum PlannerSub {
     /// Replay a trace (or a synthetic load) on simulated mocker replicas sized by the planner,
     /// and by static fleets in the same run; print SLO attainment and worker-seconds.
     Simulate(SimulateArgs),
+    /// Scale a pool of real workers: read the frontend's and the workers' metrics, decide,
+    /// start and drain `turbine worker` processes on this machine.
+    Run(run::RunArgs),
 }
 
 /// The simulated replicas: mocker engines.
@@ -267,9 +273,10 @@ fn profile_mocker(config: &MockerConfig, sweep: &Sweep) -> CapacityModel {
     })
 }
 
-pub fn run(cmd: PlannerCmd) -> anyhow::Result<()> {
+pub async fn run(cmd: PlannerCmd) -> anyhow::Result<()> {
     match cmd.command {
         PlannerSub::Simulate(args) => simulate_cmd(args),
+        PlannerSub::Run(args) => run::run(args).await,
     }
 }
 
@@ -473,19 +480,29 @@ fn report_json(row: &Row) -> serde_json::Value {
         "truncated": r.truncated,
         "sizes": r.sizes.iter().map(|(t, n)| (t.as_secs_f64(), n)).collect::<Vec<_>>(),
         "windows": r.windows.iter().map(|(t, a)| (t.as_secs_f64(), a)).collect::<Vec<_>>(),
-        "decisions": r.decisions.iter().map(|d| serde_json::json!({
-            "t": d.now.as_secs_f64(),
-            "predicted_rate": d.predicted_rate,
-            "targets": d.targets.iter().map(|(k, t)| serde_json::json!({
-                "pool": k.as_str(),
-                "current": t.current,
-                "target": t.replicas,
-                "reason": t.reason.to_string(),
-                "need_now": t.need_now,
-                "need_forecast": t.need_forecast,
-                "est_ttft_ms": ms(t.est_ttft),
-                "est_itl_ms": ms(t.est_itl),
-            })).collect::<Vec<_>>(),
+        "decisions": r.decisions.iter().map(decision_json).collect::<Vec<_>>(),
+    })
+}
+
+/// One decision as JSON: what `planner run` prints and `planner simulate --output` keeps.
+fn decision_json(d: &turbine_planner::Decision) -> serde_json::Value {
+    let ms = |t: Duration| t.as_secs_f64() * 1000.0;
+    serde_json::json!({
+        "t": d.now.as_secs_f64(),
+        "predicted_rate": d.predicted_rate,
+        "predicted_isl": d.predicted_isl,
+        "predicted_osl": d.predicted_osl,
+        "cancel": d.cancel.iter().map(|(_, id)| id).collect::<Vec<_>>(),
+        "targets": d.targets.iter().map(|(k, t)| serde_json::json!({
+            "pool": k.as_str(),
+            "current": t.current,
+            "target": t.replicas,
+            "reason": t.reason.to_string(),
+            "need_now": t.need_now,
+            "need_forecast": t.need_forecast,
+            "est_ttft_ms": ms(t.est_ttft),
+            "est_itl_ms": ms(t.est_itl),
+            "drain": t.drain,
         })).collect::<Vec<_>>(),
     })
 }

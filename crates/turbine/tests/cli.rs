@@ -797,3 +797,42 @@ fn a_generated_conversation_trace_is_analysed_for_a_fleet() -> Result<()> {
     );
     Ok(())
 }
+
+/// The planner refuses an impossible configuration at start, in one line naming the values.
+#[test]
+fn impossible_planner_settings_fail_with_one_line_naming_them() -> Result<()> {
+    let sim = ["planner", "simulate", "--load", "constant", "--duration-s", "10"];
+    for (extra, needle) in [
+        (&["--min", "3", "--max", "2"][..], "min 3 is above max 2"),
+        (
+            &["--budget", "0.5"],
+            "budget 0.5 is below the pools' minimums, which cost 1",
+        ),
+        (&["--predictor", "arima"], "\"arima\""),
+        (
+            &["--fast-interval-s", "60"],
+            "fast interval (60s) must not be longer than the slow one (30s)",
+        ),
+        (
+            &["--rate=-1"],
+            "--rate must be a positive number of requests a second, got -1",
+        ),
+    ] {
+        fails_with_first_line_naming(&[&sim[..], extra].concat(), needle)?;
+    }
+    let run = ["planner", "run", "--worker-args", "--engine mocker"];
+    for (extra, needle) in [
+        (
+            &["--frontend", "http://127.0.0.1:1", "--connector", "k8s"][..],
+            "\"k8s\"",
+        ),
+        (&["--frontend", "http://127.0.0.1:1"], "needs --profile"),
+        (
+            &["--frontend", "ftp://x", "--profile", "/nonexistent.json"],
+            "/nonexistent.json",
+        ),
+    ] {
+        fails_with_first_line_naming(&[&run[..], extra].concat(), needle)?;
+    }
+    Ok(())
+}

@@ -221,6 +221,12 @@ impl ServerState {
     pub(crate) fn cancel_all(&self) {
         self.cancel_all.cancel();
     }
+
+    /// Whether the end of a drain cut the requests short (rather than their callers
+    /// cancelling them).
+    pub(crate) fn cut_short(&self) -> bool {
+        self.cancel_all.is_cancelled()
+    }
 }
 
 /// Counts a request as in flight until dropped.

@@ -169,7 +169,7 @@ where
         let ctx = RequestContext::new(token.clone());
         let mut responses = tokio::select! {
             biased;
-            _ = token.cancelled() => return error_frame(stream, &cancelled()),
+            _ = token.cancelled() => return error_frame(stream, &self.cancelled()),
             r = self.handler.handle(request, ctx) => match r {
                 Ok(s) => s,
                 Err(e) => return error_frame(stream, &e),
@@ -177,7 +177,7 @@ where
         };
         let mut item = tokio::select! {
             biased;
-            _ = token.cancelled() => return error_frame(stream, &cancelled()),
+            _ = token.cancelled() => return error_frame(stream, &self.cancelled()),
             item = responses.next() => item,
         };
         loop {
@@ -200,7 +200,10 @@ where
             // If the stream has already ended, say so on this frame instead of in an End
             // frame of its own.
             let next = responses.next().now_or_never();
-            if let Some(None) = next {
+            // A handler that ended because it was cancelled, not because it was done: this
+            // output is not the last, and the stream ends as cancelled.
+            let cut = matches!(next, Some(None)) && token.is_cancelled();
+            if matches!(next, Some(None)) && !cut {
                 return Frame::Data {
                     stream,
                     payload,
@@ -208,7 +211,7 @@ where
                 }
                 .encode();
             }
-            if tx
+            let sent = tx
                 .send(
                     Frame::Data {
                         stream,
@@ -218,8 +221,11 @@ where
                     .encode(),
                 )
                 .await
-                .is_err()
-            {
+                .is_ok();
+            if cut {
+                return error_frame(stream, &self.cancelled());
+            }
+            if !sent {
                 // The connection's writer is gone, so the client is too.
                 token.cancel();
                 return Frame::End { stream }.encode();
@@ -228,7 +234,7 @@ where
                 Some(ready) => ready,
                 None => tokio::select! {
                     biased;
-                    _ = token.cancelled() => return error_frame(stream, &cancelled()),
+                    _ = token.cancelled() => return error_frame(stream, &self.cancelled()),
                     item = responses.next() => item,
                 },
             };
@@ -238,6 +244,22 @@ where
 
 fn cancelled() -> HandlerError {
     HandlerError::new(ErrorKind::Cancelled, "request cancelled")
+}
+
+impl<Req, Resp> TcpServer<Req, Resp> {
+    /// What a cancelled request's stream ends with. One cut by the end of a drain is
+    /// `Unavailable`: its caller carries it on elsewhere (a frontend migrates it with the
+    /// tokens it has), so scaling down aborts nothing. One its caller cancelled ends.
+    fn cancelled(&self) -> HandlerError {
+        if self.state.cut_short() {
+            HandlerError::new(
+                ErrorKind::Unavailable,
+                "the instance drained and its grace period ended: continue elsewhere",
+            )
+        } else {
+            cancelled()
+        }
+    }
 }
 
 fn error_frame(stream: u64, e: &HandlerError) -> Bytes {

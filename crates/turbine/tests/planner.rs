@@ -1,0 +1,133 @@
+//! The planner as a process with the local connector: real `turbine worker` processes behind
+//! a real frontend, scaled up by waves of streamed requests and down in the lulls while the
+//! streams still run on the replicas it drains. No client sees an error or a cut stream:
+//! what a drained replica has not finished by its deadline migrates.
+//!
+//! `TURBINE_PLANNER_WAVES` sets the number of waves (default 3; each drains two replicas).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use common::{metric, start, start_frontend, Etcd, Load, Proc, BIN};
+
+/// The planner, stopped with SIGTERM (so that it drains its workers) however the test ends.
+struct Planner(Proc);
+
+impl Drop for Planner {
+    fn drop(&mut self) {
+        if self.0.signal("TERM").is_ok() {
+            let _ = self.0.wait_exit(Duration::from_secs(20));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_down_under_streaming_load_drops_no_request() -> Result<()> {
+    let waves: usize = match std::env::var("TURBINE_PLANNER_WAVES") {
+        Ok(v) => v.parse().context("TURBINE_PLANNER_WAVES")?,
+        Err(_) => 3,
+    };
+    let etcd = Etcd::start()?;
+    let (_frontend, url) = start_frontend(&["--discovery", &etcd.url])?;
+    let dir = tempfile::tempdir()?;
+    let profile = dir.path().join("mocker.json");
+    let profile = profile.to_str().context("a UTF-8 path")?;
+    // The capacity model of a replica a thousand times slower than the workers: any stream
+    // of arrivals asks for the maximum, none for the minimum.
+    let status = std::process::Command::new(BIN)
+        .args(["profile", "--engine-speedup", "0.001", "--output", profile])
+        .status()?;
+    anyhow::ensure!(status.success(), "turbine profile failed");
+    let worker_args = format!("--discovery {} --engine mocker --lease-ttl-secs 2", etcd.url);
+    #[rustfmt::skip]
+    let (planner, metrics_line) = start(
+        &[
+            "planner", "run", "--frontend", &url, "--worker-args", &worker_args, "--profile", profile,
+            "--min", "1", "--max", "3", "--fast-interval-s", "0.5", "--slow-interval-s", "1",
+            "--stabilization-s", "1", "--idle-s", "60", "--itl-ms", "100000", "--drain-deadline-s", "1",
+            "--metrics-port", "0",
+        ],
+        "turbine: metrics on ",
+    )?;
+    let _planner = Planner(planner);
+    let planner_url = metrics_line.trim().trim_end_matches("/metrics").to_owned();
+    let http = reqwest::Client::new();
+    let ready = |http: reqwest::Client, u: String| async move {
+        metric(
+            &http,
+            &u,
+            "turbine_planner_replicas{pool=\"aggregated\",state=\"ready\"}",
+        )
+        .await
+    };
+    let drains = |http: reqwest::Client, u: String| async move {
+        metric(&http, &u, "turbine_planner_drains_total{pool=\"aggregated\"}").await
+    };
+    wait_until(
+        "the first worker",
+        Duration::from_secs(30),
+        || ready(http.clone(), planner_url.clone()),
+        |n| n >= 1.0,
+    )
+    .await?;
+    let mut streams = Vec::new();
+    let mut requests = 0;
+    for wave in 0..waves {
+        // Requests keep arriving until three replicas serve them, so that each has streams.
+        let started = Instant::now();
+        loop {
+            streams.push(Load::start(&http, &url, "mocker", 2, 1500));
+            requests += 2;
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let n = ready(http.clone(), planner_url.clone()).await?;
+            if n >= 3.0 && started.elapsed() > Duration::from_secs(2) {
+                break;
+            }
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(60),
+                "wave {wave}: never reached 3 replicas"
+            );
+        }
+        streams.push(Load::start(&http, &url, "mocker", 6, 1500));
+        requests += 6;
+        // Then nothing more arrives: the pool shrinks while those streams run.
+        let before = drains(http.clone(), planner_url.clone()).await?;
+        wait_until(
+            "two drains",
+            Duration::from_secs(30),
+            || drains(http.clone(), planner_url.clone()),
+            |n| n >= before + 2.0,
+        )
+        .await?;
+        for load in streams.drain(..) {
+            load.finish().await?;
+        }
+    }
+    let drained = drains(http.clone(), planner_url.clone()).await?;
+    assert!(drained >= 2.0 * waves as f64, "{drained} drains in {waves} waves");
+    let migrated = metric(&http, &url, "turbine_frontend_migrations_total{model=\"mocker\"}").await?;
+    assert!(
+        migrated >= 1.0,
+        "no stream was still running at a drain deadline: the test tested nothing"
+    );
+    eprintln!("{waves} waves: {drained} drains, {requests} streams of 1,500 tokens all complete, {migrated} migrated at a drain deadline");
+    Ok(())
+}
+
+async fn wait_until<F, Fut>(what: &str, within: Duration, mut read: F, done: impl Fn(f64) -> bool) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<f64>>,
+{
+    let start = Instant::now();
+    loop {
+        let v = read().await?;
+        if done(v) {
+            return Ok(());
+        }
+        anyhow::ensure!(start.elapsed() < within, "waited {within:?} for {what}: still {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
