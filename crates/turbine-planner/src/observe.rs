@@ -33,6 +33,18 @@ pub struct WorkerObservation {
 }
 
 impl WorkerObservation {
+    /// A replica whose load is not known (yet): nothing in flight, nothing queued.
+    pub fn unloaded(id: u64, phase: Phase) -> Self {
+        Self {
+            id,
+            phase,
+            in_flight: 0,
+            queued_prefill_tokens: 0,
+            kv_usage: 0.0,
+            queue_depth: 0,
+        }
+    }
+
     /// A replica that is taking requests now.
     pub fn is_ready(&self) -> bool {
         self.phase == Phase::Ready

@@ -2,6 +2,7 @@
 //! simulated time, on a trace or a synthetic load) and `turbine profile` (the capacity
 //! tables the planner sizes replicas by).
 
+mod kubernetes;
 mod local;
 mod replica;
 mod run;

@@ -10,7 +10,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use common::{metric, start, start_frontend, Etcd, Load, Proc, BIN};
+use common::{metric, start, start_frontend, write_profile, Etcd, Load, Proc};
 
 /// The planner, stopped with SIGTERM (so that it drains its workers) however the test ends.
 struct Planner(Proc);
@@ -32,14 +32,10 @@ async fn scaling_down_under_streaming_load_drops_no_request() -> Result<()> {
     let etcd = Etcd::start()?;
     let (_frontend, url) = start_frontend(&["--discovery", &etcd.url])?;
     let dir = tempfile::tempdir()?;
-    let profile = dir.path().join("mocker.json");
-    let profile = profile.to_str().context("a UTF-8 path")?;
     // The capacity model of a replica a thousand times slower than the workers: any stream
     // of arrivals asks for the maximum, none for the minimum.
-    let status = std::process::Command::new(BIN)
-        .args(["profile", "--engine-speedup", "0.001", "--output", profile])
-        .status()?;
-    anyhow::ensure!(status.success(), "turbine profile failed");
+    let profile = write_profile(dir.path(), "0.001")?;
+    let profile = profile.as_str();
     let worker_args = format!("--discovery {} --engine mocker --lease-ttl-secs 2", etcd.url);
     #[rustfmt::skip]
     let (planner, metrics_line) = start(

@@ -200,15 +200,7 @@ impl LocalConnector {
                         since: since(p.started),
                     },
                 };
-                let w = WorkerObservation {
-                    id,
-                    phase,
-                    in_flight: 0,
-                    queued_prefill_tokens: 0,
-                    kv_usage: 0.0,
-                    queue_depth: 0,
-                };
-                (w, p.metrics.as_deref())
+                (WorkerObservation::unloaded(id, phase), p.metrics.as_deref())
             })
             .collect()
     }

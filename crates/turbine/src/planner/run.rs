@@ -11,8 +11,9 @@ use anyhow::{bail, Context};
 use clap::Args;
 use prometheus::{CounterVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 use tokio_util::sync::CancellationToken;
-use turbine_planner::{decide, Decision, PlannerState, PoolKind, PoolObservation};
+use turbine_planner::{decide, Decision, PlannerState, PoolKind, PoolObservation, WorkerObservation};
 
+use super::kubernetes::{self, KubeConnector};
 use super::local::LocalConnector;
 use super::scrape::{worker_load, FrontendCounters};
 use super::{decision_json, PlannerArgs};
@@ -23,13 +24,21 @@ pub struct RunArgs {
     /// The frontend whose `/metrics` show the load where requests arrive.
     #[arg(long)]
     frontend: String,
-    /// Who starts and stops replicas: `local` runs `turbine worker` processes here.
+    /// Who starts and stops replicas: `local` runs `turbine worker` processes here;
+    /// `kubernetes` scales a Deployment through the API server (behind `kubectl proxy`).
     #[arg(long, default_value = "local")]
     connector: String,
-    /// The `turbine worker` arguments of every replica, as one string split at spaces
-    /// (each gets `--metrics-port 0` and `--grace-period-secs` added).
-    #[arg(long, allow_hyphen_values = true)]
+    /// Local: the `turbine worker` arguments of every replica, as one string split at
+    /// spaces (each gets `--metrics-port 0` and `--grace-period-secs` added).
+    #[arg(long, allow_hyphen_values = true, default_value = "")]
     worker_args: String,
+    /// Kubernetes: the API server's URL, and the Deployment that is the pool.
+    #[arg(long, default_value = "http://127.0.0.1:8001")]
+    kube_api: String,
+    #[arg(long, default_value = "default")]
+    kube_namespace: String,
+    #[arg(long, default_value = "")]
+    kube_deployment: String,
     /// How long a replica drains before what it still runs is sent elsewhere, in seconds.
     #[arg(long, default_value_t = 30)]
     drain_deadline_s: u64,
@@ -91,8 +100,8 @@ impl Metrics {
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    if args.connector != "local" {
-        bail!("--connector {:?}: only local is built", args.connector);
+    if !matches!(args.connector.as_str(), "local" | "kubernetes") {
+        bail!("--connector must be local or kubernetes, got {:?}", args.connector);
     }
     let Some(profile) = &args.planner.profile else {
         bail!("turbine planner run needs --profile FILE (write one with turbine profile)");
@@ -107,11 +116,24 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if !frontend.starts_with("http://") {
         bail!("--frontend must be an http:// URL, got {:?}", args.frontend);
     }
-    let worker_args: Vec<String> = args.worker_args.split_whitespace().map(str::to_owned).collect();
-    let exe = std::env::current_exe().context("finding the turbine binary to start workers with")?;
     let drain_deadline = Duration::from_secs(args.drain_deadline_s.max(1));
     let epoch = Instant::now();
-    let mut connector = LocalConnector::new(exe, worker_args, drain_deadline, epoch);
+    let mut connector = match args.connector.as_str() {
+        "local" => {
+            let worker_args: Vec<String> = args.worker_args.split_whitespace().map(str::to_owned).collect();
+            if worker_args.is_empty() {
+                bail!("--connector local needs --worker-args (how to start a worker)");
+            }
+            let exe = std::env::current_exe().context("finding the turbine binary to start workers with")?;
+            Connector::Local(LocalConnector::new(exe, worker_args, drain_deadline, epoch))
+        }
+        "kubernetes" => Connector::Kube(KubeConnector::new(
+            &args.kube_api,
+            &args.kube_namespace,
+            &args.kube_deployment,
+        )?),
+        other => bail!("--connector must be local or kubernetes, got {other:?}"),
+    };
     let min = config.pools[&PoolKind::Aggregated].min;
     let fast = config.fast_interval;
     let mut state = PlannerState::new(config, model);
@@ -129,8 +151,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await?;
         println!("turbine: metrics on http://{addr}/metrics");
     }
-    for _ in 0..min {
-        connector.start()?;
+    if let Connector::Local(local) = &mut connector {
+        for _ in 0..min {
+            local.start()?;
+        }
     }
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
@@ -146,7 +170,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             () = shutdown.cancelled() => break,
             _ = ticks.tick() => {}
         }
-        connector.poll()?;
+        let mut workers = match connector.observe(epoch.elapsed()).await {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot observe the pool: no decision this tick");
+                continue;
+            }
+        };
         let counters = match scrape(&http, &frontend).await {
             Ok(c) => c,
             Err(e) => {
@@ -157,19 +187,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let window = last_at.elapsed();
         let mut obs = counters.since(&last, window);
         (last, last_at) = (counters, Instant::now());
-        let mut workers = Vec::new();
-        for (mut w, url) in connector.observe() {
-            if let (Some(url), true) = (url, w.is_ready()) {
+        for (w, url) in workers.iter_mut() {
+            if let (Some(url), true) = (url.as_deref(), w.is_ready()) {
                 match http.get(url).send().await {
                     Ok(r) => match r.text().await {
-                        Ok(text) => worker_load(&text, &mut w),
+                        Ok(text) => worker_load(&text, w),
                         Err(e) => tracing::debug!(worker = w.id, error = %e, "cannot read a worker's metrics"),
                     },
                     Err(e) => tracing::debug!(worker = w.id, error = %e, "cannot read a worker's metrics"),
                 }
             }
-            workers.push(w);
         }
+        let workers = workers.into_iter().map(|(w, _)| w).collect();
         let pool = PoolObservation { workers };
         let alive = pool.workers.len() as f64;
         metrics
@@ -188,7 +217,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         obs.pools.insert(PoolKind::Aggregated, pool);
         let decision = decide(&mut state, &obs, epoch.elapsed());
-        apply(&decision, &mut connector)?;
+        connector.apply(&decision).await?;
         if let Some(t) = decision.targets.get(&PoolKind::Aggregated) {
             metrics
                 .replicas
@@ -211,13 +240,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             println!("turbine: planner decision {}", decision_json(&decision));
         }
     }
-    tracing::info!("stopping: draining every worker");
-    connector.shutdown().await;
-    let s = connector.stats();
-    println!(
-        "turbine: planner stopped {}",
-        serde_json::json!({"started": s.started, "drained": s.drained, "restarted": s.restarted, "cancelled": s.cancelled})
-    );
+    tracing::info!("stopping");
+    if let Connector::Local(mut local) = connector {
+        local.shutdown().await;
+        let s = local.stats();
+        println!(
+            "turbine: planner stopped {}",
+            serde_json::json!({"started": s.started, "drained": s.drained, "restarted": s.restarted, "cancelled": s.cancelled})
+        );
+    }
     Ok(())
 }
 
@@ -232,18 +263,55 @@ async fn scrape(http: &reqwest::Client, frontend: &str) -> anyhow::Result<Fronte
     Ok(FrontendCounters::read(&text))
 }
 
-/// Starts what a pool lacks, drains what it has too many of, kills stuck starts.
-fn apply(decision: &Decision, connector: &mut LocalConnector) -> anyhow::Result<()> {
-    for &(_, id) in &decision.cancel {
-        connector.cancel(id);
-    }
-    for target in decision.targets.values() {
-        for _ in target.current..target.replicas {
-            connector.start()?;
+/// Where replicas come from.
+enum Connector {
+    Local(LocalConnector),
+    Kube(KubeConnector),
+}
+
+impl Connector {
+    /// The pool now, with where each replica's metrics are (when known).
+    async fn observe(&mut self, now: Duration) -> anyhow::Result<Vec<(WorkerObservation, Option<String>)>> {
+        match self {
+            Connector::Local(c) => {
+                c.poll()?;
+                Ok(c.observe()
+                    .into_iter()
+                    .map(|(w, url)| (w, url.map(str::to_owned)))
+                    .collect())
+            }
+            Connector::Kube(c) => Ok(kubernetes::observe(c.replicas().await?, now)
+                .into_iter()
+                .map(|w| (w, None))
+                .collect()),
         }
-        for &id in &target.drain {
-            connector.drain(id);
-        }
     }
-    Ok(())
+
+    /// Starts what a pool lacks, drains what it has too many of, kills stuck starts. A
+    /// Deployment is only given its new size: Kubernetes picks and stops the pods.
+    async fn apply(&mut self, decision: &Decision) -> anyhow::Result<()> {
+        match self {
+            Connector::Local(c) => {
+                for &(_, id) in &decision.cancel {
+                    c.cancel(id);
+                }
+                for target in decision.targets.values() {
+                    for _ in target.current..target.replicas {
+                        c.start()?;
+                    }
+                    for &id in &target.drain {
+                        c.drain(id);
+                    }
+                }
+            }
+            Connector::Kube(c) => {
+                for target in decision.targets.values() {
+                    if target.replicas != target.current {
+                        c.scale(target.replicas).await?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 }

@@ -375,3 +375,15 @@ impl Load {
         Ok(())
     }
 }
+
+/// Writes a mocker's capacity model at `engine_speedup` (`turbine profile`) into `dir`;
+/// returns its path.
+pub fn write_profile(dir: &Path, engine_speedup: &str) -> Result<String> {
+    let path = dir.join("mocker.json");
+    let path = path.to_str().context("a UTF-8 path")?.to_owned();
+    let status = Command::new(BIN)
+        .args(["profile", "--engine-speedup", engine_speedup, "--output", &path])
+        .status()?;
+    anyhow::ensure!(status.success(), "turbine profile failed");
+    Ok(path)
+}
