@@ -39,7 +39,10 @@ def test_chat_stream_with_include_usage(llamacpp):
     assert chunks[0].choices[0].delta.role == "assistant"
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finishes == ["length"]
-    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    # llama.cpp's own limit sometimes stops one token short when its slot reuses part of a
+    # cached prompt (seen once: 11 of 12 with 24 of 34 prompt tokens cached, its stop_type
+    # "limit"); the worker passes on the server's finish as it comes.
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens in (11, 12)
 
 
 def test_completions_n_and_stop_strings(llamacpp):

@@ -66,7 +66,7 @@ fn main() -> std::process::ExitCode {
             Command::Bench(args) => bench::bench(args).await,
             Command::Trace(args) => bench::trace(args).await,
             Command::Planner(args) => planner::run(args).await,
-            Command::Profile(args) => planner::profile_cmd(args),
+            Command::Profile(args) => planner::profile_cmd(args).await,
         }
     });
     match result {

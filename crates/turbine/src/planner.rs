@@ -2,6 +2,7 @@
 //! simulated time, on a trace or a synthetic load) and `turbine profile` (the capacity
 //! tables the planner sizes replicas by).
 
+mod http_profile;
 mod kubernetes;
 mod local;
 mod replica;
@@ -216,9 +217,24 @@ impl PlannerArgs {
 
 #[derive(Debug, Args)]
 pub struct ProfileArgs {
-    /// Only the mocker can be profiled in simulated time.
+    /// What to profile: the mocker in simulated time, or (with --url) a running server.
     #[arg(long, default_value = "mocker")]
     engine: String,
+    /// Profile the replica serving this OpenAI-compatible endpoint, over HTTP, in real time.
+    #[arg(long)]
+    url: Option<String>,
+    /// With --url: prompts queued at once to measure saturated prefill, and tokens each
+    /// decode request generates.
+    #[arg(long)]
+    saturation: Option<u32>,
+    #[arg(long)]
+    decode_tokens: Option<u32>,
+    /// With --url: the server's sequence cap and KV tokens [default: the largest
+    /// concurrency swept, and that times the largest context].
+    #[arg(long)]
+    max_concurrency: Option<u32>,
+    #[arg(long)]
+    kv_tokens: Option<u64>,
     #[command(flatten)]
     mocker: MockerArgs,
     /// Prompt lengths of the prefill table.
@@ -234,10 +250,10 @@ pub struct ProfileArgs {
     output: Option<PathBuf>,
 }
 
-pub fn profile_cmd(args: ProfileArgs) -> anyhow::Result<()> {
-    if args.engine != "mocker" {
+pub async fn profile_cmd(args: ProfileArgs) -> anyhow::Result<()> {
+    if args.engine != "mocker" && args.url.is_none() {
         bail!(
-            "--engine {:?}: only the mocker is profiled here (in simulated time)",
+            "--engine {:?}: only the mocker is profiled in simulated time; give --url to profile a running server",
             args.engine
         );
     }
@@ -254,7 +270,29 @@ pub fn profile_cmd(args: ProfileArgs) -> anyhow::Result<()> {
             *into = values.clone();
         }
     }
-    let model = profile_mocker(&args.mocker.config()?, &sweep);
+    for (name, given, into) in [
+        ("saturation", args.saturation, &mut sweep.saturation),
+        ("decode-tokens", args.decode_tokens, &mut sweep.decode_tokens),
+    ] {
+        match given {
+            Some(0) => bail!("--{name} must be at least 1, got 0"),
+            Some(n) => *into = n,
+            None => {}
+        }
+    }
+    let model = match &args.url {
+        Some(url) => {
+            let widest = sweep.concurrencies.iter().copied().max().unwrap_or(1);
+            let longest = sweep.contexts.iter().copied().max().unwrap_or(1);
+            let max_concurrency = args.max_concurrency.unwrap_or(widest);
+            let kv_tokens = args
+                .kv_tokens
+                .unwrap_or(u64::from(widest) * (u64::from(longest) + u64::from(sweep.decode_tokens)));
+            http_profile::profile(url, &sweep, max_concurrency, kv_tokens).await?
+        }
+        None => profile_mocker(&args.mocker.config()?, &sweep),
+    };
+    let model = model.validated()?;
     let json = serde_json::to_string_pretty(&model)?;
     match &args.output {
         Some(path) => std::fs::write(path, json + "\n").with_context(|| format!("{}", path.display()))?,

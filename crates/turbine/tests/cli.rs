@@ -836,3 +836,33 @@ fn impossible_planner_settings_fail_with_one_line_naming_them() -> Result<()> {
     }
     Ok(())
 }
+
+/// `turbine profile --url` measures a running server's capacity model over HTTP: a longer
+/// prompt takes longer alone, and more sequences decode slower.
+#[test]
+fn profile_measures_a_running_server_over_http() -> Result<()> {
+    // The mocker at its GPU's speed: long enough steps that HTTP's own time is noise.
+    let server = Server::start(&["--engine", "mocker", "--workers", "1"])?;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("served.json");
+    #[rustfmt::skip]
+    let out = Command::new(BIN)
+        .args([
+            "profile", "--url", &server.url, "--isl", "64,2048", "--context", "2048",
+            "--concurrency", "1,64", "--saturation", "4", "--decode-tokens", "8",
+            "--output", path.to_str().context("a UTF-8 path")?,
+        ])
+        .output()?;
+    anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let model: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+    let column = |table: &str, field: &str| -> Vec<f64> {
+        let rows = model[table].as_array().map(Vec::as_slice).unwrap_or_default();
+        rows.iter().filter_map(|p| p[field].as_f64()).collect()
+    };
+    let (ttft, itl) = (column("prefill", "ttft_ms"), column("decode", "itl_ms"));
+    assert_eq!((ttft.len(), itl.len()), (2, 2), "{model}");
+    assert!(ttft[1] > ttft[0], "{model}");
+    assert!(itl[1] > itl[0], "{model}");
+    assert_eq!(model["max_concurrency"], 64);
+    Ok(())
+}
