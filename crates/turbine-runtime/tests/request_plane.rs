@@ -300,30 +300,33 @@ async fn shutdown_drains_in_flight_and_deregisters() -> Result<()> {
 
 /// What is left at the end of the grace period is cancelled on the server, and its callers
 /// are told to carry on elsewhere: a frontend migrates it instead of failing the client.
+/// The same over TCP and in process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grace_period_cancels_what_is_left_and_sends_it_elsewhere() -> Result<()> {
-    let d = MemoryDiscovery::new();
-    let rt = runtime(&d);
-    let options = ServeOptions {
-        grace_period: Duration::from_millis(100),
-        ..tcp()
-    };
-    let (server, counter) = start(&rt, options).await?;
-    let client = rt.client::<Count, String>();
-    let s = client.call(server.instance(), Count::new("slow", 1000, 10)).await?;
-    let collecting = tokio::spawn(s.collect::<Vec<_>>());
-    server.run(async {}).await;
-    let items = collecting.await?;
-    assert!(
-        matches!(items.last(), Some(Err(e @ RequestError::Handler(h))) if h.kind == ErrorKind::Unavailable && e.is_retryable_elsewhere()),
-        "{:?}",
-        items.last()
-    );
-    wait_until("the handler to stop", Duration::from_secs(1), || {
-        counter.in_flight.load(Ordering::SeqCst) == 0
-    })
-    .await;
-    assert_eq!(counter.cancelled.load(Ordering::SeqCst), 1);
+    for transport in [tcp(), ServeOptions::default()] {
+        let d = MemoryDiscovery::new();
+        let rt = runtime(&d);
+        let options = ServeOptions {
+            grace_period: Duration::from_millis(100),
+            ..transport
+        };
+        let (server, counter) = start(&rt, options).await?;
+        let client = rt.client::<Count, String>();
+        let s = client.call(server.instance(), Count::new("slow", 1000, 10)).await?;
+        let collecting = tokio::spawn(s.collect::<Vec<_>>());
+        server.run(async {}).await;
+        let items = collecting.await?;
+        assert!(
+            matches!(items.last(), Some(Err(e @ RequestError::Handler(h))) if h.kind == ErrorKind::Unavailable && e.is_retryable_elsewhere()),
+            "{:?}",
+            items.last()
+        );
+        wait_until("the handler to stop", Duration::from_secs(1), || {
+            counter.in_flight.load(Ordering::SeqCst) == 0
+        })
+        .await;
+        assert_eq!(counter.cancelled.load(Ordering::SeqCst), 1);
+    }
     Ok(())
 }
 

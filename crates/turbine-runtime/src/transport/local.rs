@@ -11,7 +11,10 @@ use std::task::{Context, Poll};
 use futures::{Stream, StreamExt};
 use tokio_util::sync::DropGuard;
 
-use super::{unavailable_draining, Handler, InFlightGuard, RequestContext, RequestError, ResponseStream, ServerState};
+use super::{
+    cut_by_drain, unavailable_draining, ErrorKind, Handler, InFlightGuard, RequestContext, RequestError,
+    ResponseStream, ServerState,
+};
 use crate::{EndpointId, InstanceId};
 
 /// Handlers served in this process, by endpoint and instance (one instance id may serve
@@ -71,6 +74,7 @@ impl LocalRegistry {
             guards: Some(Guards {
                 _in_flight: in_flight,
                 cancel_on_drop: token.drop_guard(),
+                state: endpoint.state.clone(),
             }),
         };
         Ok(ResponseStream::local(stream))
@@ -90,6 +94,8 @@ pub(crate) struct Guarded<S> {
 struct Guards {
     _in_flight: InFlightGuard,
     cancel_on_drop: DropGuard,
+    /// Whether the end of a drain cut the request, as the TCP server tells its clients.
+    state: Arc<ServerState>,
 }
 
 impl<S, T> Stream for Guarded<S>
@@ -102,7 +108,18 @@ where
         if self.guards.is_none() {
             return Poll::Ready(None);
         }
+        let cut = self.guards.as_ref().is_some_and(|g| g.state.cut_short());
         match self.inner.poll_next_unpin(cx) {
+            // A handler cut by the end of a drain, however it says so, ends as the TCP
+            // server ends it: `Unavailable`, so that the caller carries the request on.
+            Poll::Ready(Some(Err(e))) if cut && e.kind == ErrorKind::Cancelled => {
+                self.guards = None;
+                Poll::Ready(Some(Err(RequestError::Handler(cut_by_drain()))))
+            }
+            Poll::Ready(None) if cut => {
+                self.guards = None;
+                Poll::Ready(Some(Err(RequestError::Handler(cut_by_drain()))))
+            }
             Poll::Ready(Some(item)) => Poll::Ready(Some(item.map_err(RequestError::Handler))),
             Poll::Ready(None) => {
                 // Ended by itself: complete, so nothing is cancelled.

@@ -243,6 +243,16 @@ impl Drop for InFlightGuard {
     }
 }
 
+/// What a request cut by the end of a drain's grace period ends with: `Unavailable`, so that
+/// its caller carries it on elsewhere (a frontend migrates it with the tokens it has) and a
+/// scale-down aborts nothing.
+pub(crate) fn cut_by_drain() -> HandlerError {
+    HandlerError::new(
+        ErrorKind::Unavailable,
+        "the instance drained and its grace period ended: continue elsewhere",
+    )
+}
+
 pub(crate) fn unavailable_draining() -> HandlerError {
     HandlerError::new(ErrorKind::Unavailable, "instance is shutting down")
 }

@@ -17,7 +17,7 @@ use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 
 use super::wire::Frame;
-use super::{unavailable_draining, ErrorKind, Handler, HandlerError, RequestContext, ServerState};
+use super::{cut_by_drain, unavailable_draining, ErrorKind, Handler, HandlerError, RequestContext, ServerState};
 
 /// Frames waiting for a connection's writer; full means the peer reads slower than we
 /// produce, and request tasks wait rather than buffer without bound.
@@ -247,15 +247,11 @@ fn cancelled() -> HandlerError {
 }
 
 impl<Req, Resp> TcpServer<Req, Resp> {
-    /// What a cancelled request's stream ends with. One cut by the end of a drain is
-    /// `Unavailable`: its caller carries it on elsewhere (a frontend migrates it with the
-    /// tokens it has), so scaling down aborts nothing. One its caller cancelled ends.
+    /// What a cancelled request's stream ends with: one cut by the end of a drain goes on
+    /// elsewhere; one its caller cancelled ends.
     fn cancelled(&self) -> HandlerError {
         if self.state.cut_short() {
-            HandlerError::new(
-                ErrorKind::Unavailable,
-                "the instance drained and its grace period ended: continue elsewhere",
-            )
+            cut_by_drain()
         } else {
             cancelled()
         }
