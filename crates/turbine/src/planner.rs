@@ -545,3 +545,15 @@ fn decision_json(d: &turbine_planner::Decision) -> serde_json::Value {
         })).collect::<Vec<_>>(),
     })
 }
+
+/// A prompt of `len` tokens that no other request shares (the Azure traces carry lengths
+/// only, and a profile must not be served from a cache): request `id`'s own blocks of
+/// `turbine-bench`'s deterministic tokens, ids every vocabulary takes as ordinary tokens.
+fn own_prompt(id: u64, len: u32) -> Vec<u32> {
+    const BLOCK: u32 = 64;
+    let tokens = turbine_bench::tokens::BlockTokens::new(BLOCK, 32..256, 0);
+    let ids: Vec<u64> = (0..u64::from(len.max(1).div_ceil(BLOCK)))
+        .map(|b| (id << 24) | b)
+        .collect();
+    tokens.prompt(&ids, len.max(1))
+}

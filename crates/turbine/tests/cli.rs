@@ -384,18 +384,7 @@ async fn mocker_serves_and_reports_cached_prompt_tokens() -> Result<()> {
 /// reported as cached, and counted on `/metrics` under the block manager's names.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mocker_serves_an_evicted_prompt_from_host_memory() -> Result<()> {
-    let server = Server::start(&[
-        "--engine",
-        "mocker",
-        "--workers",
-        "1",
-        "--speedup",
-        "100",
-        "--num-blocks",
-        "32",
-        "--kvbm-host-blocks",
-        "256",
-    ])?;
+    let server = Server::start(&small_mocker_over_host_tier("256", &[]))?;
     let http = reqwest::Client::new();
     let ask = |content: String| cached_tokens(&http, &server.url, json!([{"role": "user", "content": content}]));
     let returning = "a".repeat(200);
@@ -427,20 +416,10 @@ async fn a_pinned_system_prompt_is_served_from_host_memory_after_churn() -> Resu
     let pins = dir.path().join("pins.jsonl");
     let system = "You are the support assistant of a small bakery. ".repeat(6);
     std::fs::write(&pins, format!("{}\n", json!({ "system": system })))?;
-    let server = Server::start(&[
-        "--engine",
-        "mocker",
-        "--workers",
-        "1",
-        "--speedup",
-        "100",
-        "--num-blocks",
-        "32",
-        "--kvbm-host-blocks",
+    let server = Server::start(&small_mocker_over_host_tier(
         "64",
-        "--kvbm-pin-prompts",
-        pins.to_str().context("a UTF-8 path")?,
-    ])?;
+        &["--kvbm-pin-prompts", pins.to_str().context("a UTF-8 path")?],
+    ))?;
     let http = reqwest::Client::new();
     let ask = |messages: Value| cached_tokens(&http, &server.url, messages);
     let with_system = |user: &str| json!([{"role": "system", "content": system}, {"role": "user", "content": user}]);
@@ -452,6 +431,24 @@ async fn a_pinned_system_prompt_is_served_from_host_memory_after_churn() -> Resu
     // "system: " and the prompt, 308 bytes: 19 full blocks of 16.
     assert_eq!(ask(with_system("Do you sell rye bread?")).await?, Some(19 * 16));
     Ok(())
+}
+
+/// A fast mocker worker with a 32-block KV cache over a host tier of `host_blocks`, then `extra`.
+fn small_mocker_over_host_tier<'a>(host_blocks: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "--engine",
+        "mocker",
+        "--workers",
+        "1",
+        "--speedup",
+        "100",
+        "--num-blocks",
+        "32",
+        "--kvbm-host-blocks",
+        host_blocks,
+    ];
+    args.extend_from_slice(extra);
+    args
 }
 
 /// Asks the mocker for 4 tokens after `messages`; the prompt tokens it reports cached.

@@ -12,22 +12,6 @@ use turbine_planner::capacity::{DecodePoint, PrefillPoint};
 use turbine_planner::profile::Sweep;
 use turbine_planner::CapacityModel;
 
-/// Prompts of their own (no shared prefix, so nothing is served from a cache): token ids
-/// drawn from 20..220, which every vocabulary has (a byte-level one too) and which skips the
-/// special tokens models put first, seeded by `seed`.
-fn prompt(seed: u64, len: u32) -> Prompt {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let tokens = (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (20 + x % 200) as u32
-        })
-        .collect();
-    Prompt::Tokens(tokens)
-}
-
 /// Sends `n` requests at once; their records, all successful.
 async fn burst(
     client: &Client,
@@ -40,7 +24,7 @@ async fn burst(
     let mut tasks = Vec::new();
     for _ in 0..n {
         *seed += 1;
-        let (client, p) = (client.clone(), prompt(*seed, isl));
+        let (client, p) = (client.clone(), Prompt::Tokens(super::own_prompt(*seed, isl)));
         tasks.push(tokio::spawn(async move { client.send(&p, max_tokens, start).await }));
     }
     let mut out = Vec::new();

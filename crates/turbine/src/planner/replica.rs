@@ -14,13 +14,11 @@ pub struct MockerReplica {
     next_seq: SeqId,
     /// Live sequences, by the request they serve.
     live: HashMap<SeqId, u64>,
-    vocab: u32,
 }
 
 impl MockerReplica {
     pub fn new(config: &MockerConfig) -> Self {
         Self {
-            vocab: config.vocab.end.max(2),
             scheduler: Scheduler::new(config.clone()),
             step: None,
             next_seq: 0,
@@ -31,24 +29,7 @@ impl MockerReplica {
 
 impl SimWorker for MockerReplica {
     fn add(&mut self, id: u64, isl: u32, osl: u32, generated: u32) {
-        // Tokens of their own, so that no two requests share a cached prefix (the Azure
-        // traces carry lengths only): the first two name the request.
-        let len = (isl + generated).max(1) as usize;
-        let mut prompt = Vec::with_capacity(len);
-        let mut x = id.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        for i in 0..len {
-            let token = match i {
-                0 => (id % u64::from(self.vocab)) as u32,
-                1 => ((id / u64::from(self.vocab)) % u64::from(self.vocab)) as u32,
-                _ => {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    (x % u64::from(self.vocab)) as u32
-                }
-            };
-            prompt.push(token);
-        }
+        let prompt = super::own_prompt(id, isl + generated);
         let seq = self.next_seq;
         self.next_seq += 1;
         self.live.insert(seq, id);
