@@ -20,10 +20,19 @@ pub struct ModelEntry {
     /// Aggregated unless the worker was started for one phase of disaggregated serving.
     #[serde(default, skip_serializing_if = "WorkerRole::is_aggregated")]
     pub role: WorkerRole,
-    /// A disaggregated worker's transfer agent (`turbine_transfer::AgentMetadata`, as
-    /// JSON): its regions, listener and compatibility, published once for its peers.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub transfer_agent: Option<serde_json::Value>,
+}
+
+/// Prefix under which the disaggregated workers of `namespace` publish their transfer
+/// agents' metadata (`turbine_transfer::AgentMetadata`, as JSON), once for their peers.
+/// Apart from the model entries, and under a lease of its own, because an agent must stay
+/// findable while its worker drains: routers stop choosing the worker, but decode workers
+/// may still have to read the blocks it staged.
+pub fn transfer_agents_prefix(namespace: &str) -> String {
+    format!("turbine/{namespace}/transfer-agents/")
+}
+
+pub fn transfer_agent_key(namespace: &str, agent_uid: u64) -> String {
+    format!("{}{agent_uid:016x}", transfer_agents_prefix(namespace))
 }
 
 /// Prefix under which every model of `namespace` is registered.

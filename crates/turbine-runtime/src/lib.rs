@@ -18,6 +18,7 @@
 mod discovery;
 mod events;
 mod ids;
+mod registration;
 mod runtime;
 mod server;
 mod transport;
@@ -28,6 +29,7 @@ pub use discovery::{
 };
 pub use events::{Event, EventPlane, EventPlaneError, MemoryEventPlane, NatsEventPlane, NatsOptions, Subscription};
 pub use ids::{EndpointId, Instance, InstanceAddress, InstanceId, ParseEndpointError};
+pub use registration::Registration;
 pub use runtime::{Client, Runtime};
 
 /// `outer: inner: root`: an error with every source it keeps, for messages a person reads.

@@ -9,16 +9,17 @@
 use std::future::Future;
 use std::marker::PhantomData;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::net::TcpListener;
-use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::sync::CancellationToken;
 
-use crate::discovery::{instance_key, DiscoveryError, LeaseId};
+use crate::discovery::{instance_key, DiscoveryError};
 use crate::ids::{EndpointId, Instance, InstanceAddress, InstanceId};
+use crate::registration::Registration;
 use crate::runtime::Runtime;
 use crate::transport::local::LocalEndpoint;
 use crate::transport::tcp_server::TcpServer;
@@ -80,11 +81,10 @@ pub struct EndpointServer<Req, Resp> {
     runtime: Runtime,
     instance: Instance,
     state: Arc<ServerState>,
-    registrations: Arc<Registrations>,
+    registration: Option<Registration>,
     grace_period: Duration,
     stop_accepting: CancellationToken,
     close: CancellationToken,
-    keep_alive: Option<DropGuard>,
     _types: PhantomData<fn(Req) -> Resp>,
 }
 
@@ -93,20 +93,6 @@ impl<Req, Resp> std::fmt::Debug for EndpointServer<Req, Resp> {
         f.debug_struct("EndpointServer")
             .field("instance", &self.instance)
             .finish_non_exhaustive()
-    }
-}
-
-/// Keys bound to this instance's lease, kept so that they can be written again under a new
-/// lease if discovery ever forgets the old one.
-#[derive(Debug)]
-struct Registrations {
-    lease: Mutex<LeaseId>,
-    keys: Mutex<Vec<(String, Vec<u8>)>>,
-}
-
-impl Registrations {
-    fn lease(&self) -> LeaseId {
-        *self.lease.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -167,28 +153,15 @@ where
             metadata: options.metadata,
         };
 
-        let lease = runtime.discovery().grant_lease(options.lease_ttl).await?;
-        let registrations = Arc::new(Registrations {
-            lease: Mutex::new(lease),
-            keys: Mutex::default(),
-        });
-        let keep_alive = CancellationToken::new();
-        tokio::spawn(keep_alive_loop(
-            runtime.clone(),
-            registrations.clone(),
-            options.lease_ttl,
-            keep_alive.clone(),
-        ));
-
+        let registration = Registration::start(runtime, options.lease_ttl).await?;
         let server = Self {
             runtime: runtime.clone(),
             instance,
             state,
-            registrations,
+            registration: Some(registration),
             grace_period: options.grace_period,
             stop_accepting,
             close,
-            keep_alive: Some(keep_alive.drop_guard()),
             _types: PhantomData,
         };
         let value = serde_json::to_vec(&server.instance).unwrap_or_default();
@@ -212,16 +185,11 @@ impl<Req, Resp> EndpointServer<Req, Resp> {
 
     /// Writes `key` bound to this instance's lease: it disappears when the instance does.
     pub async fn register(&self, key: String, value: Vec<u8>) -> Result<(), ServeError> {
-        self.runtime
-            .discovery()
-            .put(&key, value.clone(), Some(self.registrations.lease()))
-            .await?;
-        self.registrations
-            .keys
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((key, value));
-        Ok(())
+        match &self.registration {
+            Some(r) => Ok(r.put(key, value).await?),
+            // Only after shutdown began, which takes `self`.
+            None => Ok(()),
+        }
     }
 
     /// Serves until `shutdown` completes, then deregisters, drains and returns.
@@ -233,10 +201,11 @@ impl<Req, Resp> EndpointServer<Req, Resp> {
     async fn shutdown(mut self) {
         let id = self.instance.id;
         tracing::info!(instance = %id, in_flight = self.in_flight(), "shutting down: deregistering");
-        drop(self.keep_alive.take());
-        if let Err(e) = self.runtime.discovery().revoke_lease(self.registrations.lease()).await {
-            // The lease will expire on its own within its TTL.
-            tracing::warn!(instance = %id, error = %e, "revoking lease failed");
+        if let Some(registration) = self.registration.take() {
+            if let Err(e) = registration.revoke().await {
+                // The lease will expire on its own within its TTL.
+                tracing::warn!(instance = %id, error = %e, "revoking lease failed");
+            }
         }
         self.state.start_draining();
         self.stop_accepting.cancel();
@@ -267,34 +236,4 @@ impl<Req, Resp> Drop for EndpointServer<Req, Resp> {
             .local
             .remove(&(self.instance.endpoint.clone(), self.instance.id));
     }
-}
-
-async fn keep_alive_loop(runtime: Runtime, registrations: Arc<Registrations>, ttl: Duration, stop: CancellationToken) {
-    let discovery = runtime.discovery();
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(ttl / 3) => {}
-        }
-        match discovery.keep_alive(registrations.lease()).await {
-            Ok(()) => {}
-            Err(DiscoveryError::LeaseNotFound(old)) => {
-                tracing::warn!(lease = old.0, "lease lost: registering again");
-                if let Err(e) = reregister(&runtime, &registrations, ttl).await {
-                    tracing::warn!(error = %e, "registering again failed; will retry");
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "lease keep-alive failed; will retry"),
-        }
-    }
-}
-
-async fn reregister(runtime: &Runtime, registrations: &Registrations, ttl: Duration) -> Result<(), DiscoveryError> {
-    let lease = runtime.discovery().grant_lease(ttl).await?;
-    *registrations.lease.lock().unwrap_or_else(|e| e.into_inner()) = lease;
-    let keys = registrations.keys.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    for (key, value) in keys {
-        runtime.discovery().put(&key, value, Some(lease)).await?;
-    }
-    Ok(())
 }

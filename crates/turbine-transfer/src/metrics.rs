@@ -64,6 +64,7 @@ pub struct Stats {
     backends: [PerBackend; 3],
     failures: Mutex<BTreeMap<(Backend, &'static str), u64>>,
     peers_refused: AtomicU64,
+    notifications_lost: AtomicU64,
 }
 
 /// The counters at one moment, for one backend.
@@ -84,11 +85,17 @@ pub struct StatsSnapshot {
     pub failures: BTreeMap<(Backend, &'static str), u64>,
     /// Peers refused at connect or at the handshake for an incompatible protocol or layout.
     pub peers_refused: u64,
+    /// Notifications of finished transfers that could not be sent to their peer.
+    pub notifications_lost: u64,
 }
 
 impl Stats {
     pub(crate) fn refused(&self) {
         self.peers_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn notifications_lost(&self, n: u64) {
+        self.notifications_lost.fetch_add(n, Ordering::Relaxed);
     }
 
     pub(crate) fn started(&self, backend: Backend) {
@@ -131,6 +138,7 @@ impl Stats {
             backends,
             failures: self.failures.lock().clone(),
             peers_refused: self.peers_refused.load(Ordering::Relaxed),
+            notifications_lost: self.notifications_lost.load(Ordering::Relaxed),
         }
     }
 }

@@ -145,6 +145,47 @@ async fn a_peer_killed_mid_transfer_fails_it_without_hanging() -> Result<()> {
     Ok(())
 }
 
+/// Over shared memory the bytes of a peer that died are still mapped here: the READ stands,
+/// and the notification it can no longer take is counted, not turned into a failure.
+async fn a_notification_a_killed_peer_cannot_take_is_counted() -> Result<()> {
+    let mut peer = start_peer()?;
+    let agent = agent(true)?;
+    let local = agent.register_host(LEN)?;
+    let connected = agent.connect(peer.meta.clone()).await?;
+    peer.child.kill()?;
+    peer.child.wait()?;
+    let done = agent
+        .post(
+            Post::read(9),
+            &DescList::blocks(local, BLOCK, [0]),
+            &connected,
+            &DescList::blocks(peer.shared, BLOCK, [3]),
+        )?
+        .wait()
+        .await?;
+    ensure!(done.backend == Backend::SharedMemory, "went over {:?}", done.backend);
+    let mut got = vec![0u8; BLOCK as usize];
+    agent.read_local(
+        Desc {
+            region: local,
+            offset: 0,
+            len: BLOCK,
+        },
+        &mut got,
+    )?;
+    ensure!(got.iter().enumerate().all(|(i, &b)| b == byte(3 * BLOCK + i as u64)));
+    let started = Instant::now();
+    while agent.stats().notifications_lost != 1 {
+        ensure!(
+            started.elapsed() < Duration::from_secs(10),
+            "lost notifications: {}",
+            agent.stats().notifications_lost
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
 type Case = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>>>>;
 type CaseFn = fn() -> Case;
 
@@ -157,7 +198,7 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     let mut failed = 0;
-    let cases: [(&str, CaseFn); 3] = [
+    let cases: [(&str, CaseFn); 4] = [
         ("reads_from_another_process_over_shared_memory", || {
             Box::pin(reads_from_another_process(Backend::SharedMemory))
         }),
@@ -166,6 +207,9 @@ fn main() -> Result<()> {
         }),
         ("a_peer_killed_mid_transfer_fails_it_without_hanging", || {
             Box::pin(a_peer_killed_mid_transfer_fails_it_without_hanging())
+        }),
+        ("a_notification_a_killed_peer_cannot_take_is_counted", || {
+            Box::pin(a_notification_a_killed_peer_cannot_take_is_counted())
         }),
     ];
     for (name, case) in cases {

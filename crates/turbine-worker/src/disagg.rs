@@ -18,7 +18,7 @@ use futures::StreamExt;
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 use turbine_engine::{Engine, EngineError, KvBlocks, KvLayout, KvTransfer};
-use turbine_protocols::discovery::{models_prefix, ModelEntry};
+use turbine_protocols::discovery::transfer_agents_prefix;
 use turbine_protocols::{EngineOutput, FinishReason, KvTransferParams, PreprocessedRequest, WorkerRole};
 use turbine_runtime::Discovery;
 use turbine_transfer::{
@@ -70,8 +70,9 @@ pub enum DisaggError {
     Transfer(#[from] TransferError),
 }
 
-/// Where a worker finds its peers' transfer agents: the model entries of its namespace in
-/// discovery, where each disaggregated worker publishes its agent's metadata once.
+/// Where a worker finds its peers' transfer agents: the keys under
+/// [`transfer_agents_prefix`], where each disaggregated worker publishes its agent's
+/// metadata once and keeps it until it has stopped, draining included.
 #[derive(Clone)]
 pub struct Directory {
     discovery: Arc<dyn Discovery>,
@@ -88,11 +89,11 @@ impl Directory {
     pub fn new(discovery: Arc<dyn Discovery>, namespace: &str) -> Self {
         Self {
             discovery,
-            prefix: models_prefix(namespace),
+            prefix: transfer_agents_prefix(namespace),
         }
     }
 
-    /// The metadata of the agent `uid`, from the model entry that publishes it.
+    /// The metadata of the agent `uid`, as its worker published it.
     async fn find(&self, uid: u64) -> Result<AgentMetadata, String> {
         let entries = self
             .discovery
@@ -101,8 +102,7 @@ impl Directory {
             .map_err(|e| format!("looking up transfer agent {uid:016x}: {e}"))?;
         entries
             .iter()
-            .filter_map(|kv| serde_json::from_slice::<ModelEntry>(&kv.value).ok()?.transfer_agent)
-            .filter_map(|agent| serde_json::from_value::<AgentMetadata>(agent).ok())
+            .filter_map(|kv| serde_json::from_slice::<AgentMetadata>(&kv.value).ok())
             .find(|meta| meta.uid == uid)
             .ok_or_else(|| format!("no worker in discovery publishes transfer agent {uid:016x}"))
     }
@@ -259,11 +259,11 @@ impl Disagg {
         &self.agent
     }
 
-    /// The agent's metadata as the worker publishes it in its model entry (JSON): its
-    /// regions never change after start, so peers read it once.
-    pub fn agent_json(&self) -> serde_json::Value {
+    /// The agent's metadata as the worker publishes it (JSON): its regions never change
+    /// after start, so peers read it once.
+    pub fn agent_json(&self) -> Vec<u8> {
         // Plain structs of strings and numbers always serialize.
-        serde_json::to_value(self.agent.metadata()).unwrap_or_default()
+        serde_json::to_vec(&self.agent.metadata()).unwrap_or_default()
     }
 
     /// Staging slots free now (all of them once every lease is released).

@@ -19,15 +19,15 @@ use futures::stream::BoxStream;
 use futures::StreamExt;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use turbine_engine::{Engine, EngineError};
-use turbine_protocols::discovery::{model_key, ModelEntry};
+use turbine_protocols::discovery::{model_key, transfer_agent_key, ModelEntry};
 use turbine_protocols::kv::{KvStateRequest, KvStateResponse};
 use turbine_protocols::{Disagg as Disagg_, EngineOutput, ModelCard, PreprocessedRequest, WorkerRole};
 
 pub use disagg::{Directory, Disagg, DisaggConfig, DisaggError, DisaggStats, StagingSize};
 pub use metrics::{MetricsSource, WorkerMetrics};
 use turbine_runtime::{
-    EndpointId, EndpointServer, ErrorKind, Handler, HandlerError, Instance, InstanceId, RequestContext, Runtime,
-    ServeError, ServeOptions,
+    DiscoveryError, EndpointId, EndpointServer, ErrorKind, Handler, HandlerError, Instance, InstanceId, Registration,
+    RequestContext, Runtime, ServeError, ServeOptions,
 };
 
 /// Everything a worker needs to know, parsed once by the binary.
@@ -54,6 +54,8 @@ pub enum WorkerError {
     Serve(#[from] ServeError),
     #[error("cannot take part in disaggregated serving")]
     Disagg(#[from] DisaggError),
+    #[error("cannot publish the transfer agent")]
+    PublishAgent(#[source] DiscoveryError),
 }
 
 /// A running worker; [`Worker::run`] serves it until shutdown.
@@ -62,6 +64,9 @@ pub struct Worker {
     generate: EndpointServer<PreprocessedRequest, EngineOutput>,
     kv_state: Option<EndpointServer<KvStateRequest, KvStateResponse>>,
     disagg: Option<Arc<Disagg>>,
+    /// The transfer agent's key in discovery: kept through the drain, while decode workers
+    /// may still read what this worker staged, and revoked once it has stopped.
+    agent_key: Option<Registration>,
     load: Option<tokio::sync::watch::Receiver<turbine_protocols::kv::WorkerLoad>>,
     kvbm: Option<Arc<turbine_kvbm::KvbmStats>>,
     _publishers: DropGuard,
@@ -109,6 +114,17 @@ impl Worker {
             )?),
             _ => None,
         };
+        let agent_key = match &disagg {
+            Some(d) => {
+                let key = Registration::start(runtime, config.serve.lease_ttl)
+                    .await
+                    .map_err(WorkerError::PublishAgent)?;
+                let name = transfer_agent_key(&config.endpoint.namespace, d.agent().metadata().uid);
+                key.put(name, d.agent_json()).await.map_err(WorkerError::PublishAgent)?;
+                Some(key)
+            }
+            None => None,
+        };
         let role = disagg.as_ref().map(|d| d.role()).unwrap_or_default();
         let handler = Arc::new(EngineHandler {
             engine,
@@ -120,7 +136,6 @@ impl Worker {
             endpoint: config.endpoint.to_string(),
             kv_state_endpoint: kv_state.as_ref().map(|s| s.instance().endpoint.to_string()),
             role,
-            transfer_agent: disagg.as_ref().map(|d| d.agent_json()),
         };
         let key = model_key(&config.endpoint.namespace, &config.model.name, id.0);
         // A struct of strings and numbers always serializes.
@@ -132,6 +147,7 @@ impl Worker {
             generate,
             kv_state,
             disagg,
+            agent_key,
             load,
             kvbm,
             _publishers: stop_publishers.drop_guard(),
@@ -169,6 +185,7 @@ impl Worker {
             generate,
             kv_state,
             disagg,
+            agent_key,
             _publishers,
             ..
         } = self;
@@ -184,6 +201,11 @@ impl Worker {
             let deadline = tokio::time::Instant::now() + d.lease_duration();
             while d.leases() > 0 && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        if let Some(key) = agent_key {
+            if let Err(e) = key.revoke().await {
+                tracing::warn!(error = %e, "removing the transfer agent from discovery failed: it expires with its lease");
             }
         }
     }

@@ -40,6 +40,7 @@ pub struct WorkerMetrics {
     disagg: IntCounterVec,
     free_slots: IntGaugeVec,
     refused: IntCounterVec,
+    notifications_lost: IntCounterVec,
     kvbm: crate::kvbm_metrics::KvbmMetrics,
 }
 
@@ -114,6 +115,11 @@ impl WorkerMetrics {
                 "Transfer peers refused at connect or handshake: another protocol, model or KV layout.",
                 &["worker"],
             )?,
+            notifications_lost: counter(
+                "turbine_transfer_notifications_lost_total",
+                "Notifications of finished KV transfers that never reached their peer; the prefill worker's lease then ends by expiry.",
+                &["worker"],
+            )?,
         })
     }
 
@@ -124,6 +130,7 @@ impl WorkerMetrics {
             &self.failures,
             &self.disagg,
             &self.refused,
+            &self.notifications_lost,
         ] {
             vec.reset();
         }
@@ -173,6 +180,9 @@ impl WorkerMetrics {
                     .inc_by(*n);
             }
             self.refused.with_label_values(&[worker]).inc_by(stats.peers_refused);
+            self.notifications_lost
+                .with_label_values(&[worker])
+                .inc_by(stats.notifications_lost);
             let s = &d.stats;
             for (event, n) in [
                 ("prefills", &s.prefills),
@@ -192,7 +202,7 @@ impl WorkerMetrics {
 }
 
 impl WorkerMetrics {
-    fn parts(&self) -> [&dyn Collector; 12] {
+    fn parts(&self) -> [&dyn Collector; 13] {
         [
             &self.kvbm,
             &self.kv_blocks,
@@ -206,6 +216,7 @@ impl WorkerMetrics {
             &self.disagg,
             &self.free_slots,
             &self.refused,
+            &self.notifications_lost,
         ]
     }
 }

@@ -11,7 +11,7 @@ use futures::future::BoxFuture;
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 use turbine_engine::{Engine, EngineError, EngineStream, KvBlocks, KvLayout, KvTransfer};
-use turbine_protocols::discovery::{model_key, ModelEntry};
+use turbine_protocols::discovery::{transfer_agent_key, transfer_agents_prefix, ModelEntry};
 use turbine_protocols::{EngineOutput, FinishReason, ModelCard, PreprocessedRequest, TokenizerKind, WorkerRole};
 use turbine_runtime::{Discovery, MemoryDiscovery};
 use turbine_worker::{Directory, Disagg, DisaggConfig};
@@ -172,23 +172,10 @@ async fn agents(
     Ok((p, d, stop))
 }
 
-/// Registers a model entry publishing `agent`'s metadata, as a worker does.
+/// Publishes `agent`'s metadata where peers look for it, as a worker does.
 async fn publish(discovery: &MemoryDiscovery, agent: &Disagg) -> Result<()> {
-    let entry = ModelEntry {
-        card: ModelCard {
-            name: "m".into(),
-            context_length: 4096,
-            tokenizer: TokenizerKind::Bytes,
-            kv_block_size: Some(BLOCK as u32),
-            timing: None,
-        },
-        endpoint: "ns/prefill/generate".into(),
-        kv_state_endpoint: None,
-        role: agent.role(),
-        transfer_agent: Some(agent.agent_json()),
-    };
-    let key = model_key("ns", "m", agent.agent().metadata().uid);
-    discovery.put(&key, serde_json::to_vec(&entry)?, None).await?;
+    let key = transfer_agent_key("ns", agent.agent().metadata().uid);
+    discovery.put(&key, agent.agent_json(), None).await?;
     Ok(())
 }
 
@@ -345,7 +332,7 @@ async fn a_stopping_prefill_worker_waits_for_its_blocks_to_be_read() -> Result<(
     let entry: ModelEntry = serde_json::from_slice(&entries[0].value)?;
     ensure!(entry.role == WorkerRole::Prefill, "{entry:?}");
 
-    ensure!(entry.transfer_agent.is_some(), "{entry:?}");
+    ensure!(discovery.list(&transfer_agents_prefix("ns")).await?.len() == 1);
 
     let prefill_leg = |tokens: Vec<u32>| {
         let mut leg = request(tokens);
@@ -390,10 +377,21 @@ async fn a_stopping_prefill_worker_waits_for_its_blocks_to_be_read() -> Result<(
     tokio::time::sleep(Duration::from_millis(200)).await;
     ensure!(!stopped.is_finished(), "the worker stopped with staged KV unread");
 
-    // Deregistered, the prefill worker is out of discovery, and its staged KV still readable.
+    // Deregistered, the prefill worker is out of routing, and its staged KV still readable,
+    // even by a decode worker that never read from it before the drain began: its agent
+    // stays in discovery until it has stopped.
     ensure!(discovery.list(&models_prefix("ns")).await?.is_empty());
+    let newcomer_engine = MapEngine::default();
+    let newcomer = Disagg::start(
+        &newcomer_engine,
+        "d2",
+        "m",
+        config(WorkerRole::Decode, Duration::from_secs(1))?,
+        Directory::new(Arc::new(discovery.clone()), "ns"),
+        CancellationToken::new(),
+    )?;
     ensure!(
-        decode
+        newcomer
             .fetch(&(0..12).collect::<Vec<u32>>(), &params)
             .await
             .map_err(anyhow::Error::msg)?
@@ -403,5 +401,9 @@ async fn a_stopping_prefill_worker_waits_for_its_blocks_to_be_read() -> Result<(
         .await
         .context("still running after the read")??;
     ensure!(prefill.leases() == 0);
+    ensure!(
+        discovery.list(&transfer_agents_prefix("ns")).await?.is_empty(),
+        "the stopped worker's agent is still published"
+    );
     Ok(())
 }

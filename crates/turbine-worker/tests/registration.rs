@@ -71,7 +71,6 @@ async fn registers_serves_and_deregisters() -> Result<()> {
         endpoint: "ns/worker/generate".into(),
         kv_state_endpoint: None,
         role: Default::default(),
-        transfer_agent: None,
     };
     assert_eq!(entry, want, "the echo engine has no KV cache to report");
     assert_eq!(discovery.list(&instance_key(&config.endpoint, id)).await?.len(), 1);
