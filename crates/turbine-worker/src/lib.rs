@@ -24,7 +24,7 @@ use turbine_protocols::kv::{KvStateRequest, KvStateResponse};
 use turbine_protocols::{Disagg as Disagg_, EngineOutput, ModelCard, PreprocessedRequest, WorkerRole};
 
 pub use disagg::{Directory, Disagg, DisaggConfig, DisaggError, DisaggStats, StagingSize};
-pub use metrics::{MetricsSource, WorkerMetrics};
+pub use metrics::{MetricsSource, MetricsSources, WorkerMetrics};
 use turbine_runtime::{
     DiscoveryError, EndpointId, EndpointServer, ErrorKind, Handler, HandlerError, Instance, InstanceId, Registration,
     RequestContext, Runtime, ServeError, ServeOptions,

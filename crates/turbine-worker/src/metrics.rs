@@ -26,9 +26,25 @@ pub struct MetricsSource {
     pub kvbm: Option<Arc<turbine_kvbm::KvbmStats>>,
 }
 
+/// The workers a [`WorkerMetrics`] reads, which may come and go after it is registered (a
+/// pool that a planner resizes in one process).
+#[derive(Debug, Clone, Default)]
+pub struct MetricsSources(Arc<parking_lot::Mutex<Vec<MetricsSource>>>);
+
+impl MetricsSources {
+    pub fn add(&self, source: MetricsSource) {
+        self.0.lock().push(source);
+    }
+
+    /// Stops reading the worker labelled `label`; its series go at the next scrape.
+    pub fn remove(&self, label: &str) {
+        self.0.lock().retain(|s| s.label != label);
+    }
+}
+
 /// The KV cache, transfer and staging metrics of some workers, labelled by worker.
 pub struct WorkerMetrics {
-    workers: Vec<MetricsSource>,
+    workers: MetricsSources,
     kv_blocks: IntGaugeVec,
     sequences: IntGaugeVec,
     prefill_tokens: IntGaugeVec,
@@ -49,6 +65,12 @@ fn counter(name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, pro
 }
 
 impl WorkerMetrics {
+    /// The workers read, to add to or remove from after registration. The block manager's
+    /// metrics stay those of the workers given here.
+    pub fn sources(&self) -> MetricsSources {
+        self.workers.clone()
+    }
+
     pub fn new(workers: Vec<MetricsSource>) -> Result<Self, prometheus::Error> {
         let kvbm = workers
             .iter()
@@ -56,7 +78,7 @@ impl WorkerMetrics {
             .collect();
         Ok(WorkerMetrics {
             kvbm: crate::kvbm_metrics::KvbmMetrics::new(kvbm)?,
-            workers,
+            workers: MetricsSources(Arc::new(parking_lot::Mutex::new(workers))),
             kv_blocks: IntGaugeVec::new(
                 Opts::new(
                     "turbine_worker_kv_blocks",
@@ -134,8 +156,18 @@ impl WorkerMetrics {
         ] {
             vec.reset();
         }
+        // Gauges too: a worker gone since the last scrape leaves no series behind.
+        for vec in [
+            &self.kv_blocks,
+            &self.sequences,
+            &self.prefill_tokens,
+            &self.in_flight,
+            &self.free_slots,
+        ] {
+            vec.reset();
+        }
         self.seconds.reset();
-        for source in &self.workers {
+        for source in self.workers.0.lock().iter() {
             let worker = source.label.as_str();
             if let Some(load) = &source.load {
                 let l = *load.borrow();

@@ -331,6 +331,11 @@ fn load_tokenizer(
 }
 
 impl EngineSetup {
+    /// The mocker's configuration, when the engine is the mocker.
+    pub fn mocker_config(&self) -> Option<&MockerConfig> {
+        matches!(self.kind, EngineKind::Mocker).then_some(&self.mocker)
+    }
+
     pub fn is_native(&self) -> bool {
         matches!(self.kind, EngineKind::Native)
     }

@@ -3,10 +3,11 @@
 //! tables the planner sizes replicas by).
 
 mod http_profile;
+pub(crate) mod in_process;
 mod kubernetes;
 mod local;
 mod replica;
-mod run;
+pub(crate) mod run;
 mod scrape;
 #[cfg(test)]
 mod tests;
@@ -202,16 +203,21 @@ impl PlannerArgs {
         Ok(config)
     }
 
-    fn model(&self, mocker: &MockerConfig) -> anyhow::Result<CapacityModel> {
-        match &self.profile {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
-                let model: CapacityModel =
-                    serde_json::from_str(&text).with_context(|| format!("{}: not a capacity model", path.display()))?;
-                Ok(model.validated().with_context(|| format!("{}", path.display()))?)
-            }
+    /// The capacity model: `--profile`'s, else one profiled from the mocker `mocker`.
+    pub(crate) fn model(&self, mocker: &MockerConfig) -> anyhow::Result<CapacityModel> {
+        match self.model_file()? {
+            Some(model) => Ok(model),
             None => Ok(profile_mocker(mocker, &Sweep::default()).validated()?),
         }
+    }
+
+    /// The capacity model `--profile` names, if it names one.
+    pub(crate) fn model_file(&self) -> anyhow::Result<Option<CapacityModel>> {
+        let Some(path) = &self.profile else { return Ok(None) };
+        let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+        let model: CapacityModel =
+            serde_json::from_str(&text).with_context(|| format!("{}: not a capacity model", path.display()))?;
+        Ok(Some(model.validated().with_context(|| format!("{}", path.display()))?))
     }
 }
 

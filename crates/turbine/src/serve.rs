@@ -14,7 +14,11 @@ use turbine_worker::{Worker, WorkerConfig};
 
 use turbine_protocols::WorkerRole;
 
+use turbine_planner::{PlannerState, PoolKind};
+
 use crate::args::{EngineArgs, EngineSetup, FrontendArgs, TransferArgs};
+use crate::planner::in_process::InProcessConnector;
+use crate::planner::run as planner_run;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -24,6 +28,13 @@ pub struct ServeArgs {
     /// requests on all cores; 2 for the others].
     #[arg(long, conflicts_with_all = ["prefill_workers", "decode_workers"])]
     workers: Option<usize>,
+    /// Size the pool of workers with the planner, between --min and --max, instead of a
+    /// fixed --workers: it starts and drains workers in this process on the load the
+    /// frontend sees. The planner flags below apply only with it.
+    #[arg(long, conflicts_with_all = ["workers", "prefill_workers", "decode_workers"])]
+    planner: bool,
+    #[command(flatten, next_help_heading = "Planner (with --planner)")]
+    planner_args: crate::planner::PlannerArgs,
     /// Disaggregated serving: workers that only prefill prompts (needs --decode-workers).
     #[arg(long, requires = "decode_workers")]
     prefill_workers: Option<usize>,
@@ -59,6 +70,8 @@ pub struct ServeConfig {
     worker_transport: TransportOptions,
     frontend: FrontendConfig,
     grace_period: Duration,
+    /// Set with `--planner`: the pool is sized by the planner, starting at its minimum.
+    planner: Option<(turbine_planner::PlannerConfig, turbine_planner::CapacityModel)>,
 }
 
 impl TryFrom<ServeArgs> for ServeConfig {
@@ -70,6 +83,21 @@ impl TryFrom<ServeArgs> for ServeConfig {
         }
         let (listen, frontend) = a.frontend.parse()?;
         let engine: EngineSetup = a.engine.try_into()?;
+        let planner = if a.planner {
+            if engine.external_count().is_some() {
+                bail!("--planner: external engines run one worker per server, which the planner cannot start");
+            }
+            let config = a.planner_args.config()?;
+            let model = match engine.mocker_config() {
+                Some(mocker) => a.planner_args.model(mocker)?,
+                None => a.planner_args.model_file()?.context(
+                    "--planner with this engine needs --profile FILE (write one with turbine profile --url)",
+                )?,
+            };
+            Some((config, model))
+        } else {
+            None
+        };
         let (roles, transfer) = match (a.prefill_workers, a.decode_workers) {
             (Some(_), Some(_)) if engine.external_count().is_some() => {
                 bail!("--prefill-workers and --decode-workers: external engines serve aggregated only")
@@ -90,6 +118,10 @@ impl TryFrom<ServeArgs> for ServeConfig {
                     (Some(urls), _) => urls,
                     (None, n) => n.unwrap_or(if engine.is_native() { 1 } else { 2 }),
                 };
+                let n = match &planner {
+                    Some((config, _)) => config.pools[&PoolKind::Aggregated].min as usize,
+                    None => n,
+                };
                 (vec![WorkerRole::Aggregated; n], None)
             }
         };
@@ -108,37 +140,47 @@ impl TryFrom<ServeArgs> for ServeConfig {
             worker_transport,
             frontend,
             grace_period: Duration::from_secs(a.grace_period_secs),
+            planner,
         })
     }
 }
 
-pub async fn run(mut config: ServeConfig) -> anyhow::Result<()> {
-    config.engine.connect().await?;
+pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
+    let ServeConfig {
+        listen,
+        roles,
+        transfer,
+        mut engine,
+        worker_transport,
+        frontend: frontend_config,
+        grace_period,
+        planner,
+    } = config;
+    engine.connect().await?;
+    let engine = Arc::new(engine);
     let runtime = Runtime::new(Arc::new(MemoryDiscovery::new()), Arc::new(MemoryEventPlane::new()));
     let shutdown = CancellationToken::new();
     tokio::spawn(crate::args::signal_to(shutdown.clone()));
 
-    let endpoint = EndpointId::new(config.frontend.namespace.clone(), "worker", "generate");
+    let endpoint = EndpointId::new(frontend_config.namespace.clone(), "worker", "generate");
+    let worker_config = |role: WorkerRole| WorkerConfig {
+        endpoint: endpoint.clone(),
+        model: engine.model.clone(),
+        serve: ServeOptions {
+            transport: worker_transport.clone(),
+            grace_period,
+            ..ServeOptions::default()
+        },
+        load_report_interval: Duration::from_millis(100),
+        disagg: transfer.clone().map(|t| turbine_worker::DisaggConfig { role, ..t }),
+    };
     let mut workers = Vec::new();
     let mut sources = Vec::new();
-    for (i, &role) in config.roles.iter().enumerate() {
-        let engine = config.engine.engine(i)?;
-        let disagg = config
-            .transfer
-            .clone()
-            .map(|t| turbine_worker::DisaggConfig { role, ..t });
-        let worker_config = WorkerConfig {
-            endpoint: endpoint.clone(),
-            model: config.engine.model.clone(),
-            serve: ServeOptions {
-                transport: config.worker_transport.clone(),
-                grace_period: config.grace_period,
-                ..ServeOptions::default()
-            },
-            load_report_interval: Duration::from_millis(100),
-            disagg,
-        };
-        if let Some(external) = config.engine.external_engines().get(i) {
+    // With the planner its connector owns the pool, the minimum included.
+    let fixed = if planner.is_some() { 0 } else { roles.len() };
+    for (i, &role) in roles.iter().enumerate().take(fixed) {
+        let worker_config = worker_config(role);
+        if let Some(external) = engine.external_engines().get(i) {
             // No worker metrics here: an external server exports its own.
             let supervised = crate::external::supervise(
                 runtime.clone(),
@@ -154,7 +196,7 @@ pub async fn run(mut config: ServeConfig) -> anyhow::Result<()> {
             }));
             continue;
         }
-        let worker = Worker::start(&runtime, engine.clone(), worker_config)
+        let worker = Worker::start(&runtime, engine.engine(i)?, worker_config)
             .await
             .context("starting a worker")?;
         sources.push(worker.metrics_source());
@@ -162,15 +204,56 @@ pub async fn run(mut config: ServeConfig) -> anyhow::Result<()> {
         workers.push(tokio::spawn(worker.run(async move { shutdown.cancelled().await })));
     }
 
-    let frontend = Frontend::start(&runtime, config.frontend.clone())
+    let frontend = Frontend::start(&runtime, frontend_config)
         .await
         .context("starting the frontend")?;
     let collector = turbine_worker::WorkerMetrics::new(sources).context("worker metrics")?;
+    let metric_sources = collector.sources();
     frontend
         .register_metrics(Box::new(collector))
         .context("registering worker metrics")?;
-    tracing::info!(workers = config.roles.len(), roles = ?config.roles, model = %config.engine.model.name, "starting");
-    serve_http(frontend, config.listen, shutdown, config.grace_period, workers).await
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    if let Some((planner, model)) = planner {
+        let port = listener.local_addr().context("reading the listening address")?.port();
+        let metrics = planner_run::Metrics::new()?;
+        for c in metrics.collectors() {
+            frontend
+                .register_metrics(c)
+                .context("registering the planner's metrics")?;
+        }
+        let epoch = std::time::Instant::now();
+        let mut connector = InProcessConnector::new(
+            runtime.clone(),
+            Arc::clone(&engine),
+            worker_config(WorkerRole::Aggregated),
+            metric_sources,
+            epoch,
+        );
+        for _ in 0..planner.pools[&PoolKind::Aggregated].min {
+            connector.start();
+        }
+        let state = PlannerState::new(planner, model);
+        let stop = shutdown.clone();
+        workers.push(tokio::spawn(async move {
+            let url = format!("http://127.0.0.1:{port}");
+            match planner_run::plan(planner_run::Connector::InProcess(Box::new(connector)), state, &metrics, &url, epoch, stop).await {
+                Ok(planner_run::Connector::InProcess(mut c)) => {
+                    c.shutdown(grace_period).await;
+                    let s = c.stats();
+                    println!(
+                        "turbine: planner stopped {}",
+                        serde_json::json!({"started": s.started, "drained": s.drained, "restarted": s.restarted, "cancelled": s.cancelled})
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %format!("{e:#}"), "the planner stopped"),
+            }
+        }));
+    }
+    tracing::info!(workers = roles.len(), ?roles, model = %engine.model.name, "starting");
+    serve_on(frontend, listener, shutdown, grace_period, workers).await
 }
 
 /// Serves `frontend` on `listen` until `shutdown`, then drains it and `workers` together
@@ -185,6 +268,17 @@ pub async fn serve_http(
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
+    serve_on(frontend, listener, shutdown, grace_period, workers).await
+}
+
+/// [`serve_http`] on a listener already bound.
+async fn serve_on(
+    frontend: Frontend,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+    grace_period: Duration,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+) -> anyhow::Result<()> {
     let addr = listener.local_addr().context("reading the listening address")?;
     tracing::info!(%addr, "serving");
     // A machine-readable line for scripts and tests that start us on port 0.

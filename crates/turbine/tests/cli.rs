@@ -831,6 +831,17 @@ fn impossible_planner_settings_fail_with_one_line_naming_them() -> Result<()> {
     ] {
         fails_with_first_line_naming(&[&run[..], extra].concat(), needle)?;
     }
+    let serve = ["serve", "--port", "0", "--planner"];
+    for (extra, needle) in [
+        (
+            &["--engine", "mocker", "--min", "3", "--max", "2"][..],
+            "min 3 is above max 2",
+        ),
+        (&["--engine", "echo"], "needs --profile"),
+        (&["--engine", "mocker", "--workers", "2"], "--workers"),
+    ] {
+        fails_with_first_line_naming(&[&serve[..], extra].concat(), needle)?;
+    }
     Ok(())
 }
 

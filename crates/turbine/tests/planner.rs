@@ -4,6 +4,7 @@
 //! what a drained replica has not finished by its deadline migrates.
 //!
 //! `TURBINE_PLANNER_WAVES` sets the number of waves (default 3; each drains two replicas).
+//! Then `turbine serve --planner`, whose pool is workers in the serving process.
 
 mod common;
 
@@ -109,6 +110,79 @@ async fn scaling_down_under_streaming_load_drops_no_request() -> Result<()> {
         "no stream was still running at a drain deadline: the test tested nothing"
     );
     eprintln!("{waves} waves: {drained} drains, {requests} streams of 1,500 tokens all complete, {migrated} migrated at a drain deadline");
+    Ok(())
+}
+
+/// `turbine serve --planner`: the same planner sizing a pool of workers in the serving
+/// process. Load grows it to the maximum; when the load ends it drains back to the minimum,
+/// and every stream completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_with_the_planner_grows_and_shrinks_its_own_pool() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let profile = write_profile(dir.path(), "0.001")?;
+    #[rustfmt::skip]
+    let (serve, url) = start(
+        &[
+            "serve", "--port", "0", "--engine", "mocker", "--planner", "--profile", &profile,
+            "--min", "1", "--max", "3", "--fast-interval-s", "0.5", "--slow-interval-s", "1",
+            "--stabilization-s", "1", "--idle-s", "2", "--itl-ms", "100000", "--grace-period-secs", "2",
+        ],
+        "turbine: listening on ",
+    )?;
+    let serve = Planner(serve);
+    let url = url.trim().to_owned();
+    let http = reqwest::Client::new();
+    let series = |state: &str| format!("turbine_planner_replicas{{pool=\"aggregated\",state=\"{state}\"}}");
+    let instances = |http: reqwest::Client, u: String| async move {
+        Ok(common::instances(&http, &u, "mocker").await?.len() as f64)
+    };
+    wait_until(
+        "the minimum's worker",
+        Duration::from_secs(30),
+        || instances(http.clone(), url.clone()),
+        |n| n >= 1.0,
+    )
+    .await?;
+    let mut streams = Vec::new();
+    let started = Instant::now();
+    loop {
+        streams.push(Load::start(&http, &url, "mocker", 2, 400));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if instances(http.clone(), url.clone()).await? >= 3.0 {
+            break;
+        }
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(60), "never grew to 3 workers");
+    }
+    anyhow::ensure!(metric(&http, &url, &series("target")).await? == 3.0);
+    let requests = 2 * streams.len();
+    for load in streams.drain(..) {
+        load.finish().await?;
+    }
+    // Idle: back to the minimum, the drained workers gone from routing and from /metrics.
+    wait_until(
+        "the pool back at its minimum",
+        Duration::from_secs(30),
+        || instances(http.clone(), url.clone()),
+        |n| n == 1.0,
+    )
+    .await?;
+    let drains = metric(&http, &url, "turbine_planner_drains_total{pool=\"aggregated\"}").await?;
+    anyhow::ensure!(drains >= 2.0, "{drains} drains");
+    wait_until(
+        "one worker's series",
+        Duration::from_secs(10),
+        || async {
+            let text = http.get(format!("{url}/metrics")).send().await?.text().await?;
+            Ok(text
+                .lines()
+                .filter(|l| l.starts_with("turbine_worker_sequences{") && l.contains("state=\"running\""))
+                .count() as f64)
+        },
+        |n| n == 1.0,
+    )
+    .await?;
+    drop(serve);
+    eprintln!("{requests} streams complete over a pool grown to 3 and drained back to 1");
     Ok(())
 }
 

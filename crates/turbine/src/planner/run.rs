@@ -13,6 +13,7 @@ use prometheus::{CounterVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 use tokio_util::sync::CancellationToken;
 use turbine_planner::{decide, Decision, PlannerState, PoolKind, PoolObservation, WorkerObservation};
 
+use super::in_process::InProcessConnector;
 use super::kubernetes::{self, KubeConnector};
 use super::local::LocalConnector;
 use super::scrape::{worker_load, FrontendCounters};
@@ -49,7 +50,7 @@ pub struct RunArgs {
     planner: PlannerArgs,
 }
 
-struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     worker_seconds: CounterVec,
     replicas: IntGaugeVec,
@@ -58,7 +59,17 @@ struct Metrics {
 }
 
 impl Metrics {
-    fn new() -> anyhow::Result<Self> {
+    /// The planner's metrics, for another registry (the frontend's, in `turbine serve`).
+    pub(crate) fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![
+            Box::new(self.worker_seconds.clone()),
+            Box::new(self.replicas.clone()),
+            Box::new(self.decisions.clone()),
+            Box::new(self.drains.clone()),
+        ]
+    }
+
+    pub(crate) fn new() -> anyhow::Result<Self> {
         let registry = Registry::new();
         let worker_seconds = CounterVec::new(
             Opts::new(
@@ -135,8 +146,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         other => bail!("--connector must be local or kubernetes, got {other:?}"),
     };
     let min = config.pools[&PoolKind::Aggregated].min;
-    let fast = config.fast_interval;
-    let mut state = PlannerState::new(config, model);
+    let state = PlannerState::new(config, model);
     let metrics = Metrics::new()?;
 
     let shutdown = CancellationToken::new();
@@ -156,15 +166,40 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             local.start()?;
         }
     }
+    println!("turbine: planner running");
+    let connector = plan(connector, state, &metrics, &frontend, epoch, shutdown).await?;
+    tracing::info!("stopping");
+    if let Connector::Local(mut local) = connector {
+        local.shutdown().await;
+        let s = local.stats();
+        println!(
+            "turbine: planner stopped {}",
+            serde_json::json!({"started": s.started, "drained": s.drained, "restarted": s.restarted, "cancelled": s.cancelled})
+        );
+    }
+    Ok(())
+}
+
+/// The planner's loop: every fast tick, reads the frontend's `/metrics` at `frontend` and
+/// the pool's loads, decides, has `connector` carry the decision out, and prints and
+/// counts what changed. Ends at `shutdown`, giving the connector back to be shut down.
+pub(crate) async fn plan(
+    mut connector: Connector,
+    mut state: PlannerState,
+    metrics: &Metrics,
+    frontend: &str,
+    epoch: Instant,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Connector> {
+    let fast = state.config().fast_interval;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .build()
         .context("building the HTTP client")?;
-    let mut last = scrape(&http, &frontend).await.unwrap_or_default();
+    let mut last = scrape(&http, frontend).await.unwrap_or_default();
     let mut last_at = Instant::now();
     let mut ticks = tokio::time::interval(fast);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    println!("turbine: planner running");
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
@@ -177,7 +212,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 continue;
             }
         };
-        let counters = match scrape(&http, &frontend).await {
+        let counters = match scrape(&http, frontend).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the frontend's metrics: no decision this tick");
@@ -240,16 +275,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             println!("turbine: planner decision {}", decision_json(&decision));
         }
     }
-    tracing::info!("stopping");
-    if let Connector::Local(mut local) = connector {
-        local.shutdown().await;
-        let s = local.stats();
-        println!(
-            "turbine: planner stopped {}",
-            serde_json::json!({"started": s.started, "drained": s.drained, "restarted": s.restarted, "cancelled": s.cancelled})
-        );
-    }
-    Ok(())
+    Ok(connector)
 }
 
 async fn scrape(http: &reqwest::Client, frontend: &str) -> anyhow::Result<FrontendCounters> {
@@ -264,9 +290,10 @@ async fn scrape(http: &reqwest::Client, frontend: &str) -> anyhow::Result<Fronte
 }
 
 /// Where replicas come from.
-enum Connector {
+pub(crate) enum Connector {
     Local(LocalConnector),
     Kube(KubeConnector),
+    InProcess(Box<InProcessConnector>),
 }
 
 impl Connector {
@@ -284,6 +311,10 @@ impl Connector {
                 .into_iter()
                 .map(|w| (w, None))
                 .collect()),
+            Connector::InProcess(c) => {
+                c.poll();
+                Ok(c.observe().into_iter().map(|w| (w, None)).collect())
+            }
         }
     }
 
@@ -308,6 +339,19 @@ impl Connector {
                 for target in decision.targets.values() {
                     if target.replicas != target.current {
                         c.scale(target.replicas).await?;
+                    }
+                }
+            }
+            Connector::InProcess(c) => {
+                for &(_, id) in &decision.cancel {
+                    c.cancel(id);
+                }
+                for target in decision.targets.values() {
+                    for _ in target.current..target.replicas {
+                        c.start();
+                    }
+                    for &id in &target.drain {
+                        c.drain(id);
                     }
                 }
             }
