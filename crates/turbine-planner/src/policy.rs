@@ -133,6 +133,10 @@ pub struct PlannerState {
     /// The size each pool was last given.
     last_target: BTreeMap<PoolKind, u32>,
     last_busy: Option<Duration>,
+    /// Replicas seen starting, and since when, until they are seen ready.
+    starting_since: BTreeMap<(PoolKind, u64), Duration>,
+    /// How long a replica takes to start, as observed (a moving average).
+    startup: Option<Duration>,
 }
 
 /// Prompt and output lengths assumed before any request is seen.
@@ -156,6 +160,8 @@ impl PlannerState {
             watching_since: BTreeMap::new(),
             last_target: BTreeMap::new(),
             last_busy: None,
+            starting_since: BTreeMap::new(),
+            startup: None,
         }
     }
 
@@ -165,6 +171,37 @@ impl PlannerState {
 
     pub fn model(&self) -> &CapacityModel {
         &self.model
+    }
+
+    /// How long replicas have taken to start, as observed so far.
+    pub fn startup(&self) -> Option<Duration> {
+        self.startup
+    }
+
+    /// Learns start-up time from replicas seen starting on one tick and ready on a later one.
+    fn watch_starts(&mut self, kind: PoolKind, pool: &PoolObservation, now: Duration) {
+        for w in &pool.workers {
+            match w.phase {
+                Phase::Starting { since } => {
+                    self.starting_since.insert((kind, w.id), since);
+                }
+                Phase::Ready => {
+                    if let Some(since) = self.starting_since.remove(&(kind, w.id)) {
+                        let took = now.saturating_sub(since);
+                        self.startup = Some(match self.startup {
+                            Some(s) => (s + took) / 2,
+                            None => took,
+                        });
+                    }
+                }
+                Phase::Draining { .. } => {
+                    self.starting_since.remove(&(kind, w.id));
+                }
+            }
+        }
+        // Starts cancelled or lost leave no entry behind.
+        self.starting_since
+            .retain(|&(k, id), _| k != kind || pool.workers.iter().any(|w| w.id == id));
     }
 }
 
@@ -215,6 +252,7 @@ pub fn decide(state: &mut PlannerState, obs: &Observation, now: Duration) -> Dec
     let config = state.config.clone();
     for (&kind, limits) in &config.pools {
         let pool = obs.pool(kind).unwrap_or(&empty);
+        state.watch_starts(kind, pool, now);
         let stuck: Vec<u64> = pool
             .workers
             .iter()
@@ -237,7 +275,15 @@ pub fn decide(state: &mut PlannerState, obs: &Observation, now: Duration) -> Dec
         }
         let since = *state.watching_since.entry(kind).or_insert(now);
         let headroom = 1.0 - config.scale_down_headroom;
-        let up = need_now.ceil().max(need_forecast.ceil()) as u32;
+        let mut up = need_now.ceil().max(need_forecast.ceil()) as u32;
+        if up > current {
+            // Replicas there now that will still be clearing the backlog that builds while
+            // the new ones start take no share of the arrivals.
+            let clogged = clogged_by_startup(state, kind, pool, &load);
+            if clogged > 0 {
+                up = up.max(clogged + arrivals_need(state, kind, pool, &load).ceil() as u32);
+            }
+        }
         let keep = ((need_now / headroom).ceil().max((need_forecast / headroom).ceil()) as u32).max(up);
 
         let (replicas, reason) = if current < limits.min {
@@ -395,27 +441,37 @@ fn need_now(
     current: u32,
 ) -> f64 {
     let c = &state.config;
+    let mut need = arrivals_need(state, kind, pool, load);
+    if matches!(kind, PoolKind::Prefill | PoolKind::Aggregated) {
+        // A backlog the pool cannot clear within what the target leaves after a lone prefill
+        // asks for one replica more. Not for as many as would clear it: what is queued is
+        // queued on the replicas there now, and only new arrivals reach a new one.
+        let per_replica = pool.queued_prefill_tokens() as f64 / f64::from(current.max(1));
+        if per_replica / state.model.prefill_rate(load.isl) > prefill_slack(state, load) {
+            need = need.max(f64::from(current) + 1.0);
+        }
+    }
+    if latency_above_target(c, obs, pool) {
+        // The model says enough, the clients say otherwise: one more than now.
+        need.max(f64::from(current) + 1.0)
+    } else {
+        need
+    }
+}
+
+/// Fractional replicas for what arrives and what decodes now, leaving out what is queued.
+fn arrivals_need(state: &PlannerState, kind: PoolKind, pool: &PoolObservation, load: &Load) -> f64 {
+    let c = &state.config;
+    // Arriving prompt tokens must not outgrow the utilisation the TTFT target allows, at the
+    // window's mean nor at its busiest second taken as if it went on: a step in load is
+    // sized on the first tick that sees it, not on the mean of a window it only ends.
     let prefill = || {
-        // Arriving prompt tokens must not outgrow the utilisation the TTFT target allows, at
-        // the window's mean nor at its busiest second taken as if it went on: a step in load
-        // is sized on the first tick that sees it, not on the mean of a window it only ends.
-        let arriving = prefill_need(c, &state.model, load.prompt_rate, load.isl).max(prefill_need(
+        prefill_need(c, &state.model, load.prompt_rate, load.isl).max(prefill_need(
             c,
             &state.model,
             load.peak_prompt_tokens,
             load.isl,
-        ));
-        // A backlog the pool cannot clear within what the target leaves after a lone prefill
-        // asks for one replica more. Not for as many as would clear it: what is queued is
-        // queued on the replicas there now, and only new arrivals reach a new one.
-        let lone = state.model.lone_ttft(load.isl).as_secs_f64();
-        let slack = (c.sla.ttft.as_secs_f64() - lone).max(0.1 * c.sla.ttft.as_secs_f64());
-        let per_replica = pool.queued_prefill_tokens() as f64 / f64::from(current.max(1));
-        if per_replica / state.model.prefill_rate(load.isl) > slack {
-            arriving.max(f64::from(current) + 1.0)
-        } else {
-            arriving
-        }
+        ))
     };
     let decode = || {
         let (slots, _) = decode_slots(c, &state.model, load.isl, load.osl);
@@ -423,17 +479,44 @@ fn need_now(
         let kv = f64::from(pool.ready()) * pool.kv_usage() / c.max_kv_usage;
         sequences.max(kv)
     };
-    let need = match kind {
+    match kind {
         PoolKind::Prefill => prefill(),
         PoolKind::Decode => decode(),
         PoolKind::Aggregated => prefill() + decode(),
-    };
-    if latency_above_target(c, obs, pool) {
-        // The model says enough, the clients say otherwise: one more than now.
-        need.max(f64::from(current) + 1.0)
-    } else {
-        need
     }
+}
+
+/// Seconds of queueing the TTFT target leaves after a lone prefill (at least a tenth of it).
+fn prefill_slack(state: &PlannerState, load: &Load) -> f64 {
+    let ttft = state.config.sla.ttft.as_secs_f64();
+    (ttft - state.model.lone_ttft(load.isl).as_secs_f64()).max(0.1 * ttft)
+}
+
+/// Ready replicas that will still hold more queued prompt work than the TTFT target leaves
+/// time for once a replica asked for now has started (as long as starts have taken so far),
+/// the arrivals spread evenly over the ready replicas until then. New replicas must carry
+/// the arrivals without them. Zero until a start has been seen to take time.
+fn clogged_by_startup(state: &PlannerState, kind: PoolKind, pool: &PoolObservation, load: &Load) -> u32 {
+    if kind == PoolKind::Decode {
+        return 0;
+    }
+    let Some(startup) = state.startup.filter(|s| !s.is_zero()) else {
+        return 0;
+    };
+    let ready = pool.ready();
+    if ready == 0 {
+        return 0;
+    }
+    let per_replica = state.model.prefill_rate(load.isl);
+    let growth = (load.prompt_rate / f64::from(ready) - per_replica).max(0.0) * startup.as_secs_f64();
+    let slack = prefill_slack(state, load);
+    let clogged = pool
+        .workers
+        .iter()
+        .filter(|w| w.is_ready())
+        .filter(|w| (w.queued_prefill_tokens as f64 + growth) / per_replica > slack)
+        .count();
+    clogged as u32
 }
 
 /// Clients saw latency above target while the pool still has work queued (latency of

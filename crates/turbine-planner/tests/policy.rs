@@ -314,3 +314,38 @@ fn the_capacity_model_sizes_the_forecast() {
     assert!(need >= prefill && need < prefill + 0.5, "{need} against {prefill}");
     assert!((d.predicted_rate - 10.0).abs() < 1e-9);
 }
+
+#[test]
+fn a_step_while_starts_take_time_sizes_the_new_replicas_to_carry_the_arrivals_alone() {
+    // 60,000 prompt tokens a second on two replicas of 20,000: 3.75 replicas' worth at the
+    // utilisation the target allows.
+    let step = |p: &mut turbine_planner::PlannerState, at| {
+        let burst = obs(
+            1,
+            60,
+            1000,
+            &[worker(1, Phase::Ready, 4, 0), worker(2, Phase::Ready, 4, 0)],
+        );
+        decide(p, &burst, secs(at)).targets[&Aggregated].clone()
+    };
+    let calm = |second| obs(1, 10, 1000, &[worker(1, Phase::Ready, 1, 0), second]);
+    let mut unseen = planner(PlannerConfig::default());
+    decide(&mut unseen, &calm(worker(2, Phase::Ready, 0, 0)), secs(100));
+    decide(&mut unseen, &calm(worker(2, Phase::Ready, 0, 0)), secs(130));
+    assert_eq!(unseen.startup(), None);
+    let t = step(&mut unseen, 131);
+    assert_eq!((t.replicas, t.reason), (4, Reason::Load), "{t:?}");
+
+    // Once a start has been seen to take 30 s, the two replicas there now will hold 15 s of
+    // backlog each by the time new ones are up: the new ones get the whole load.
+    let mut p = planner(PlannerConfig::default());
+    decide(
+        &mut p,
+        &calm(worker(2, Phase::Starting { since: secs(100) }, 0, 0)),
+        secs(100),
+    );
+    decide(&mut p, &calm(worker(2, Phase::Ready, 0, 0)), secs(130));
+    assert_eq!(p.startup(), Some(secs(30)));
+    let t = step(&mut p, 131);
+    assert_eq!((t.replicas, t.reason), (6, Reason::Load), "{t:?}");
+}

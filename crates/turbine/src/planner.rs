@@ -143,11 +143,11 @@ pub struct PlannerArgs {
     ttft_ms: u64,
     #[arg(long, default_value_t = 100)]
     itl_ms: u64,
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, default_value_t = 1.0)]
     fast_interval_s: f64,
     #[arg(long, default_value_t = 30.0)]
     slow_interval_s: f64,
-    #[arg(long, default_value_t = 30.0)]
+    #[arg(long, default_value_t = 20.0)]
     stabilization_s: f64,
     #[arg(long, default_value_t = 60.0)]
     idle_s: f64,
@@ -156,6 +156,10 @@ pub struct PlannerArgs {
     /// constant, ewma, holt or kalman.
     #[arg(long, default_value = "holt")]
     predictor: String,
+    /// The share of a replica's capacity the planner sizes pools to use (0 to 1): lower
+    /// keeps more room for a burst's first seconds, at the price of more replicas.
+    #[arg(long, default_value_t = 0.8)]
+    target_utilization: f64,
     /// A capacity model written by `turbine profile` [default: profile the simulated replica].
     #[arg(long)]
     profile: Option<PathBuf>,
@@ -197,6 +201,7 @@ impl PlannerArgs {
             idle_after: seconds("idle-s", self.idle_s)?,
             start_timeout: seconds("start-timeout-s", self.start_timeout_s)?,
             predictor,
+            target_utilization: self.target_utilization,
             ..PlannerConfig::default()
         };
         config.validate()?;

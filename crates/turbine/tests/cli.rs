@@ -807,6 +807,10 @@ fn impossible_planner_settings_fail_with_one_line_naming_them() -> Result<()> {
         ),
         (&["--predictor", "arima"], "\"arima\""),
         (
+            &["--target-utilization", "1.5"],
+            "target utilization must be in (0, 1], got 1.5",
+        ),
+        (
             &["--fast-interval-s", "60"],
             "fast interval (60s) must not be longer than the slow one (30s)",
         ),
