@@ -136,6 +136,16 @@ pub struct PlannerArgs {
     min: u32,
     #[arg(long, default_value_t = 16)]
     max: u32,
+    /// Disaggregated serving instead: replicas of the prefill pool and of the decode pool
+    /// (both pools are needed; a bound left out is 1 for a minimum and --max for a maximum).
+    #[arg(long)]
+    prefill_min: Option<u32>,
+    #[arg(long)]
+    prefill_max: Option<u32>,
+    #[arg(long)]
+    decode_min: Option<u32>,
+    #[arg(long)]
+    decode_max: Option<u32>,
     /// Most total replicas at once, starting and draining ones included.
     #[arg(long)]
     budget: Option<f64>,
@@ -180,8 +190,22 @@ impl PlannerArgs {
                 self.predictor
             );
         };
-        let config = PlannerConfig {
-            pools: [(
+        let pool = |min: Option<u32>, max: Option<u32>| {
+            (min.is_some() || max.is_some()).then(|| PoolConfig {
+                min: min.unwrap_or(1),
+                max: max.unwrap_or(self.max),
+                cost: 1.0,
+            })
+        };
+        let disaggregated = [
+            (PoolKind::Prefill, pool(self.prefill_min, self.prefill_max)),
+            (PoolKind::Decode, pool(self.decode_min, self.decode_max)),
+        ];
+        let pools: std::collections::BTreeMap<PoolKind, PoolConfig> = if disaggregated.iter().any(|(_, p)| p.is_some())
+        {
+            disaggregated.into_iter().filter_map(|(k, p)| Some((k, p?))).collect()
+        } else {
+            [(
                 PoolKind::Aggregated,
                 PoolConfig {
                     min: self.min,
@@ -189,7 +213,10 @@ impl PlannerArgs {
                     cost: 1.0,
                 },
             )]
-            .into(),
+            .into()
+        };
+        let config = PlannerConfig {
+            pools,
             budget: self.budget,
             sla: Sla {
                 ttft: Duration::from_millis(self.ttft_ms),

@@ -88,6 +88,9 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 bail!("--planner: external engines run one worker per server, which the planner cannot start");
             }
             let config = a.planner_args.config()?;
+            if !config.pools.contains_key(&PoolKind::Aggregated) {
+                bail!("--planner in turbine serve plans one aggregated pool (--min, --max), not --prefill-* or --decode-*");
+            }
             let model = match engine.mocker_config() {
                 Some(mocker) => a.planner_args.model(mocker)?,
                 None => a.planner_args.model_file()?.context(
@@ -238,8 +241,12 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         let stop = shutdown.clone();
         workers.push(tokio::spawn(async move {
             let url = format!("http://127.0.0.1:{port}");
-            match planner_run::plan(planner_run::Connector::InProcess(Box::new(connector)), state, &metrics, &url, epoch, stop).await {
-                Ok(planner_run::Connector::InProcess(mut c)) => {
+            let connectors = [(PoolKind::Aggregated, planner_run::Connector::InProcess(Box::new(connector)))].into();
+            match planner_run::plan(connectors, state, &metrics, &url, epoch, stop).await {
+                Ok(mut connectors) => {
+                    let Some(planner_run::Connector::InProcess(mut c)) = connectors.remove(&PoolKind::Aggregated) else {
+                        return;
+                    };
                     c.shutdown(grace_period).await;
                     let s = c.stats();
                     println!(
@@ -247,7 +254,6 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
                         serde_json::json!({"started": s.started, "drained": s.drained, "restarted": s.restarted, "cancelled": s.cancelled})
                     );
                 }
-                Ok(_) => {}
                 Err(e) => tracing::error!(error = %format!("{e:#}"), "the planner stopped"),
             }
         }));

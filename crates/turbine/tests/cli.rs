@@ -821,6 +821,11 @@ fn impossible_planner_settings_fail_with_one_line_naming_them() -> Result<()> {
     ] {
         fails_with_first_line_naming(&[&sim[..], extra].concat(), needle)?;
     }
+    let dir = tempfile::tempdir()?;
+    let profile = dir.path().join("mocker.json");
+    let profile = profile.to_str().context("a UTF-8 path")?;
+    let status = Command::new(BIN).args(["profile", "--output", profile]).status()?;
+    anyhow::ensure!(status.success(), "turbine profile failed");
     let run = ["planner", "run", "--worker-args", "--engine mocker"];
     for (extra, needle) in [
         (
@@ -828,6 +833,19 @@ fn impossible_planner_settings_fail_with_one_line_naming_them() -> Result<()> {
             "\"k8s\"",
         ),
         (&["--frontend", "http://127.0.0.1:1"], "needs --profile"),
+        (
+            &[
+                "--frontend",
+                "http://127.0.0.1:1",
+                "--profile",
+                profile,
+                "--prefill-max",
+                "2",
+                "--decode-max",
+                "2",
+            ],
+            "needs --prefill-worker-args",
+        ),
         (
             &["--frontend", "ftp://x", "--profile", "/nonexistent.json"],
             "/nonexistent.json",
@@ -843,6 +861,10 @@ fn impossible_planner_settings_fail_with_one_line_naming_them() -> Result<()> {
         ),
         (&["--engine", "echo"], "needs --profile"),
         (&["--engine", "mocker", "--workers", "2"], "--workers"),
+        (
+            &["--engine", "mocker", "--prefill-max", "2", "--decode-max", "2"],
+            "plans one aggregated pool",
+        ),
     ] {
         fails_with_first_line_naming(&[&serve[..], extra].concat(), needle)?;
     }

@@ -113,6 +113,88 @@ async fn scaling_down_under_streaming_load_drops_no_request() -> Result<()> {
     Ok(())
 }
 
+/// Disaggregated pools with the local connector: prefill and decode workers, each pool
+/// grown by load and drained back to its minimum when it ends, every stream complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefill_and_decode_pools_scale_on_their_own() -> Result<()> {
+    let etcd = Etcd::start()?;
+    let (_frontend, url) = start_frontend(&["--discovery", &etcd.url])?;
+    let dir = tempfile::tempdir()?;
+    let profile = write_profile(dir.path(), "0.001")?;
+    let worker = |role: &str| {
+        format!(
+            "--discovery {} --engine mocker --lease-ttl-secs 2 --kv-lease-ms 1000 --staging-blocks 256 --role {role}",
+            etcd.url
+        )
+    };
+    let (prefill_args, decode_args) = (worker("prefill"), worker("decode"));
+    #[rustfmt::skip]
+    let (planner, metrics_line) = start(
+        &[
+            "planner", "run", "--frontend", &url, "--profile", &profile,
+            "--prefill-worker-args", &prefill_args, "--decode-worker-args", &decode_args,
+            "--prefill-min", "1", "--prefill-max", "2", "--decode-min", "1", "--decode-max", "2",
+            "--fast-interval-s", "0.5", "--slow-interval-s", "1", "--stabilization-s", "1",
+            "--idle-s", "2", "--itl-ms", "100000", "--drain-deadline-s", "1", "--metrics-port", "0",
+        ],
+        "turbine: metrics on ",
+    )?;
+    let _planner = Planner(planner);
+    let planner_url = metrics_line.trim().trim_end_matches("/metrics").to_owned();
+    let http = reqwest::Client::new();
+    let ready = |pool: &'static str| {
+        let (http, u) = (http.clone(), planner_url.clone());
+        async move {
+            let series = format!("turbine_planner_replicas{{pool=\"{pool}\",state=\"ready\"}}");
+            metric(&http, &u, &series).await
+        }
+    };
+    for pool in ["prefill", "decode"] {
+        wait_until(
+            &format!("a {pool} worker"),
+            Duration::from_secs(30),
+            || ready(pool),
+            |n| n >= 1.0,
+        )
+        .await?;
+    }
+    let mut streams = Vec::new();
+    let started = Instant::now();
+    loop {
+        streams.push(Load::start(&http, &url, "mocker", 2, 300));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if ready("prefill").await? >= 2.0 && ready("decode").await? >= 2.0 {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(60),
+            "the pools never grew to 2 each"
+        );
+    }
+    let requests = 2 * streams.len();
+    for load in streams.drain(..) {
+        load.finish().await?;
+    }
+    for pool in ["prefill", "decode"] {
+        wait_until(
+            &format!("the {pool} pool back at 1"),
+            Duration::from_secs(30),
+            || ready(pool),
+            |n| n == 1.0,
+        )
+        .await?;
+        let drains = metric(
+            &http,
+            &planner_url,
+            &format!("turbine_planner_drains_total{{pool=\"{pool}\"}}"),
+        )
+        .await?;
+        anyhow::ensure!(drains >= 1.0, "{pool}: {drains} drains");
+    }
+    eprintln!("{requests} streams complete over prefill and decode pools grown to 2 and drained back to 1");
+    Ok(())
+}
+
 /// `turbine serve --planner`: the same planner sizing a pool of workers in the serving
 /// process. Load grows it to the maximum; when the load ends it drains back to the minimum,
 /// and every stream completes.

@@ -3,6 +3,7 @@
 //! every decision that changes something is printed as one JSON line and counted on its own
 //! `/metrics`.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -33,6 +34,12 @@ pub struct RunArgs {
     /// spaces (each gets `--metrics-port 0` and `--grace-period-secs` added).
     #[arg(long, allow_hyphen_values = true, default_value = "")]
     worker_args: String,
+    /// Local, with disaggregated pools (--prefill-max, --decode-max): the arguments of the
+    /// prefill pool's workers and of the decode pool's (each with its `--role`).
+    #[arg(long, allow_hyphen_values = true, default_value = "")]
+    prefill_worker_args: String,
+    #[arg(long, allow_hyphen_values = true, default_value = "")]
+    decode_worker_args: String,
     /// Kubernetes: the API server's URL, and the Deployment that is the pool.
     #[arg(long, default_value = "http://127.0.0.1:8001")]
     kube_api: String,
@@ -129,23 +136,38 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let drain_deadline = Duration::from_secs(args.drain_deadline_s.max(1));
     let epoch = Instant::now();
-    let mut connector = match args.connector.as_str() {
-        "local" => {
-            let worker_args: Vec<String> = args.worker_args.split_whitespace().map(str::to_owned).collect();
-            if worker_args.is_empty() {
-                bail!("--connector local needs --worker-args (how to start a worker)");
+    let mut connectors = BTreeMap::new();
+    for (&kind, pool) in &config.pools {
+        let connector = match args.connector.as_str() {
+            "local" => {
+                let (flag, given) = match kind {
+                    PoolKind::Aggregated => ("--worker-args", &args.worker_args),
+                    PoolKind::Prefill => ("--prefill-worker-args", &args.prefill_worker_args),
+                    PoolKind::Decode => ("--decode-worker-args", &args.decode_worker_args),
+                };
+                let worker_args: Vec<String> = given.split_whitespace().map(str::to_owned).collect();
+                if worker_args.is_empty() {
+                    bail!("--connector local needs {flag} (how to start a worker of the {kind} pool)");
+                }
+                let exe = std::env::current_exe().context("finding the turbine binary to start workers with")?;
+                let mut local = LocalConnector::new(exe, worker_args, drain_deadline, epoch);
+                for _ in 0..pool.min {
+                    local.start()?;
+                }
+                Connector::Local(local)
             }
-            let exe = std::env::current_exe().context("finding the turbine binary to start workers with")?;
-            Connector::Local(LocalConnector::new(exe, worker_args, drain_deadline, epoch))
-        }
-        "kubernetes" => Connector::Kube(KubeConnector::new(
-            &args.kube_api,
-            &args.kube_namespace,
-            &args.kube_deployment,
-        )?),
-        other => bail!("--connector must be local or kubernetes, got {other:?}"),
-    };
-    let min = config.pools[&PoolKind::Aggregated].min;
+            "kubernetes" if kind == PoolKind::Aggregated => Connector::Kube(KubeConnector::new(
+                &args.kube_api,
+                &args.kube_namespace,
+                &args.kube_deployment,
+            )?),
+            "kubernetes" => {
+                bail!("--connector kubernetes scales one Deployment: plan one aggregated pool (--min, --max)")
+            }
+            other => bail!("--connector must be local or kubernetes, got {other:?}"),
+        };
+        connectors.insert(kind, connector);
+    }
     let state = PlannerState::new(config, model);
     let metrics = Metrics::new()?;
 
@@ -161,36 +183,33 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await?;
         println!("turbine: metrics on http://{addr}/metrics");
     }
-    if let Connector::Local(local) = &mut connector {
-        for _ in 0..min {
-            local.start()?;
-        }
-    }
     println!("turbine: planner running");
-    let connector = plan(connector, state, &metrics, &frontend, epoch, shutdown).await?;
+    let connectors = plan(connectors, state, &metrics, &frontend, epoch, shutdown).await?;
     tracing::info!("stopping");
-    if let Connector::Local(mut local) = connector {
-        local.shutdown().await;
-        let s = local.stats();
-        println!(
-            "turbine: planner stopped {}",
-            serde_json::json!({"started": s.started, "drained": s.drained, "restarted": s.restarted, "cancelled": s.cancelled})
-        );
+    for (kind, connector) in connectors {
+        if let Connector::Local(mut local) = connector {
+            local.shutdown().await;
+            let s = local.stats();
+            println!(
+                "turbine: planner stopped {}",
+                serde_json::json!({"pool": kind.as_str(), "started": s.started, "drained": s.drained, "restarted": s.restarted, "cancelled": s.cancelled})
+            );
+        }
     }
     Ok(())
 }
 
 /// The planner's loop: every fast tick, reads the frontend's `/metrics` at `frontend` and
-/// the pool's loads, decides, has `connector` carry the decision out, and prints and
-/// counts what changed. Ends at `shutdown`, giving the connector back to be shut down.
+/// the pools' loads, decides, has each pool's connector carry its part out, and prints and
+/// counts what changed. Ends at `shutdown`, giving the connectors back to be shut down.
 pub(crate) async fn plan(
-    mut connector: Connector,
+    mut connectors: BTreeMap<PoolKind, Connector>,
     mut state: PlannerState,
     metrics: &Metrics,
     frontend: &str,
     epoch: Instant,
     shutdown: CancellationToken,
-) -> anyhow::Result<Connector> {
+) -> anyhow::Result<BTreeMap<PoolKind, Connector>> {
     let fast = state.config().fast_interval;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
@@ -205,13 +224,20 @@ pub(crate) async fn plan(
             () = shutdown.cancelled() => break,
             _ = ticks.tick() => {}
         }
-        let mut workers = match connector.observe(epoch.elapsed()).await {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot observe the pool: no decision this tick");
-                continue;
+        let mut observed = BTreeMap::new();
+        let mut failed = None;
+        for (&kind, connector) in connectors.iter_mut() {
+            match connector.observe(epoch.elapsed()).await {
+                Ok(w) => {
+                    observed.insert(kind, w);
+                }
+                Err(e) => failed = Some((kind, e)),
             }
-        };
+        }
+        if let Some((kind, e)) = failed {
+            tracing::warn!(pool = %kind, error = %e, "cannot observe the pool: no decision this tick");
+            continue;
+        }
         let counters = match scrape(&http, frontend).await {
             Ok(c) => c,
             Err(e) => {
@@ -222,41 +248,45 @@ pub(crate) async fn plan(
         let window = last_at.elapsed();
         let mut obs = counters.since(&last, window);
         (last, last_at) = (counters, Instant::now());
-        for (w, url) in workers.iter_mut() {
-            if let (Some(url), true) = (url.as_deref(), w.is_ready()) {
-                match http.get(url).send().await {
-                    Ok(r) => match r.text().await {
-                        Ok(text) => worker_load(&text, w),
+        for (kind, mut workers) in observed {
+            for (w, url) in workers.iter_mut() {
+                if let (Some(url), true) = (url.as_deref(), w.is_ready()) {
+                    match http.get(url).send().await {
+                        Ok(r) => match r.text().await {
+                            Ok(text) => worker_load(&text, w),
+                            Err(e) => tracing::debug!(worker = w.id, error = %e, "cannot read a worker's metrics"),
+                        },
                         Err(e) => tracing::debug!(worker = w.id, error = %e, "cannot read a worker's metrics"),
-                    },
-                    Err(e) => tracing::debug!(worker = w.id, error = %e, "cannot read a worker's metrics"),
+                    }
                 }
             }
-        }
-        let workers = workers.into_iter().map(|(w, _)| w).collect();
-        let pool = PoolObservation { workers };
-        let alive = pool.workers.len() as f64;
-        metrics
-            .worker_seconds
-            .with_label_values(&["aggregated"])
-            .inc_by(alive * window.as_secs_f64());
-        for (state_name, n) in [
-            ("starting", pool.starting()),
-            ("ready", pool.ready()),
-            ("draining", pool.draining()),
-        ] {
+            let workers = workers.into_iter().map(|(w, _)| w).collect();
+            let pool = PoolObservation { workers };
+            let label = kind.as_str();
             metrics
-                .replicas
-                .with_label_values(&["aggregated", state_name])
-                .set(i64::from(n));
+                .worker_seconds
+                .with_label_values(&[label])
+                .inc_by(pool.workers.len() as f64 * window.as_secs_f64());
+            for (state_name, n) in [
+                ("starting", pool.starting()),
+                ("ready", pool.ready()),
+                ("draining", pool.draining()),
+            ] {
+                metrics
+                    .replicas
+                    .with_label_values(&[label, state_name])
+                    .set(i64::from(n));
+            }
+            obs.pools.insert(kind, pool);
         }
-        obs.pools.insert(PoolKind::Aggregated, pool);
         let decision = decide(&mut state, &obs, epoch.elapsed());
-        connector.apply(&decision).await?;
-        if let Some(t) = decision.targets.get(&PoolKind::Aggregated) {
+        for (kind, connector) in connectors.iter_mut() {
+            connector.apply(*kind, &decision).await?;
+        }
+        for (pool, t) in &decision.targets {
             metrics
                 .replicas
-                .with_label_values(&["aggregated", "target"])
+                .with_label_values(&[pool.as_str(), "target"])
                 .set(i64::from(t.replicas));
         }
         if decision.changes() {
@@ -275,7 +305,7 @@ pub(crate) async fn plan(
             println!("turbine: planner decision {}", decision_json(&decision));
         }
     }
-    Ok(connector)
+    Ok(connectors)
 }
 
 async fn scrape(http: &reqwest::Client, frontend: &str) -> anyhow::Result<FrontendCounters> {
@@ -318,41 +348,39 @@ impl Connector {
         }
     }
 
-    /// Starts what a pool lacks, drains what it has too many of, kills stuck starts. A
-    /// Deployment is only given its new size: Kubernetes picks and stops the pods.
-    async fn apply(&mut self, decision: &Decision) -> anyhow::Result<()> {
+    /// Starts what pool `kind` lacks, drains what it has too many of, kills its stuck
+    /// starts. A Deployment is only given its new size: Kubernetes picks and stops the pods.
+    async fn apply(&mut self, kind: PoolKind, decision: &Decision) -> anyhow::Result<()> {
+        let Some(target) = decision.targets.get(&kind) else {
+            return Ok(());
+        };
+        let cancel = decision.cancel.iter().filter(|(k, _)| *k == kind).map(|&(_, id)| id);
         match self {
             Connector::Local(c) => {
-                for &(_, id) in &decision.cancel {
+                for id in cancel {
                     c.cancel(id);
                 }
-                for target in decision.targets.values() {
-                    for _ in target.current..target.replicas {
-                        c.start()?;
-                    }
-                    for &id in &target.drain {
-                        c.drain(id);
-                    }
+                for _ in target.current..target.replicas {
+                    c.start()?;
+                }
+                for &id in &target.drain {
+                    c.drain(id);
                 }
             }
             Connector::Kube(c) => {
-                for target in decision.targets.values() {
-                    if target.replicas != target.current {
-                        c.scale(target.replicas).await?;
-                    }
+                if target.replicas != target.current {
+                    c.scale(target.replicas).await?;
                 }
             }
             Connector::InProcess(c) => {
-                for &(_, id) in &decision.cancel {
+                for id in cancel {
                     c.cancel(id);
                 }
-                for target in decision.targets.values() {
-                    for _ in target.current..target.replicas {
-                        c.start();
-                    }
-                    for &id in &target.drain {
-                        c.drain(id);
-                    }
+                for _ in target.current..target.replicas {
+                    c.start();
+                }
+                for &id in &target.drain {
+                    c.drain(id);
                 }
             }
         }
