@@ -205,15 +205,10 @@ impl PlannerArgs {
         {
             disaggregated.into_iter().filter_map(|(k, p)| Some((k, p?))).collect()
         } else {
-            [(
-                PoolKind::Aggregated,
-                PoolConfig {
-                    min: self.min,
-                    max: self.max,
-                    cost: 1.0,
-                },
-            )]
-            .into()
+            pool(Some(self.min), Some(self.max))
+                .map(|p| (PoolKind::Aggregated, p))
+                .into_iter()
+                .collect()
         };
         let config = PlannerConfig {
             pools,

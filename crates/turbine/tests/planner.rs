@@ -158,19 +158,10 @@ async fn prefill_and_decode_pools_scale_on_their_own() -> Result<()> {
         )
         .await?;
     }
-    let mut streams = Vec::new();
-    let started = Instant::now();
-    loop {
-        streams.push(Load::start(&http, &url, "mocker", 2, 300));
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        if ready("prefill").await? >= 2.0 && ready("decode").await? >= 2.0 {
-            break;
-        }
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(60),
-            "the pools never grew to 2 each"
-        );
-    }
+    let mut streams = stream_until(&http, &url, 300, "the pools grown to 2 each", || async {
+        Ok(ready("prefill").await? >= 2.0 && ready("decode").await? >= 2.0)
+    })
+    .await?;
     let requests = 2 * streams.len();
     for load in streams.drain(..) {
         load.finish().await?;
@@ -225,16 +216,10 @@ async fn serve_with_the_planner_grows_and_shrinks_its_own_pool() -> Result<()> {
         |n| n >= 1.0,
     )
     .await?;
-    let mut streams = Vec::new();
-    let started = Instant::now();
-    loop {
-        streams.push(Load::start(&http, &url, "mocker", 2, 400));
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        if instances(http.clone(), url.clone()).await? >= 3.0 {
-            break;
-        }
-        anyhow::ensure!(started.elapsed() < Duration::from_secs(60), "never grew to 3 workers");
-    }
+    let mut streams = stream_until(&http, &url, 400, "3 workers", || async {
+        Ok(instances(http.clone(), url.clone()).await? >= 3.0)
+    })
+    .await?;
     anyhow::ensure!(metric(&http, &url, &series("target")).await? == 3.0);
     let requests = 2 * streams.len();
     for load in streams.drain(..) {
@@ -266,6 +251,31 @@ async fn serve_with_the_planner_grows_and_shrinks_its_own_pool() -> Result<()> {
     drop(serve);
     eprintln!("{requests} streams complete over a pool grown to 3 and drained back to 1");
     Ok(())
+}
+
+/// Starts two streams of `max_tokens` every 250 ms until `grown` says the pools are big
+/// enough (within 60 s), and returns them, still running.
+async fn stream_until<F, Fut>(
+    http: &reqwest::Client,
+    url: &str,
+    max_tokens: u64,
+    what: &str,
+    mut grown: F,
+) -> Result<Vec<Load>>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    let mut streams = Vec::new();
+    let started = Instant::now();
+    loop {
+        streams.push(Load::start(http, url, "mocker", 2, max_tokens));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if grown().await? {
+            return Ok(streams);
+        }
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(60), "never reached {what}");
+    }
 }
 
 async fn wait_until<F, Fut>(what: &str, within: Duration, mut read: F, done: impl Fn(f64) -> bool) -> Result<()>
